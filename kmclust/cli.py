@@ -1,0 +1,30 @@
+"""Shared plumbing for the thin entry points in jobs/ and data/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from kmclust.errors import KmclustError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure root logging for a job (libraries only create loggers)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run an entry point; a KmclustError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except KmclustError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

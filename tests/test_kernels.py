@@ -1,0 +1,85 @@
+"""Kernel invariants: exact toy cases and hypothesis properties."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from kmclust import kernels
+
+
+def _stack(cents: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in cents])]).astype(np.int64)
+    return np.concatenate(cents), offsets
+
+
+def test_assign_toy_two_runs_by_hand() -> None:
+    x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    stack, offsets = _stack([np.array([[0.0], [1.0]]), np.array([[5.0], [0.5], [12.0]])])
+    labels, dmin = kernels.assign(x, stack, offsets)
+    assert labels.tolist() == [[0, 1], [1, 1], [1, 2], [1, 2]]
+    np.testing.assert_allclose(dmin, [[0, 0.25], [0, 0.25], [81, 4], [100, 1]], atol=1e-9)
+
+
+def test_chunk_sums_counts_candidates_by_hand() -> None:
+    x = np.array([[0, 0], [2, 0], [10, 10], [12, 10]], dtype=np.uint8)
+    stack, offsets = _stack([np.array([[1.0, 0.0], [11.0, 10.0], [100.0, 100.0]], dtype=np.float32)])
+    part = kernels.lloyd_chunk(x, 7, stack, offsets, {}, 2, False)
+    assert part.counts.tolist() == [2, 2, 0]
+    np.testing.assert_array_equal(part.sums, [[2, 0], [22, 20], [0, 0]])
+    assert part.sqnorm == 0 + 4 + 200 + 244
+    # all four points lie at squared distance 1; ties broken by global index (start=7)
+    assert part.cand_i.tolist() == [[7, 8]]
+    np.testing.assert_allclose(part.cand_d, [[1, 1]])
+
+
+def test_exact_errors_by_hand() -> None:
+    x = np.array([[0, 0], [3, 4]], dtype=np.uint8)
+    sse, dist = kernels.exact_errors(x, np.array([[0.0, 0.0]]), np.array([0, 0]))
+    assert sse == 25.0 and dist == 5.0
+
+
+chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16), data=st.data())
+def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int, data) -> None:
+    rng = np.random.default_rng(seed)
+    stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
+    m = max(ks)
+    whole = kernels.lloyd_chunk(x, 0, stack, offsets, {}, m, False)
+    cut = data.draw(st.integers(1, x.shape[0] - 1))
+    parts = [kernels.lloyd_chunk(x[:cut], 0, stack, offsets, {}, m, False),
+             kernels.lloyd_chunk(x[cut:], cut, stack, offsets, {}, m, False)]
+    merged = kernels.combine(parts)
+    np.testing.assert_array_equal(merged.sums, whole.sums)  # exact integer sums
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert merged.sqnorm == whole.sqnorm
+    # candidate distances come from the float32 expansion (approximate, ulp-level
+    # differences between BLAS tiles), so compare them with a tolerance
+    np.testing.assert_allclose(merged.cand_d, whole.cand_d, rtol=1e-5, atol=1e-2)
+    # counts per run add up to the number of rows; labels stay within each run's block
+    per_run = np.add.reduceat(whole.counts, offsets[:-1])
+    assert per_run.tolist() == [x.shape[0]] * len(ks)
+    labels, _ = kernels.assign(x.astype(np.float32), stack, offsets)
+    assert np.all(labels >= 0) and np.all(labels < np.array(ks)[None, :])
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=hnp.arrays(np.uint8, st.tuples(st.integers(6, 60), st.integers(1, 5))), k=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> None:
+    from kmclust import engine
+
+    rng = np.random.default_rng(seed)
+    init = x[rng.choice(x.shape[0], k, replace=False)].astype(np.float64)
+    (res,) = engine.lloyd(x, [init], tol=0, max_iter=50, persist=False, n_groups=1)
+    if res.error:  # k above the number of distinct points: nothing to check
+        assert "distinct" in res.error
+        return
+    hist = np.array(res.history)
+    assert np.all(np.diff(hist) <= 1e-9 * max(1.0, hist[0]))
+    assert res.jclust <= hist[-1] + 1e-9 * max(1.0, hist[0])
