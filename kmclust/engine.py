@@ -96,11 +96,16 @@ def _n_threads(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def _put(client, obj):
-    """Ship a driver-side object once: scattered under distributed, inline otherwise."""
-    if client is None:
+#: Driver-side arrays above this size are scattered instead of riding in the graph.
+SCATTER_BYTES = 8 * 2**20
+
+
+def _put(client, obj, nbytes: int):
+    """Ship a driver-side object: inline in the graph when small (no extra round trip), else scattered."""
+    if client is None or nbytes < SCATTER_BYTES:
         return obj
-    return client.scatter(obj, broadcast=True, hash=False)
+    # wrapped in a list: scatter would treat a dict as {key: value} pairs
+    return client.scatter([obj], broadcast=True, hash=False)[0]
 
 
 def _tree(parts: list) -> object:
@@ -144,8 +149,8 @@ class _Pass:
             evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
             eval_pos.append(sorted(evals))
             m = max(r.k for r in group)
-            stack_ref = _put(self.client, stack)
-            evals_ref = _put(self.client, evals) if evals else {}
+            stack_ref = _put(self.client, stack, stack.nbytes)
+            evals_ref = _put(self.client, evals, sum(c.nbytes for c in evals.values())) if evals else {}
             parts = [
                 kernel(blk, start, stack_ref, offsets, evals_ref, m, want_labels)
                 for blk, start in zip(self.blocks, self.starts)
@@ -166,6 +171,7 @@ def lloyd(
     persist: bool = True,
     n_groups: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_done: Callable[[int, RunResult], None] | None = None,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -174,7 +180,8 @@ def lloyd(
     ``scale=1/255`` and centroids in [0, 1]). ``tol`` bounds every centroid's
     L2 move (scaled units); a run also stops when its centroids no longer
     change (no label change). ``progress(done, total)`` is called after each
-    pass. A run that cannot proceed (k > N, k above the number of distinct
+    pass, ``on_done(index, result)`` as soon as a run has finished. A run
+    that cannot proceed (k > N, k above the number of distinct
     points) ends with ``error`` set; the others go on.
     """
     x = as_dask(x)
@@ -192,6 +199,10 @@ def lloyd(
             run.state, run.error = "failed", f"k={run.k} must be between 1 and the number of samples ({n})"
         elif not np.all(np.isfinite(run.c64)):
             run.state, run.error = "failed", "initial centroids contain NaN or inf"
+    if on_done is not None:
+        for run in runs:
+            if run.state == "failed":
+                on_done(run.index, _result(run, n, scale))
     passes = _Pass(x, client, n_groups)
     tol_raw = tol / scale
     while True:
@@ -217,6 +228,10 @@ def lloyd(
                     _update(run, sums, counts, tol_raw, max_iter)
         if relocations:
             _relocate(x, relocations, tol_raw, max_iter)
+        if on_done is not None:
+            for run in live:
+                if run.state in ("done", "failed"):
+                    on_done(run.index, _result(run, n, scale))
         if progress is not None:
             progress(sum(r.state in ("done", "failed") for r in runs), len(runs))
     return [_result(r, n, scale) for r in runs]
