@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 sweep: $(STAMP)
-	$(PY) jobs/sweep.py --scheduler local
+	$(PY) jobs/sweep.py --scheduler local --resume
 
 test: $(STAMP)
 	$(PY) -m pytest

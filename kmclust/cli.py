@@ -28,3 +28,20 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, appended otherwise)."""
+
+    def __init__(self, label: str, width: int = 30):
+        self.label, self.width = label, width
+        self.tty = sys.stderr.isatty()
+        self.start = __import__("time").perf_counter()
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        elapsed = __import__("time").perf_counter() - self.start
+        fill = int(self.width * done / max(total, 1))
+        line = f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} {elapsed:5.1f}s {note}"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        if self.tty and done >= total:
+            print(file=sys.stderr)

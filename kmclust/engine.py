@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -108,6 +109,28 @@ def _put(client, obj, nbytes: int):
     return client.scatter([obj], broadcast=True, hash=False)[0]
 
 
+#: Test-only fault hook: a worker process whose chunk task stacks a run with this k kills itself.
+KILL_K_ENV = "KMCLUST_TEST_KILL_K"
+
+
+def _chunk_task(*args):
+    """Worker-side entry of a chunk task: the fault hook (distributed workers only), then the pure kernel."""
+    kill_k = os.environ.get(KILL_K_ENV)
+    if kill_k and int(kill_k) in np.diff(args[3]) and _in_worker():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return kernels.lloyd_chunk(*args)
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def _tree(parts: list) -> object:
     """Fixed-order tree reduction of delayed partials (deterministic sums)."""
     combine = dask.delayed(kernels.combine, pure=True)
@@ -138,11 +161,12 @@ class _Pass:
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
 
-    def run(self, runs: list[_Run], want_labels: bool) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
+    def run(self, runs: list[_Run], want_labels: bool,
+            want_errors: bool = True) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
         """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
         groups = _groups(runs, self.n_groups)
         roots, eval_pos = [], []
-        kernel = dask.delayed(kernels.lloyd_chunk, pure=True)
+        kernel = dask.delayed(_chunk_task, pure=True)
         for group in groups:
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
@@ -152,7 +176,7 @@ class _Pass:
             stack_ref = _put(self.client, stack, stack.nbytes)
             evals_ref = _put(self.client, evals, sum(c.nbytes for c in evals.values())) if evals else {}
             parts = [
-                kernel(blk, start, stack_ref, offsets, evals_ref, m, want_labels)
+                kernel(blk, start, stack_ref, offsets, evals_ref, m, want_labels, want_errors)
                 for blk, start in zip(self.blocks, self.starts)
             ]
             roots.append(_tree(parts))
@@ -318,9 +342,13 @@ def _result(run: _Run, n: int, scale: float) -> RunResult:
 
 
 def predict(
-    x: np.ndarray | da.Array, centroids: Sequence[np.ndarray], *, scale: float = 1.0, persist: bool = False
+    x: np.ndarray | da.Array, centroids: Sequence[np.ndarray], *, scale: float = 1.0, persist: bool = False,
+    errors: bool = True,
 ) -> list[tuple[np.ndarray, float, float]]:
-    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass."""
+    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass.
+
+    ``errors=False`` skips the exact float64 distances (both are then NaN).
+    """
     x = as_dask(x)
     if persist:
         x = x.persist()
@@ -329,8 +357,10 @@ def predict(
     runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval") for i, c in enumerate(centroids)]
     n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     out: dict[int, tuple[np.ndarray, float, float]] = {}
-    for group, evals, part in _Pass(x, client, n_groups).run(runs, True):
+    nan = math.nan
+    for group, evals, part in _Pass(x, client, n_groups).run(runs, True, errors):
         for pos, run in enumerate(group):
             labels = np.concatenate([lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])])
-            out[run.index] = (labels, part.eval_sse[pos] / n * scale**2, part.eval_dist[pos] / n * scale)
+            j, md = (part.eval_sse[pos] / n * scale**2, part.eval_dist[pos] / n * scale) if errors else (nan, nan)
+            out[run.index] = (labels, j, md)
     return [out[i] for i in range(len(runs))]

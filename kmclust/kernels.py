@@ -150,13 +150,15 @@ def lloyd_chunk(
     eval_centroids: dict[int, np.ndarray],
     m: int,
     want_labels: bool,
+    want_errors: bool = True,
 ) -> Partial:
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
     ``centroids`` (KT, D) are in the compute dtype; ``eval_centroids`` maps a
     run's position in the stack to its float64 centroids when that run is
     being evaluated (final labels, exact J); ``m`` is how many relocation
-    candidates to keep per run. Trusts its inputs (the engine validates).
+    candidates to keep per run; ``want_errors=False`` skips the exact
+    evaluation (labels only). Trusts its inputs (the engine validates).
     """
     xf = x.astype(compute_dtype(x.dtype), copy=False)
     labels, dmin = assign(xf, centroids, offsets)
@@ -168,7 +170,7 @@ def lloyd_chunk(
     eval_sse = np.zeros(r)
     eval_dist = np.zeros(r)
     out_labels: list[tuple[int, np.ndarray]] = []
-    for pos, c64 in eval_centroids.items():
+    for pos, c64 in eval_centroids.items() if want_errors else ():
         eval_sse[pos], eval_dist[pos] = exact_errors(x, c64, labels[:, pos])
     if want_labels and eval_centroids:
         cols = sorted(eval_centroids)
