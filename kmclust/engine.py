@@ -68,6 +68,8 @@ class _Run:
     error: str = ""
     sse: float = math.nan
     dist: float = math.nan
+    sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
+    counts: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -140,46 +142,66 @@ def _tree(parts: list) -> object:
 
 
 def _groups(runs: list[_Run], n_groups: int) -> list[list[_Run]]:
-    """Split runs into groups of balanced ΣK (greedy, deterministic)."""
+    """Split runs into groups of balanced ΣK (greedy, deterministic), each ordered by k."""
     bins: list[list[_Run]] = [[] for _ in range(max(1, min(n_groups, len(runs))))]
     load = [0] * len(bins)
     for run in sorted(runs, key=lambda r: (-r.k, r.index)):
         g = load.index(min(load))
         bins[g].append(run)
         load[g] += run.k
-    return [sorted(b, key=lambda r: r.index) for b in bins if b]
+    return [sorted(b, key=lambda r: (r.k, r.index)) for b in bins if b]
 
 
 class _Pass:
-    """One map-reduce pass of the kernel over all chunks for a set of runs."""
+    """Map-reduce passes of the kernel over all chunks for a set of runs.
 
-    def __init__(self, x: da.Array, client, n_groups: int):
+    For integer-valued data each chunk task also leaves its labels on the
+    worker as state for the next pass (persisted, never gathered), so the
+    kernel can send only changes of the cluster sums.
+    """
+
+    def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool):
         self.x = x
         self.client = client
         self.n_groups = n_groups
+        self.integer = integer
+        self.stateful = stateful and integer
         self.blocks = x.to_delayed().ravel().tolist()
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
+        self.states: list[list] | None = None  # per chunk: the previous pass's state objects
 
-    def run(self, runs: list[_Run], want_labels: bool,
-            want_errors: bool = True) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
+    def run(self, runs: list[_Run], want_labels: bool, want_errors: bool = True,
+            patches: dict | None = None) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
         """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
         groups = _groups(runs, self.n_groups)
         roots, eval_pos = [], []
-        kernel = dask.delayed(_chunk_task, pure=True)
+        new_states: list[list] = [[] for _ in self.blocks]
+        kernel = dask.delayed(_chunk_task, pure=True, nout=2)
+        patches_ref = _put(self.client, patches or {}, 0)
         for group in groups:
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
+            run_ids = np.array([r.index for r in group], dtype=np.int64)
             evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
             eval_pos.append(sorted(evals))
             m = max(r.k for r in group)
             stack_ref = _put(self.client, stack, stack.nbytes)
             evals_ref = _put(self.client, evals, sum(c.nbytes for c in evals.values())) if evals else {}
-            parts = [
-                kernel(blk, start, stack_ref, offsets, evals_ref, m, want_labels, want_errors)
-                for blk, start in zip(self.blocks, self.starts)
-            ]
+            parts = []
+            for c, (blk, start) in enumerate(zip(self.blocks, self.starts)):
+                prev = self.states[c] if self.stateful and self.states else None
+                part, state = kernel(blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
+                                     want_labels, want_errors, prev, patches_ref)
+                parts.append(part)
+                new_states[c].append(state)
             roots.append(_tree(parts))
+        if self.stateful:
+            flat = [s for per_chunk in new_states for s in per_chunk]
+            persisted = dask.persist(*roots, *flat)
+            roots, flat = list(persisted[: len(roots)]), list(persisted[len(roots) :])
+            per = len(groups)
+            self.states = [flat[c * per : (c + 1) * per] for c in range(len(self.blocks))]
         results = dask.compute(*roots)
         return list(zip(groups, eval_pos, results))
 
@@ -196,6 +218,7 @@ def lloyd(
     n_groups: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_done: Callable[[int, RunResult], None] | None = None,
+    integer: bool | None = None,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -206,13 +229,18 @@ def lloyd(
     change (no label change). ``progress(done, total)`` is called after each
     pass, ``on_done(index, result)`` as soon as a run has finished. A run
     that cannot proceed (k > N, k above the number of distinct
-    points) ends with ``error`` set; the others go on.
+    points) ends with ``error`` set; the others go on. ``integer`` says the
+    data are integer-valued (default: uint8 input), which makes cluster sums
+    exact and lets passes after the first send only changes of the sums;
+    persisted uint8 data are kept as float32 so passes skip the conversion.
     """
     x = as_dask(x)
     n, d = x.shape
     client = _client()
+    if integer is None:
+        integer = x.dtype == np.uint8
     if persist:
-        x = x.persist()
+        x = (x.astype(np.float32) if x.dtype == np.uint8 else x).persist()
     if n_groups is None:
         n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
@@ -227,14 +255,15 @@ def lloyd(
         for run in runs:
             if run.state == "failed":
                 on_done(run.index, _result(run, n, scale))
-    passes = _Pass(x, client, n_groups)
+    passes = _Pass(x, client, n_groups, integer, stateful=True)
     tol_raw = tol / scale
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
         live = [r for r in runs if r.state in ("active", "eval")]
         if not live:
             break
-        relocations: list[tuple[_Run, np.ndarray, np.ndarray, kernels.Partial, int, int]] = []
-        for group, evals, part in passes.run(live, return_labels):
+        relocations: list[tuple[_Run, kernels.Partial, int]] = []
+        for group, evals, part in passes.run(live, return_labels, patches=patches):
             offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
             for pos, run in enumerate(group):
                 lo, hi = offs[pos], offs[pos + 1]
@@ -243,15 +272,18 @@ def lloyd(
                     run.labels = _labels_of(part, evals, pos)
                     run.state = "done"
                     continue
-                sums, counts = part.sums[lo:hi].copy(), part.counts[lo:hi].copy()
-                run.history.append(_sse(part.sqnorm, run.c64, sums, counts) / n * scale**2)
-                run.n_iter += 1
-                if np.any(counts == 0):
-                    relocations.append((run, sums, counts, part, pos, hi - lo))
+                if part.delta:
+                    run.sums = run.sums + part.sums[lo:hi]
+                    run.counts = run.counts + part.counts[lo:hi]
                 else:
-                    _update(run, sums, counts, tol_raw, max_iter)
-        if relocations:
-            _relocate(x, relocations, tol_raw, max_iter)
+                    run.sums, run.counts = part.sums[lo:hi].copy(), part.counts[lo:hi].copy()
+                run.history.append(_sse(part.sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
+                run.n_iter += 1
+                if np.any(run.counts == 0):
+                    relocations.append((run, part, pos))
+                else:
+                    _update(run, tol_raw, max_iter)
+        patches = _relocate(x, relocations, max_iter) if relocations else {}
         if on_done is not None:
             for run in live:
                 if run.state in ("done", "failed"):
@@ -266,9 +298,9 @@ def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> 
     return float(sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c))
 
 
-def _update(run: _Run, sums: np.ndarray, counts: np.ndarray, tol_raw: float, max_iter: int) -> None:
+def _update(run: _Run, tol_raw: float, max_iter: int) -> None:
     """New centroids = means; decide convergence."""
-    new = sums / counts[:, None]
+    new = run.sums / run.counts[:, None]
     move = new - run.c64
     shift = float(np.sqrt(np.einsum("ij,ij->i", move, move)).max())
     run.c64 = new
@@ -278,13 +310,17 @@ def _update(run: _Run, sums: np.ndarray, counts: np.ndarray, tol_raw: float, max
         run.state = "eval"
 
 
-def _relocate(x: da.Array, items: list, tol_raw: float, max_iter: int) -> None:
-    """Move the farthest points into empty clusters (scikit-learn's policy), then update."""
+def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Move the farthest points into empty clusters (scikit-learn's policy), then update.
+
+    Returns the label patches (run → global row indices, new labels) that the
+    next pass applies to the labels its chunks remember.
+    """
     plans = []
     wanted: set[int] = set()
-    for run, sums, counts, part, pos, k in items:
-        empty = np.flatnonzero(counts == 0)
-        picks, left = [], counts.copy()
+    for run, part, pos in items:
+        empty = np.flatnonzero(run.counts == 0)
+        picks, left = [], run.counts.copy()
         for dist, idx, lab in zip(part.cand_d[pos], part.cand_i[pos], part.cand_l[pos]):
             if len(picks) == empty.size:
                 break
@@ -299,23 +335,25 @@ def _relocate(x: da.Array, items: list, tol_raw: float, max_iter: int) -> None:
                 f"{empty.size} empty cluster(s) and no point left to move into them"
             )
             continue
-        plans.append((run, sums, counts, empty, picks))
+        plans.append((run, empty, picks))
         wanted.update(i for i, _ in picks)
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if not plans:
-        return
+        return patches
     order = np.array(sorted(wanted))
     rows = dict(zip(order.tolist(), np.asarray(x[order].compute(), dtype=np.float64)))
-    for run, sums, counts, empty, picks in plans:
+    for run, empty, picks in plans:
         for e, (idx, lab) in zip(empty, picks):
-            sums[lab] -= rows[idx]
-            counts[lab] -= 1
-            sums[e] = rows[idx]
-            counts[e] = 1
+            run.sums[lab] -= rows[idx]
+            run.counts[lab] -= 1
+            run.sums[e] = rows[idx]
+            run.counts[e] = 1
+        patches[run.index] = (np.array([i for i, _ in picks]), empty.astype(np.int64))
         run.n_relocated += empty.size
-        new = sums / counts[:, None]
-        run.c64 = new
+        run.c64 = run.sums / run.counts[:, None]
         if run.n_iter >= max_iter:
             run.state = "eval"
+    return patches
 
 
 def _labels_of(part: kernels.Partial, evals: list[int], pos: int) -> list[tuple[int, np.ndarray]]:
@@ -358,7 +396,8 @@ def predict(
     n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     out: dict[int, tuple[np.ndarray, float, float]] = {}
     nan = math.nan
-    for group, evals, part in _Pass(x, client, n_groups).run(runs, True, errors):
+    integer = x.dtype == np.uint8
+    for group, evals, part in _Pass(x, client, n_groups, integer, stateful=False).run(runs, True, errors):
         for pos, run in enumerate(group):
             labels = np.concatenate([lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])])
             j, md = (part.eval_sse[pos] / n * scale**2, part.eval_dist[pos] / n * scale) if errors else (nan, nan)

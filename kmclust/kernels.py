@@ -21,8 +21,6 @@ import numpy as np
 
 #: Largest chunk whose uint8 per-cluster sums stay exact in float32.
 EXACT_UINT8_ROWS = (2**24 - 1) // 255
-#: Rows per block for the exact float64 evaluation (bounds temporary memory).
-_EVAL_BLOCK = 2048
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -49,6 +47,15 @@ class Partial:
     eval_sse: np.ndarray  # (R,) float64
     eval_dist: np.ndarray  # (R,) float64, Σ‖x − z‖
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    delta: bool = False  # sums/counts are changes since the previous pass
+
+
+def _segments(ks: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of equal k in stack order: (first run, number of runs, k)."""
+    cuts = np.flatnonzero(np.diff(ks)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [ks.size]])
+    return [(int(a), int(b - a), int(ks[a])) for a, b in zip(starts, stops)]
 
 
 def assign(
@@ -59,45 +66,71 @@ def assign(
     Returns ``labels`` (n, R) int64 local to each run's block and ``dmin``
     (n, R) the squared distance ‖x‖² + min(‖c‖² − 2x·c) in ``xf``'s dtype
     (approximate: used for choosing relocation candidates, never for J).
+    Runs of equal k that sit next to each other in the stack are handled as
+    one (n, runs, k) view, so the engine orders stacks by k.
     """
     ks = np.diff(offsets)
     n, r = xf.shape[0], ks.size
-    dist = xf @ centroids.T  # (n, KT): the one GEMM
-    dist *= -2.0
+    dist = xf @ (centroids * -2.0).T  # (n, KT): the one GEMM; ×(−2) is exact
     dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
-    kmax = int(ks.max())
-    if np.all(ks == kmax):
-        blocks = dist.reshape(n, r, kmax)
-    else:  # pad every run's block to kmax with +inf columns
-        col = offsets[:-1, None] + np.arange(kmax)[None, :]
-        col = np.where(np.arange(kmax)[None, :] < ks[:, None], col, dist.shape[1])
-        padded = np.concatenate([dist, np.full((n, 1), np.inf, dist.dtype)], axis=1)
-        blocks = padded[:, col]
-    labels = blocks.argmin(axis=2)
-    dmin = np.take_along_axis(blocks, labels[:, :, None], axis=2)[:, :, 0]
+    labels = np.empty((n, r), dtype=np.int64)
+    dmin = np.empty((n, r), dtype=dist.dtype)
+    for first, count, k in _segments(ks):
+        block = dist[:, offsets[first] : offsets[first + count]].reshape(n, count, k)
+        lab = block.argmin(axis=2)
+        labels[:, first : first + count] = lab
+        dmin[:, first : first + count] = np.take_along_axis(block, lab[:, :, None], axis=2)[:, :, 0]
     dmin += np.einsum("ij,ij->i", xf, xf)[:, None]
     np.maximum(dmin, 0, out=dmin)
     return labels, dmin
 
 
 def cluster_sums(
-    x: np.ndarray, xf: np.ndarray, labels: np.ndarray, offsets: np.ndarray
+    x: np.ndarray, xf: np.ndarray, labels: np.ndarray, offsets: np.ndarray, integer: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (KT, D) float64 and counts (KT,) via a one-hot GEMM.
 
-    uint8 chunks below ``EXACT_UINT8_ROWS`` rows use a float32 GEMM whose
-    integer results are exact; anything else accumulates in float64.
+    Integer-valued chunks (uint8 pixels) below ``EXACT_UINT8_ROWS`` rows use a
+    float32 GEMM whose integer results are exact; anything else accumulates
+    in float64.
     """
     n = x.shape[0]
     kt = int(offsets[-1])
     cols = labels + offsets[:-1][None, :]  # (n, R) stacked cluster index
     counts = np.bincount(cols.ravel(), minlength=kt).astype(np.int64)
-    exact32 = x.dtype == np.uint8 and n <= EXACT_UINT8_ROWS
+    exact32 = integer and n <= EXACT_UINT8_ROWS
     dt = np.float32 if exact32 else np.float64
     onehot = np.zeros((n, kt), dtype=dt)
     np.put_along_axis(onehot, cols, 1.0, axis=1)
     data = xf if exact32 else x.astype(np.float64, copy=False)
     sums = (onehot.T @ data).astype(np.float64, copy=False)
+    return sums, counts
+
+
+def delta_sums(
+    xf: np.ndarray, labels: np.ndarray, old: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Change of the per-cluster sums and counts when labels go from ``old`` to ``labels``.
+
+    Only rows whose label changed for some run take part (one small GEMM of
+    ±1 entries), so late iterations cost almost nothing. Exact for
+    integer-valued chunks below ``EXACT_UINT8_ROWS`` rows.
+    """
+    kt = int(offsets[-1])
+    changed = labels != old
+    rows = np.flatnonzero(changed.any(axis=1))
+    sums = np.zeros((kt, xf.shape[1]))
+    counts = np.zeros(kt, dtype=np.int64)
+    if rows.size == 0:
+        return sums, counts
+    rr, runs = np.nonzero(changed[rows])
+    new_cols = offsets[runs] + labels[rows[rr], runs]
+    old_cols = offsets[runs] + old[rows[rr], runs]
+    signed = np.zeros((rows.size, kt), dtype=xf.dtype)
+    signed[rr, new_cols] = 1.0  # a run's old and new column differ, runs' blocks are disjoint
+    signed[rr, old_cols] = -1.0
+    sums[:] = signed.T @ xf[rows]
+    counts += np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
     return sums, counts
 
 
@@ -129,17 +162,27 @@ def _pad(a: np.ndarray, m: int, fill: float) -> np.ndarray:
 
 
 def exact_errors(
-    x: np.ndarray, centroids64: np.ndarray, labels: np.ndarray
-) -> tuple[float, float]:
-    """Σ‖x − z‖² and Σ‖x − z‖ for one run in float64, by direct differences."""
-    sse = 0.0
-    dist = 0.0
-    for lo in range(0, x.shape[0], _EVAL_BLOCK):
-        diff = x[lo : lo + _EVAL_BLOCK].astype(np.float64) - centroids64[labels[lo : lo + _EVAL_BLOCK]]
-        sq = np.einsum("ij,ij->i", diff, diff)
-        sse += float(sq.sum())
-        dist += float(np.sqrt(sq).sum())
-    return sse, dist
+    x: np.ndarray, evals: dict[int, np.ndarray], labels: np.ndarray
+) -> dict[int, tuple[float, float]]:
+    """Σ‖x − z‖² and Σ‖x − z‖ in float64 for the runs at stack positions ``evals``.
+
+    One float64 GEMM against all their centroids; ‖x‖² − 2x·z + ‖z‖² in
+    float64 loses ~1e-16·‖x‖² per point, far below float32's cancellation.
+    """
+    x64 = x.astype(np.float64, copy=False)
+    xsq = np.einsum("ij,ij->i", x64, x64)
+    cents = [evals[p] for p in sorted(evals)]
+    stack = np.concatenate(cents)
+    gram = x64 @ stack.T
+    csq = np.einsum("ij,ij->i", stack, stack)
+    rows = np.arange(x.shape[0])
+    out, lo = {}, 0
+    for p, c in zip(sorted(evals), cents):
+        cols = lo + labels[:, p]
+        sq = np.maximum(xsq - 2.0 * gram[rows, cols] + csq[cols], 0.0)
+        out[p] = (float(sq.sum()), float(np.sqrt(sq).sum()))
+        lo += c.shape[0]
+    return out
 
 
 def lloyd_chunk(
@@ -147,22 +190,33 @@ def lloyd_chunk(
     start: int,
     centroids: np.ndarray,
     offsets: np.ndarray,
+    run_ids: np.ndarray,
     eval_centroids: dict[int, np.ndarray],
     m: int,
+    integer: bool,
     want_labels: bool,
     want_errors: bool = True,
-) -> Partial:
+    prev: list[dict[int, np.ndarray]] | None = None,
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[Partial, dict[int, np.ndarray]]:
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
-    ``centroids`` (KT, D) are in the compute dtype; ``eval_centroids`` maps a
-    run's position in the stack to its float64 centroids when that run is
-    being evaluated (final labels, exact J); ``m`` is how many relocation
-    candidates to keep per run; ``want_errors=False`` skips the exact
-    evaluation (labels only). Trusts its inputs (the engine validates).
+    ``centroids`` (KT, D) are in the compute dtype; ``run_ids`` name the
+    stack's runs; ``eval_centroids`` maps a stack position to float64
+    centroids when that run is being evaluated (final labels, exact J); ``m``
+    is how many relocation candidates to keep per run. For integer-valued
+    data the chunk's labels are returned as state (run id → labels) and, when
+    ``prev`` holds every active run's previous labels (after the driver's
+    relocation ``patches``), the partial carries *changes* of the sums
+    (``delta=True``) instead of the sums. Trusts its inputs.
     """
     xf = x.astype(compute_dtype(x.dtype), copy=False)
     labels, dmin = assign(xf, centroids, offsets)
-    sums, counts = cluster_sums(x, xf, labels, offsets)
+    old = _previous(prev, patches, run_ids, eval_centroids, start, labels) if integer else None
+    if old is not None:
+        sums, counts = delta_sums(xf, labels, old, offsets)
+    else:
+        sums, counts = cluster_sums(x, xf, labels, offsets, integer)
     x64 = x.astype(np.float64, copy=False)
     sqnorm = float(np.einsum("ij,ij->", x64, x64))
     cand_d, cand_i, cand_l = farthest(dmin, labels, start, m)
@@ -170,12 +224,46 @@ def lloyd_chunk(
     eval_sse = np.zeros(r)
     eval_dist = np.zeros(r)
     out_labels: list[tuple[int, np.ndarray]] = []
-    for pos, c64 in eval_centroids.items() if want_errors else ():
-        eval_sse[pos], eval_dist[pos] = exact_errors(x, c64, labels[:, pos])
+    if want_errors and eval_centroids:
+        for pos, (sse, dist) in exact_errors(x, eval_centroids, labels).items():
+            eval_sse[pos], eval_dist[pos] = sse, dist
     if want_labels and eval_centroids:
         cols = sorted(eval_centroids)
         out_labels.append((start, labels[:, cols].astype(np.int32)))
-    return Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels)
+    state = {}
+    if integer:
+        state = {int(rid): labels[:, p].astype(np.int32) for p, rid in enumerate(run_ids) if p not in eval_centroids}
+    part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels, old is not None)
+    return part, state
+
+
+def _previous(
+    prev: list[dict[int, np.ndarray]] | None,
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] | None,
+    run_ids: np.ndarray,
+    evals: dict[int, np.ndarray],
+    start: int,
+    labels: np.ndarray,
+) -> np.ndarray | None:
+    """Previous labels (n, R) with relocation patches applied; None unless every active run has them."""
+    if not prev:
+        return None
+    known: dict[int, np.ndarray] = {}
+    for d in prev:
+        known.update(d)
+    old = labels.copy()  # evaluated runs: "unchanged" (their sums are not used)
+    n = labels.shape[0]
+    for p, rid in enumerate(run_ids):
+        if p in evals:
+            continue
+        if int(rid) not in known:
+            return None
+        old[:, p] = known[int(rid)]
+        if patches and int(rid) in patches:
+            idx, lab = patches[int(rid)]
+            inside = (idx >= start) & (idx < start + n)
+            old[idx[inside] - start, p] = lab[inside]
+    return old
 
 
 def combine(parts: list[Partial]) -> Partial:
@@ -196,4 +284,5 @@ def combine(parts: list[Partial]) -> Partial:
         eval_sse=np.sum([p.eval_sse for p in parts], axis=0),
         eval_dist=np.sum([p.eval_dist for p in parts], axis=0),
         labels=[lab for p in parts for lab in p.labels],
+        delta=first.delta,
     )

@@ -10,6 +10,9 @@ from hypothesis.extra import numpy as hnp
 from kmclust import kernels
 
 
+chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
+
+
 def _stack(cents: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in cents])]).astype(np.int64)
     return np.concatenate(cents), offsets
@@ -26,7 +29,7 @@ def test_assign_toy_two_runs_by_hand() -> None:
 def test_chunk_sums_counts_candidates_by_hand() -> None:
     x = np.array([[0, 0], [2, 0], [10, 10], [12, 10]], dtype=np.uint8)
     stack, offsets = _stack([np.array([[1.0, 0.0], [11.0, 10.0], [100.0, 100.0]], dtype=np.float32)])
-    part = kernels.lloyd_chunk(x, 7, stack, offsets, {}, 2, False)
+    part, _ = kernels.lloyd_chunk(x, 7, stack, offsets, np.arange(1), {}, 2, True, False)
     assert part.counts.tolist() == [2, 2, 0]
     np.testing.assert_array_equal(part.sums, [[2, 0], [22, 20], [0, 0]])
     assert part.sqnorm == 0 + 4 + 200 + 244
@@ -37,11 +40,24 @@ def test_chunk_sums_counts_candidates_by_hand() -> None:
 
 def test_exact_errors_by_hand() -> None:
     x = np.array([[0, 0], [3, 4]], dtype=np.uint8)
-    sse, dist = kernels.exact_errors(x, np.array([[0.0, 0.0]]), np.array([0, 0]))
-    assert sse == 25.0 and dist == 5.0
+    out = kernels.exact_errors(x, {1: np.array([[0.0, 0.0]])}, np.array([[9, 0], [9, 0]]))
+    assert out == {1: (25.0, 5.0)}
 
 
-chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
+@settings(max_examples=60, deadline=None)
+@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_delta_sums_equal_difference_of_full_sums(x: np.ndarray, ks: list[int], seed: int) -> None:
+    """Sums after a label change = sums before + the kernel's delta (exact for integer data)."""
+    rng = np.random.default_rng(seed)
+    _, offsets = _stack([np.zeros((k, 1)) for k in ks])
+    old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
+    new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
+    xf = x.astype(np.float32)
+    s_old, c_old = kernels.cluster_sums(x, xf, old, offsets, True)
+    s_new, c_new = kernels.cluster_sums(x, xf, new, offsets, True)
+    d_s, d_c = kernels.delta_sums(xf, new, old, offsets)
+    np.testing.assert_array_equal(s_old + d_s, s_new)
+    np.testing.assert_array_equal(c_old + d_c, c_new)
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,10 +66,11 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
     rng = np.random.default_rng(seed)
     stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
     m = max(ks)
-    whole = kernels.lloyd_chunk(x, 0, stack, offsets, {}, m, False)
+    ids = np.arange(len(ks))
+    whole, _ = kernels.lloyd_chunk(x, 0, stack, offsets, ids, {}, m, True, False)
     cut = data.draw(st.integers(1, x.shape[0] - 1))
-    parts = [kernels.lloyd_chunk(x[:cut], 0, stack, offsets, {}, m, False),
-             kernels.lloyd_chunk(x[cut:], cut, stack, offsets, {}, m, False)]
+    parts = [kernels.lloyd_chunk(x[:cut], 0, stack, offsets, ids, {}, m, True, False)[0],
+             kernels.lloyd_chunk(x[cut:], cut, stack, offsets, ids, {}, m, True, False)[0]]
     merged = kernels.combine(parts)
     np.testing.assert_array_equal(merged.sums, whole.sums)  # exact integer sums
     np.testing.assert_array_equal(merged.counts, whole.counts)
