@@ -70,6 +70,7 @@ class _Run:
     dist: float = math.nan
     sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
     counts: np.ndarray | None = None
+    drift: np.ndarray | None = None  # how far each centroid moved in the last update (raw units)
 
     @property
     def k(self) -> int:
@@ -160,12 +161,13 @@ class _Pass:
     kernel can send only changes of the cluster sums.
     """
 
-    def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool):
+    def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False):
         self.x = x
         self.client = client
         self.n_groups = n_groups
         self.integer = integer
         self.stateful = stateful and integer
+        self.prune = prune and self.stateful
         self.blocks = x.to_delayed().ravel().tolist()
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
@@ -179,6 +181,7 @@ class _Pass:
         new_states: list[list] = [[] for _ in self.blocks]
         kernel = dask.delayed(_chunk_task, pure=True, nout=2)
         patches_ref = _put(self.client, patches or {}, 0)
+        drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
         for group in groups:
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
@@ -192,7 +195,7 @@ class _Pass:
             for c, (blk, start) in enumerate(zip(self.blocks, self.starts)):
                 prev = self.states[c] if self.stateful and self.states else None
                 part, state = kernel(blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
-                                     want_labels, want_errors, prev, patches_ref)
+                                     want_labels, want_errors, prev, patches_ref, drift, self.prune)
                 parts.append(part)
                 new_states[c].append(state)
             roots.append(_tree(parts))
@@ -219,6 +222,7 @@ def lloyd(
     progress: Callable[[int, int], None] | None = None,
     on_done: Callable[[int, RunResult], None] | None = None,
     integer: bool | None = None,
+    prune: bool = False,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -233,6 +237,11 @@ def lloyd(
     data are integer-valued (default: uint8 input), which makes cluster sums
     exact and lets passes after the first send only changes of the sums;
     persisted uint8 data are kept as float32 so passes skip the conversion.
+    ``prune`` (integer data) skips rows whose label provably cannot change
+    (Hamerly-style bounds); results are those of the unpruned computation.
+    Off by default: in a batch the rows one run may skip are rarely the rows
+    the others may skip, and on 2 cores the bookkeeping cost more than the
+    skipped GEMM work saved (BENCHMARKS.md).
     """
     x = as_dask(x)
     n, d = x.shape
@@ -255,7 +264,7 @@ def lloyd(
         for run in runs:
             if run.state == "failed":
                 on_done(run.index, _result(run, n, scale))
-    passes = _Pass(x, client, n_groups, integer, stateful=True)
+    passes = _Pass(x, client, n_groups, integer, stateful=True, prune=prune)
     tol_raw = tol / scale
     patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
@@ -283,6 +292,8 @@ def lloyd(
                     relocations.append((run, part, pos))
                 else:
                     _update(run, tol_raw, max_iter)
+        if relocations and any(part.pruned for _, part, _ in relocations):
+            relocations = _exact_candidates(passes, [run for run, _, _ in relocations])
         patches = _relocate(x, relocations, max_iter) if relocations else {}
         if on_done is not None:
             for run in live:
@@ -298,12 +309,27 @@ def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> 
     return float(sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c))
 
 
+def _exact_candidates(passes: _Pass, runs: list[_Run]) -> list[tuple[_Run, kernels.Partial, int]]:
+    """Relocation candidates from an unpruned pass (pruned passes only know upper bounds)."""
+    plain = _Pass(passes.x, passes.client, passes.n_groups, passes.integer, stateful=False)
+    found = {}
+    for group, _, part in plain.run(runs, False, False):
+        for pos, run in enumerate(group):
+            found[run.index] = (run, part, pos)
+    return [found[r.index] for r in runs]
+
+
+def _move(run: _Run, new: np.ndarray) -> float:
+    """Replace the centroids; remember each one's move (for the bounds); return the largest."""
+    move = new - run.c64
+    run.drift = np.sqrt(np.einsum("ij,ij->i", move, move))
+    run.c64 = new
+    return float(run.drift.max())
+
+
 def _update(run: _Run, tol_raw: float, max_iter: int) -> None:
     """New centroids = means; decide convergence."""
-    new = run.sums / run.counts[:, None]
-    move = new - run.c64
-    shift = float(np.sqrt(np.einsum("ij,ij->i", move, move)).max())
-    run.c64 = new
+    shift = _move(run, run.sums / run.counts[:, None])
     if shift <= tol_raw:
         run.converged, run.state = True, "eval"
     elif run.n_iter >= max_iter:
@@ -350,7 +376,7 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
             run.counts[e] = 1
         patches[run.index] = (np.array([i for i, _ in picks]), empty.astype(np.int64))
         run.n_relocated += empty.size
-        run.c64 = run.sums / run.counts[:, None]
+        _move(run, run.sums / run.counts[:, None])
         if run.n_iter >= max_iter:
             run.state = "eval"
     return patches

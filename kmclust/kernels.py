@@ -48,6 +48,7 @@ class Partial:
     eval_dist: np.ndarray  # (R,) float64, Σ‖x − z‖
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
+    pruned: bool = False  # some rows were skipped: cand_d are upper bounds
 
 
 def _segments(ks: np.ndarray) -> list[tuple[int, int, int]]:
@@ -59,15 +60,17 @@ def _segments(ks: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def assign(
-    xf: np.ndarray, centroids: np.ndarray, offsets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    xf: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, second: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest centroid of each run for each row.
 
     Returns ``labels`` (n, R) int64 local to each run's block and ``dmin``
     (n, R) the squared distance ‖x‖² + min(‖c‖² − 2x·c) in ``xf``'s dtype
     (approximate: used for choosing relocation candidates, never for J).
     Runs of equal k that sit next to each other in the stack are handled as
-    one (n, runs, k) view, so the engine orders stacks by k.
+    one (n, runs, k) view, so the engine orders stacks by k. ``second=True``
+    also returns the second-smallest squared distance (inf when k = 1), the
+    lower bound that lets later passes skip rows.
     """
     ks = np.diff(offsets)
     n, r = xf.shape[0], ks.size
@@ -75,14 +78,22 @@ def assign(
     dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
     labels = np.empty((n, r), dtype=np.int64)
     dmin = np.empty((n, r), dtype=dist.dtype)
+    d2 = np.full((n, r), np.inf, dtype=dist.dtype) if second else None
     for first, count, k in _segments(ks):
         block = dist[:, offsets[first] : offsets[first + count]].reshape(n, count, k)
-        lab = block.argmin(axis=2)
+        lab = block.argmin(axis=2)  # first minimum, as the unpruned engine
         labels[:, first : first + count] = lab
         dmin[:, first : first + count] = np.take_along_axis(block, lab[:, :, None], axis=2)[:, :, 0]
-    dmin += np.einsum("ij,ij->i", xf, xf)[:, None]
+        if second and k > 1:
+            d2[:, first : first + count] = np.partition(block, 1, axis=2)[:, :, 1]
+    xsq = np.einsum("ij,ij->i", xf, xf)[:, None]
+    dmin += xsq
     np.maximum(dmin, 0, out=dmin)
-    return labels, dmin
+    if not second:
+        return labels, dmin
+    d2 += xsq
+    np.maximum(d2, 0, out=d2)
+    return labels, dmin, d2
 
 
 def cluster_sums(
@@ -185,6 +196,21 @@ def exact_errors(
     return out
 
 
+#: Runs needing more than this share of a chunk's rows are computed apart from the settled ones.
+BUSY_SHARE = 0.15
+#: Safety margin of the pruning test, relative to ‖x‖² + ‖c‖² (float32 GEMM error is ~1e-6 of it).
+PRUNE_MARGIN = 1e-5
+
+
+@dataclass
+class _Prior:
+    """A chunk's memory of the previous pass for every run of the stack."""
+
+    labels: np.ndarray  # (n, R) int64, relocation patches applied
+    upper: np.ndarray | None  # (n, R) float32 distance bounds, or None when not pruning
+    lower: np.ndarray | None
+
+
 def lloyd_chunk(
     x: np.ndarray,
     start: int,
@@ -196,25 +222,39 @@ def lloyd_chunk(
     integer: bool,
     want_labels: bool,
     want_errors: bool = True,
-    prev: list[dict[int, np.ndarray]] | None = None,
+    prev: list[dict] | None = None,
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-) -> tuple[Partial, dict[int, np.ndarray]]:
+    drift: dict[int, np.ndarray] | None = None,
+    prune: bool = False,
+) -> tuple[Partial, dict[int, tuple]]:
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
     ``centroids`` (KT, D) are in the compute dtype; ``run_ids`` name the
     stack's runs; ``eval_centroids`` maps a stack position to float64
     centroids when that run is being evaluated (final labels, exact J); ``m``
     is how many relocation candidates to keep per run. For integer-valued
-    data the chunk's labels are returned as state (run id → labels) and, when
-    ``prev`` holds every active run's previous labels (after the driver's
-    relocation ``patches``), the partial carries *changes* of the sums
-    (``delta=True``) instead of the sums. Trusts its inputs.
+    data the chunk's labels are returned as state (run id → (labels, upper,
+    lower)) and, when ``prev`` holds every run's previous state (after the
+    driver's relocation ``patches``), the partial carries *changes* of the
+    sums (``delta=True``). With ``prune`` and the centroids' ``drift`` since
+    the previous pass, Hamerly-style bounds (distance to the assigned
+    centroid ≤ upper, to any other ≥ lower) skip the rows whose label cannot
+    change in any run; relocation candidates are then only upper bounds
+    (``pruned=True``). Trusts its inputs.
     """
     xf = x.astype(compute_dtype(x.dtype), copy=False)
-    labels, dmin = assign(xf, centroids, offsets)
-    old = _previous(prev, patches, run_ids, eval_centroids, start, labels) if integer else None
-    if old is not None:
-        sums, counts = delta_sums(xf, labels, old, offsets)
+    prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
+    pruned = prune and prior is not None and prior.upper is not None and drift is not None
+    if pruned:
+        labels, dmin, upper, lower = _pruned_assign(xf, centroids, offsets, run_ids, prior, drift)
+    elif prune and integer:
+        labels, dmin, d2 = assign(xf, centroids, offsets, second=True)
+        upper, lower = np.sqrt(dmin, dtype=np.float32), np.sqrt(d2, dtype=np.float32)
+    else:
+        labels, dmin = assign(xf, centroids, offsets)
+        upper = lower = None
+    if prior is not None:
+        sums, counts = delta_sums(xf, labels, prior.labels, offsets)
     else:
         sums, counts = cluster_sums(x, xf, labels, offsets, integer)
     x64 = x.astype(np.float64, copy=False)
@@ -230,40 +270,96 @@ def lloyd_chunk(
     if want_labels and eval_centroids:
         cols = sorted(eval_centroids)
         out_labels.append((start, labels[:, cols].astype(np.int32)))
-    state = {}
+    state: dict[int, tuple] = {}
     if integer:
-        state = {int(rid): labels[:, p].astype(np.int32) for p, rid in enumerate(run_ids) if p not in eval_centroids}
-    part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels, old is not None)
+        for p, rid in enumerate(run_ids):
+            bounds = (upper[:, p].copy(), lower[:, p].copy()) if upper is not None else (None, None)
+            state[int(rid)] = (labels[:, p].astype(np.int32), *bounds)
+    part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
+                   prior is not None, pruned)
     return part, state
 
 
+def _pruned_assign(
+    xf: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, run_ids: np.ndarray,
+    prior: _Prior, drift: dict[int, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels with bounds: recompute only rows where some run's label might change.
+
+    After the centroids moved by ``drift`` (per cluster), a row keeps its
+    label in run r if lower − upper clears a margin for float32 error; the
+    remaining rows get the full GEMM against the whole stack (all runs).
+    """
+    n = xf.shape[0]
+    labels = prior.labels.copy()
+    upper, lower = prior.upper.copy(), prior.lower.copy()
+    ks = np.diff(offsets)
+    csq_max = np.empty(ks.size, dtype=np.float64)
+    c64 = centroids.astype(np.float64)
+    for p, rid in enumerate(run_ids):
+        dr = np.asarray(drift.get(int(rid), np.full(ks[p], np.inf)), dtype=np.float64)
+        upper[:, p] += dr[labels[:, p]].astype(np.float32)
+        # Hamerly: the nearest other centroid came closer by at most the largest move among the
+        # *other* centroids — the assigned one's own move counts only if it is not the largest
+        top = np.argsort(dr)[::-1][:2]
+        other = np.where(labels[:, p] == top[0], dr[top[1]] if dr.size > 1 else 0.0, dr[top[0]])
+        lower[:, p] -= other.astype(np.float32)
+        blk = c64[offsets[p] : offsets[p + 1]]
+        csq_max[p] = np.einsum("ij,ij->i", blk, blk).max()
+    xsq = np.einsum("ij,ij->i", xf, xf, dtype=np.float64)
+    margin = 2 * PRUNE_MARGIN * (xsq[:, None] + csq_max[None, :])
+    lo64, up64 = lower.astype(np.float64), upper.astype(np.float64)
+    need = (lo64 <= up64) | (lo64 * lo64 - up64 * up64 <= margin) | ~np.isfinite(up64)
+    dmin = np.square(upper)  # upper bounds for rows that keep their label
+    # Runs still moving need most rows: one fat GEMM over the union of their rows. Settled runs
+    # need a few rows each, mostly different ones: each gets a thin GEMM over its own rows.
+    share = need.mean(axis=0)
+    busy = np.flatnonzero(share > BUSY_SHARE)
+    jobs = [(busy, np.flatnonzero(need[:, busy].any(axis=1)))] if busy.size else []
+    jobs += [(np.array([p]), np.flatnonzero(need[:, p])) for p in np.flatnonzero(share <= BUSY_SHARE)]
+    for sel, rows in jobs:
+        if rows.size == 0:
+            continue
+        if rows.size > 0.9 * n:  # nearly all rows: no gather
+            rows = np.arange(n)
+        cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in sel])
+        sub_offsets = np.concatenate([[0], np.cumsum(ks[sel])])
+        lab, d1, d2 = assign(xf[rows] if rows.size < n else xf, centroids[cols], sub_offsets, second=True)
+        at = np.ix_(rows, sel)
+        labels[at] = lab
+        dmin[at] = d1
+        upper[at] = np.sqrt(d1)
+        lower[at] = np.sqrt(d2)
+    return labels, dmin, upper, lower
+
+
 def _previous(
-    prev: list[dict[int, np.ndarray]] | None,
+    prev: list[dict] | None,
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None,
     run_ids: np.ndarray,
-    evals: dict[int, np.ndarray],
     start: int,
-    labels: np.ndarray,
-) -> np.ndarray | None:
-    """Previous labels (n, R) with relocation patches applied; None unless every active run has them."""
+    n: int,
+) -> _Prior | None:
+    """Every run's previous labels (and bounds) with relocation patches applied; None if any is missing."""
     if not prev:
         return None
-    known: dict[int, np.ndarray] = {}
+    known: dict[int, tuple] = {}
     for d in prev:
         known.update(d)
-    old = labels.copy()  # evaluated runs: "unchanged" (their sums are not used)
-    n = labels.shape[0]
+    if any(int(rid) not in known for rid in run_ids):
+        return None
+    labels = np.stack([known[int(rid)][0] for rid in run_ids], axis=1).astype(np.int64)
+    has_bounds = all(known[int(rid)][1] is not None for rid in run_ids)
+    upper = np.stack([known[int(rid)][1] for rid in run_ids], axis=1) if has_bounds else None
+    lower = np.stack([known[int(rid)][2] for rid in run_ids], axis=1) if has_bounds else None
     for p, rid in enumerate(run_ids):
-        if p in evals:
-            continue
-        if int(rid) not in known:
-            return None
-        old[:, p] = known[int(rid)]
         if patches and int(rid) in patches:
             idx, lab = patches[int(rid)]
             inside = (idx >= start) & (idx < start + n)
-            old[idx[inside] - start, p] = lab[inside]
-    return old
+            labels[idx[inside] - start, p] = lab[inside]
+            if upper is not None:
+                upper[idx[inside] - start, p] = np.inf  # moved by the driver: recompute
+    return _Prior(labels, upper, lower)
 
 
 def combine(parts: list[Partial]) -> Partial:
@@ -285,4 +381,5 @@ def combine(parts: list[Partial]) -> Partial:
         eval_dist=np.sum([p.eval_dist for p in parts], axis=0),
         labels=[lab for p in parts for lab in p.labels],
         delta=first.delta,
+        pruned=any(p.pruned for p in parts),
     )

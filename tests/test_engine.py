@@ -146,3 +146,43 @@ def test_predict_matches_brute_force(digits) -> None:
     np.testing.assert_array_equal(labels, d.argmin(1))
     assert j == pytest.approx(d.min(1).mean(), rel=1e-12)
     assert md == pytest.approx(np.sqrt(d.min(1)).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("init_kind", ["data", "random"])
+def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: str) -> None:
+    """Bounds may skip work, never change a result: same labels, centroids, J, iterations."""
+    from kmclust import kernels
+
+    x, _ = digits
+    rng = np.random.default_rng(5)
+    if init_kind == "data":
+        inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 10, 20)]
+    else:  # Gaussian with the pixels' mean/std: empty clusters and relocations
+        xs = x / 255.0
+        inits = [xs.mean(0) + xs.std(0) * rng.standard_normal((k, 784)) for k in (8, 16)]
+    rows_assigned = []
+    real_assign = kernels.assign
+
+    def counting(xf, *args, **kw):
+        rows_assigned.append(xf.shape[0])
+        return real_assign(xf, *args, **kw)
+
+    monkeypatch.setattr(kernels, "assign", counting)
+    pruned = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
+    pruned_rows = sum(rows_assigned)
+    rows_assigned.clear()
+    plain = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=False)
+    plain_rows = sum(rows_assigned)
+    for a, b in zip(pruned, plain):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust, b.history)
+    assert pruned_rows < plain_rows  # the bounds really skipped rows
+    if init_kind == "random":
+        assert sum(r.n_relocated for r in plain) > 0
+
+
+def da_chunks(x: np.ndarray):
+    import dask.array as da
+
+    return da.from_array(x, chunks=(1250, 784))
