@@ -267,12 +267,15 @@ def lloyd(
     passes = _Pass(x, client, n_groups, integer, stateful=True, prune=prune)
     tol_raw = tol / scale
     patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    sqnorm = math.nan  # Σ‖x‖², from the first pass
     while True:
         live = [r for r in runs if r.state in ("active", "eval")]
         if not live:
             break
         relocations: list[tuple[_Run, kernels.Partial, int]] = []
         for group, evals, part in passes.run(live, return_labels, patches=patches):
+            if not math.isnan(part.sqnorm):
+                sqnorm = part.sqnorm
             offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
             for pos, run in enumerate(group):
                 lo, hi = offs[pos], offs[pos + 1]
@@ -286,7 +289,7 @@ def lloyd(
                     run.counts = run.counts + part.counts[lo:hi]
                 else:
                     run.sums, run.counts = part.sums[lo:hi].copy(), part.counts[lo:hi].copy()
-                run.history.append(_sse(part.sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
+                run.history.append(_sse(sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
                 run.n_iter += 1
                 if np.any(run.counts == 0):
                     relocations.append((run, part, pos))

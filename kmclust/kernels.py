@@ -15,6 +15,7 @@ sums.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -257,8 +258,8 @@ def lloyd_chunk(
         sums, counts = delta_sums(xf, labels, prior.labels, offsets)
     else:
         sums, counts = cluster_sums(x, xf, labels, offsets, integer)
-    x64 = x.astype(np.float64, copy=False)
-    sqnorm = float(np.einsum("ij,ij->", x64, x64))
+    # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
+    sqnorm = _sqnorm(x) if prior is None else math.nan
     cand_d, cand_i, cand_l = farthest(dmin, labels, start, m)
     r = offsets.size - 1
     eval_sse = np.zeros(r)
@@ -278,6 +279,15 @@ def lloyd_chunk(
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
                    prior is not None, pruned)
     return part, state
+
+
+def _sqnorm(x: np.ndarray) -> float:
+    """Σ‖x‖² of a chunk in float64 (exact for integer pixels), a block of rows at a time."""
+    total = 0.0
+    for lo in range(0, x.shape[0], 4096):
+        blk = x[lo : lo + 4096].astype(np.float64)
+        total += float(np.einsum("ij,ij->", blk, blk))
+    return total
 
 
 def _pruned_assign(
