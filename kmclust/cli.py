@@ -16,6 +16,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # distributed's start-up chatter drowns the job's own lines
+        logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -154,6 +154,12 @@ def connect(
             if "address" in spec:
                 client = _client_for_address(spec["address"], spec, timeout, name)
             else:
+                if spec["class"] == "LocalCluster":
+                    # A worker paused at its memory limit waits forever for memory that never
+                    # frees (the job would hang); unpaused, its nanny restarts it and the task
+                    # fails as KilledWorker. Nannies read the config again at every restart,
+                    # so it stays set for the cluster's whole life.
+                    stack.enter_context(dask.config.set({"distributed.worker.memory.pause": False}))
                 cluster = _build_cluster(name, spec)
                 stack.callback(_close_quietly, cluster, "cluster")
                 client = _client_for_cluster(name, spec, cluster, timeout)
@@ -255,7 +261,7 @@ def _client_for_address(address: str, spec: Mapping, timeout: float, name: str |
             f"with address: {address} and security: {{tls_ca_file: ..., ...}}")
     timeout = float(spec.get("connect_timeout", timeout))
     try:
-        return Client(address, timeout=timeout, security=security)
+        return _bounded(lambda: Client(address, timeout=timeout, security=security), timeout + 5, address)
     except (OSError, TimeoutError) as exc:
         hint = ""
         if scheme == "tcp" and any(isinstance(e, (ConnectionResetError, ssl.SSLError))
@@ -264,6 +270,34 @@ def _client_for_address(address: str, spec: Mapping, timeout: float, name: str |
         raise SchedulerError(
             f"could not reach Dask scheduler at {address} within {timeout:g}s"
             f"{_reason(exc)}{hint}") from exc
+
+
+def _bounded(make: Any, seconds: float, address: str) -> Any:
+    """Run ``make()`` in a daemon thread and give up after ``seconds``.
+
+    distributed bounds the TCP connect but not the handshake after it
+    (dask/distributed#7698), so a port that accepts and never answers would
+    hang the job; the abandoned thread dies with the process.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=f"connect {address}")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise SchedulerError(f"could not reach Dask scheduler at {address} within {seconds:g}s "
+                             "(it accepted the connection but did not answer: not a Dask scheduler, or hung)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _tls_configured() -> bool:
@@ -331,6 +365,8 @@ def _local_defaults(name: str, kwargs: dict) -> None:
     if not in_process:  # in-process clusters talk over inproc://, no socket to bind
         kwargs.setdefault("host", "127.0.0.1")
     kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+    # A worker paused at its memory limit waits forever for memory that never frees (the job
+    # would hang); with pausing off the nanny restarts it and the task fails as KilledWorker.
     host = str(kwargs.get("host") or "127.0.0.1").split("://")[-1]
     dash = str(kwargs.get("dashboard_address") or "127.0.0.1").rsplit(":", 1)[0] or host
     for what, value in (("host", host), ("dashboard_address", dash)):

@@ -15,6 +15,7 @@ streams them from their source (zarr) every iteration.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import dask
 import dask.array as da
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from kmclust import kernels
 
@@ -209,6 +211,22 @@ class _Pass:
         return list(zip(groups, eval_pos, results))
 
 
+def _one_blas_thread(fn: Callable) -> Callable:
+    """Run ``fn`` with one BLAS thread per task, as distributed's worker processes do.
+
+    The same bits on every scheduler (OpenBLAS rounds differently with more
+    threads), and no BLAS threads competing with dask's threads for cores.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_one_blas_thread
 def lloyd(
     x: np.ndarray | da.Array,
     inits: Sequence[np.ndarray],
@@ -408,6 +426,7 @@ def _result(run: _Run, n: int, scale: float) -> RunResult:
     )
 
 
+@_one_blas_thread
 def predict(
     x: np.ndarray | da.Array, centroids: Sequence[np.ndarray], *, scale: float = 1.0, persist: bool = False,
     errors: bool = True,

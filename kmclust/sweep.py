@@ -1,11 +1,12 @@
 """The k × init × seed sweep: data split, batches of runs, results Dataset in zarr, resume.
 
-A batch is one k (all its init × seed cells): the runs share every data pass
-(see kmclust.engine), and several batches run at once so that every worker
-thread is busy. Each finished batch is written to its own slab of the results
-store (chunked by k) and its ``status`` is written last, so a cell reads
-``done`` only once all its data is on disk; ``--resume`` recomputes exactly
-the cells that are not ``done``.
+All pending cells run as one engine batch (see kmclust.engine): they share
+every data pass, split into one group per worker thread. As soon as every
+cell of a k has finished, that k's slab of the results store (chunked by k)
+is written with ``status`` last, so a cell reads ``done`` only once all its
+data is on disk; ``--resume`` recomputes exactly the cells that are not
+``done``. A batch that fails (a lost worker) is split in halves until the
+failing cells are isolated; corrupt data or a lost scheduler end the job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,6 +72,20 @@ class DataSplit:
     y_test: np.ndarray
     fingerprint: str
     class_names: list[str]
+    x_train_src: object = None  # the unpersisted graphs, to load again after a lost worker
+    x_test_src: object = None
+
+    def load(self) -> None:
+        """Persist the images on the workers (training rows as float32: integer-valued, exact sums).
+
+        Called again after a lost worker: every load gets fresh key names,
+        since a key that erred (KilledWorker) would stay erred under its old
+        name and fail every later batch; the old keys are simply released.
+        """
+        fresh = uuid.uuid4().hex
+        self.x_train = self.x_train_src.map_blocks(np.asarray, np.float32, dtype=np.float32,
+                                                   name=f"kmclust-train-{fresh}").persist()
+        self.x_test = self.x_test_src.map_blocks(np.asarray, name=f"kmclust-test-{fresh}").persist()
 
 
 @dataclass
@@ -157,8 +173,11 @@ def split_data(config: SweepConfig) -> DataSplit:
     """Open the store and draw the training sample (stratified, ``data_seed``)."""
     store = resolve_store(config.dataset)
     ds = datasets.open_images(store)
-    labels = np.asarray(ds["labels"].values).astype(np.int64)
-    split = np.asarray(ds["split"].values).astype(object)
+    try:
+        labels = np.asarray(ds["labels"].values).astype(np.int64)
+        split = np.asarray(ds["split"].values).astype(object)
+    except Exception as exc:  # zarr raises plain ValueErrors for damaged chunks
+        raise _load_error(exc, store) from None
     is_train = split == "train"
     if config.train_per_class is None:
         train = np.flatnonzero(is_train)
@@ -195,6 +214,8 @@ def split_data(config: SweepConfig) -> DataSplit:
         y_train=labels[train],
         x_test=take(test),
         y_test=labels[test],
+        x_train_src=take(train),
+        x_test_src=take(test),
         fingerprint=datasets.fingerprint(ds),
         class_names=[str(c) for c in ds.attrs.get("class_names", [str(i) for i in range(10)])],
     )
@@ -404,10 +425,11 @@ class _Collector:
         waiting = {cell[0] for cell, _, _ in self.finished}
         completes = any(sum(c[0] == ki for c, _, _ in self.finished) == self.pending[ki] for ki in waiting)
         if self.finished and (force or completes):
-            batch, self.finished = self.finished, []
+            batch = self.finished
             tests = engine.predict(self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE,
                                    errors=False) \
                 if self.data.y_test.size else [None] * len(batch)
+            self.finished = []  # only now: if the held-out pass fails, the runs are retried
             for (cell, res, seconds), test in zip(batch, tests):
                 _fill_cell(self.slabs[cell[0]], cell[1], cell[2], res, self.data, test, seconds)
                 self.pending[cell[0]] -= 1
@@ -421,8 +443,12 @@ class _Collector:
 
 
 def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: dict[Cell, np.ndarray],
-               sink: _Collector, n_groups: int) -> None:
-    """Run ``cells`` as one engine batch; if the batch itself fails, split it until the culprit is isolated."""
+               sink: _Collector, n_groups: int, tries: int = 2) -> None:
+    """Run ``cells`` as one engine batch; if the batch itself fails, split it until the culprit is isolated.
+
+    A single cell gets ``tries`` attempts: a worker that died for another
+    cell can take an innocent cell's tasks with it.
+    """
     t0 = time.perf_counter()
     settled: set[Cell] = set()
 
@@ -439,8 +465,18 @@ def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: d
         fatal = _fatal(exc, data)
         if fatal is not None:
             raise fatal from None
-        rest = [c for c in cells if c not in settled]
+        unflushed = {f[0] for f in sink.finished}
+        sink.finished = [f for f in sink.finished if f[0] not in cells]
+        rest = [c for c in cells if c not in settled or c in unflushed]
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        try:  # a lost worker may have taken persisted rows with it: load them afresh
+            data.load()
+        except Exception as again:  # noqa: BLE001 - reported as one line
+            raise _fatal(again, data) or _load_error(again, data.store) from None
+        if len(rest) == 1 and tries > 1:
+            log.warning("cell %s failed (%s); trying it once more", rest[0], reason)
+            _run_cells(config, data, rest, inits, sink, n_groups, tries - 1)
+            return
         if len(rest) <= 1:
             for cell in rest:
                 sink.fail(cell, reason)
@@ -450,6 +486,17 @@ def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: d
         half = len(rest) // 2
         for part in (rest[:half], rest[half:]):
             _run_cells(config, data, part, inits, sink, n_groups)
+
+
+def _load_error(exc: Exception, store: Path) -> KmclustError:
+    """One readable line for a failure while reading the data."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if "checksum" in text.lower():
+        return DataError(f"data store {store} is corrupted ({text}); restage it with data/stage.py --force")
+    if "KilledWorker" in text:
+        return DataError(f"could not load the images of {store}: a worker died while loading them ({text}); "
+                         "is the workers' memory_limit too small for --chunk-rows?")
+    return DataError(f"could not load the images of {store}: {text}")
 
 
 def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
@@ -487,9 +534,11 @@ def run_sweep(
     cells: list[Cell] = [tuple(int(i) for i in c) for c in zip(*np.nonzero(status != "done"))]
     sink = _Collector(config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size)
     if cells:
-        data.x_train = data.x_train.astype(np.float32).persist()  # integer-valued: exact sums
-        data.x_test = data.x_test.persist()
-        x_train_np = np.asarray(data.x_train.compute()) * np.float32(SCALE)
+        try:
+            data.load()
+            x_train_np = np.asarray(data.x_train.compute()) * np.float32(SCALE)
+        except Exception as exc:  # damaged chunks, a worker killed while loading
+            raise _fatal(exc, data) or _load_error(exc, data.store) from None
         inits: dict[Cell, np.ndarray] = {}
         for cell in cells:
             ki, ii, si = cell
@@ -501,15 +550,20 @@ def run_sweep(
         runnable = [c for c in cells if c in inits]
         if runnable:
             _run_cells(config, data, runnable, inits, sink, max(1, parallel))
-        sink.flush(force=True)
+        try:
+            sink.flush(force=True)
+        except Exception as exc:  # noqa: BLE001 - the held-out pass of the last runs
+            raise _fatal(exc, data) or _load_error(exc, data.store) from None
     finish_store(out)
     failed = list(sink.failed)
     all_status = _strings(xr.open_zarr(out)["status"])
-    for ki, ii, si in zip(*np.nonzero(all_status == "failed")):
+    for ki, ii, si in zip(*np.nonzero(all_status != "done")):
         desc = f"k={config.ks[ki]} init={config.inits[ii]} seed={config.seeds[si]}"
         if not any(f.startswith(desc + ":") for f in failed):
-            failed.append(desc + ": failed in an earlier run")
-    return SweepOutcome(out, status.size, len(cells), failed, time.perf_counter() - t0)
+            why = "failed in an earlier run" if all_status[ki, ii, si] == "failed" else "not computed"
+            failed.append(f"{desc}: {why}")
+    computed = int(np.sum((status != "done") & (all_status != "pending")))
+    return SweepOutcome(out, status.size, computed, failed, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
