@@ -86,6 +86,24 @@ def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000) -> da.Array:
     return da.from_array(np.asarray(x), chunks=(chunk_rows, -1))
 
 
+def persist_balanced(x: da.Array) -> da.Array:
+    """Persist ``x``; under distributed also spread its chunks evenly over the workers.
+
+    Chunk tasks run where their chunk lives (a 30 MB chunk is not worth moving
+    for a 20 ms task), so an uneven placement (5 of 7 chunks on one worker was
+    seen) leaves workers idle every pass.
+    """
+    x = x.persist()
+    client = _client()
+    if client is not None:
+        from distributed import futures_of, wait
+
+        futures = futures_of(x)
+        wait(futures)
+        client.rebalance(futures)
+    return x
+
+
 def _client():
     """The default distributed Client, if one is active."""
     try:
@@ -201,13 +219,19 @@ class _Pass:
                 parts.append(part)
                 new_states[c].append(state)
             roots.append(_tree(parts))
-        if self.stateful:
-            flat = [s for per_chunk in new_states for s in per_chunk]
+        if not self.stateful:
+            return list(zip(groups, eval_pos, dask.compute(*roots)))
+        flat = [s for per_chunk in new_states for s in per_chunk]
+        if self.client is not None:  # one submission: states stay on the workers as futures
+            futures = self.client.compute(roots + flat)
+            results = self.client.gather(futures[: len(roots)])
+            flat = futures[len(roots) :]
+        else:
             persisted = dask.persist(*roots, *flat)
-            roots, flat = list(persisted[: len(roots)]), list(persisted[len(roots) :])
-            per = len(groups)
-            self.states = [flat[c * per : (c + 1) * per] for c in range(len(self.blocks))]
-        results = dask.compute(*roots)
+            flat = list(persisted[len(roots) :])
+            results = dask.compute(*persisted[: len(roots)])
+        per = len(groups)
+        self.states = [flat[c * per : (c + 1) * per] for c in range(len(self.blocks))]
         return list(zip(groups, eval_pos, results))
 
 
@@ -267,7 +291,7 @@ def lloyd(
     if integer is None:
         integer = x.dtype == np.uint8
     if persist:
-        x = (x.astype(np.float32) if x.dtype == np.uint8 else x).persist()
+        x = persist_balanced(x.astype(np.float32) if x.dtype == np.uint8 else x)
     if n_groups is None:
         n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]

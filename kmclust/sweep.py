@@ -83,9 +83,9 @@ class DataSplit:
         name and fail every later batch; the old keys are simply released.
         """
         fresh = uuid.uuid4().hex
-        self.x_train = self.x_train_src.map_blocks(np.asarray, np.float32, dtype=np.float32,
-                                                   name=f"kmclust-train-{fresh}").persist()
-        self.x_test = self.x_test_src.map_blocks(np.asarray, name=f"kmclust-test-{fresh}").persist()
+        self.x_train = engine.persist_balanced(self.x_train_src.map_blocks(
+            np.asarray, np.float32, dtype=np.float32, name=f"kmclust-train-{fresh}"))
+        self.x_test = engine.persist_balanced(self.x_test_src.map_blocks(np.asarray, name=f"kmclust-test-{fresh}"))
 
 
 @dataclass
