@@ -158,7 +158,10 @@ def connect(
                     # A worker paused at its memory limit waits forever for memory that never
                     # frees (the job would hang); unpaused, its nanny restarts it and the task
                     # fails as KilledWorker. Nannies read the config again at every restart,
-                    # so it stays set for the cluster's whole life.
+                    # so it stays set for the cluster's whole life. (distributed is imported
+                    # first: set() on a missing section would delete it all on exit.)
+                    import distributed  # noqa: F401
+
                     stack.enter_context(dask.config.set({"distributed.worker.memory.pause": False}))
                 cluster = _build_cluster(name, spec)
                 stack.callback(_close_quietly, cluster, "cluster")
