@@ -1,0 +1,181 @@
+"""jobs/bench.py and kmclust.bench on tiny inputs: the harness runs and its figures are sane.
+
+No timing asserts: only that every mode runs, that kmclust reaches the same
+fixed points as scikit-learn (an independent implementation) from the same
+initial centroids, that figures are positive and the record is written
+where asked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmclust import bench, datasets
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "jobs" / "bench.py"
+
+
+def _job_module():
+    spec = importlib.util.spec_from_file_location("bench_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_job(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def _table_row(out: str, tool: str) -> dict[str, str]:
+    """The markdown table row of ``tool`` keyed by the header cells."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    headers = [c.strip() for c in lines[0].strip("|").split("|")]
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if cells[0] == tool:
+            return dict(zip(headers, cells))
+    raise AssertionError(f"no row {tool!r} in:\n{out}")
+
+
+def test_grid_matches_sklearn_fixed_points(fashion_store: Path, tmp_path: Path) -> None:
+    record = tmp_path / "B.md"
+    before = (ROOT / "BENCHMARKS.md").read_bytes() if (ROOT / "BENCHMARKS.md").exists() else None
+    proc = _run_job("grid", "--rows", "2000", "--k", "5:6", "--seeds", "1", "--schedulers", "threads",
+                    "--store-dir", str(fashion_store.parent), "--record", str(record))
+    assert proc.returncode == 0, proc.stderr
+    km, sk = _table_row(proc.stdout, "kmclust[threads]"), _table_row(proc.stdout, "sklearn")
+    assert float(km["max rel. J diff"]) <= 1e-6
+    assert float(km["same, vs float64 J, equal labels"]) <= 1e-9  # same fixed points, J in float64
+    assert km["runs with other labels"] == "0"
+    assert km["Lloyd iterations"] == sk["Lloyd iterations"]  # same fixed points, same path
+    assert int(sk["Lloyd iterations"].replace(",", "")) >= 4  # 4 runs, at least one iteration each
+    assert float(km["wall s"]) > 0 and float(km["useful GFLOP/s"]) > 0
+    assert re.search(r"roofline .*: [0-9.]+ GFLOP/s", proc.stdout)
+    text = record.read_text()
+    assert text.startswith("# Benchmarks") and "grid — Fashion-MNIST, 4 runs" in text
+    assert "load average" in text and "| kmclust[threads] |" in text
+    after = (ROOT / "BENCHMARKS.md").read_bytes() if (ROOT / "BENCHMARKS.md").exists() else None
+    assert after == before, "--record must keep the repository's BENCHMARKS.md untouched"
+
+
+def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path) -> None:
+    """Iteration totals reported for sklearn equal a loop run here, from centroids drawn here."""
+    from sklearn.cluster import KMeans
+
+    from kmclust.init import init_centroids
+
+    cfg = bench.GridConfig(store_dir=fashion_store.parent, ks=(5,), inits=("data",), seeds=(0, 1), rows=1500,
+                           cluster=bench.ClusterSpec(("threads",)))
+    out = bench.run_grid(cfg)
+    x = datasets.load_images(datasets.open_images(fashion_store))[:1500]
+    xf = x.astype(np.float32) / np.float32(255)
+    total = 0
+    for s in cfg.seeds:
+        c = init_centroids(x, 5, "data", bench._cell_seed(s, 5, "data")) / 255
+        total += KMeans(5, init=c.astype(np.float32), n_init=1, tol=0, max_iter=100).fit(xf).n_iter_
+    tools = out.figures["tools"]
+    assert tools["sklearn"]["iterations"] == total == tools["kmclust[threads]"]["iterations"]
+    assert tools["kmclust[threads]"]["max_rel_j_diff"] <= 1e-6
+    assert tools["kmclust[threads]"]["runs_labels_differ"] == 0
+    assert 0 < tools["kmclust[threads]"]["roofline_share"]
+
+
+def test_iteration_every_tool_positive(fashion_store: Path) -> None:
+    cfg = bench.IterationConfig(store_dir=fashion_store.parent, ks=(5,), iterations=2, rows=3000, repeats=1,
+                                cluster=bench.ClusterSpec(("threads",)))
+    out = bench.run_iteration(cfg)
+    per_iter = out.figures["per_iteration"]
+    expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]"}
+    if importlib.util.find_spec("dask_ml") is not None:
+        expected.add("dask-ml[threads]")
+    assert set(per_iter) == expected
+    for tool in expected:
+        assert per_iter[tool][5] > 0 and out.figures["cpu_per_iteration"][tool][5] > 0
+        assert out.figures["n_iter"][tool][5] == 2  # tol=0: nobody stops early on 3,000 images
+    assert "| 5 |" in out.table
+
+
+@pytest.mark.slow
+def test_iteration_cli_on_local_cluster(fashion_store: Path, tmp_path: Path) -> None:
+    proc = _run_job("iteration", "--rows", "3000", "--k", "5", "--iterations", "2", "--repeats", "1",
+                    "--schedulers", "local",
+                    "--store-dir", str(fashion_store.parent), "--record", str(tmp_path / "B.md"))
+    assert proc.returncode == 0, proc.stderr
+    row = _table_row(proc.stdout, "5")
+    wall, cpu = re.fullmatch(r"([0-9.e+-]+) \(([0-9.e+-]+)\)", row["kmclust[local] ms/iter (CPU)"]).groups()
+    assert float(wall) > 0 and float(cpu) > 0
+    assert "worker BLAS: openblas" in proc.stdout
+
+
+@pytest.mark.slow
+def test_scale_streams_and_persists(fashion_store: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "stores"
+    store_dir.mkdir()
+    (store_dir / "fashion-mnist.zarr").symlink_to(fashion_store)
+    cfg = bench.ScaleConfig(store_dir=store_dir, rows=12_000, k=4, seeds=2, iterations=2, chunk_rows=4_000,
+                            subset_rows=6_000, cluster=bench.ClusterSpec(("local",), memory_limit="1GiB"))
+    out = bench.run_scale(cfg)
+    fig = out.figures
+    assert fig["rows"] == 12_000 and fig["runs"] == 2
+    for label in ("streamed from zarr", "persisted in memory"):
+        assert len(fig[label]["passes"]) == 3  # 2 iterations + the final evaluation pass
+        assert fig[label]["rows_runs_per_s"] > 0 and fig[label]["peak_worker_rss"] > 0
+    assert datasets.open_images(store_dir / "synthetic-12000.zarr").attrs["rows"] == 12_000
+    assert bench.synthetic_store(cfg) == store_dir / "synthetic-12000.zarr"  # reused, not restaged
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path / "absent")
+    from kmclust.cli import run_main
+
+    code = run_main(_job_module().main, ["grid", "--store-dir", str(tmp_path), "--record", str(tmp_path / "B.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"]
+    assert not (tmp_path / "B.md").exists()
+
+
+def test_clean_env_removes_only_openblas_tuning() -> None:
+    env = {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576", "OMP_NUM_THREADS": "1"}
+    out = bench.clean_env(env)
+    assert out is not None
+    assert {k: v for k, v in out.items() if k != bench.UNSET_MARK} == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert "OPENBLAS_CORETYPE=Haswell" in out[bench.UNSET_MARK]
+    assert bench.clean_env({"PATH": "/bin"}) is None
+
+
+def test_unset_openblas_env_reexecutes_once(tmp_path: Path) -> None:
+    """Only the child gets OPENBLAS_CORETYPE (this test's own environment is untouched)."""
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    proc = _run_job("grid", "--unset-openblas-env", "--rows", "0", "--store-dir", str(tmp_path), env=env,
+                    timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("re-running without OPENBLAS_CORETYPE=Haswell") == 1
+    assert "error: --rows must be ≥ 1" in proc.stderr
+
+
+def test_sse64_is_squared_distance_to_assigned_centroid() -> None:
+    x = np.array([[0, 0], [3, 4], [6, 8]], dtype=np.uint8)
+    c = np.array([[0.0, 0.0], [6.0, 8.0]])
+    assert bench.sse64(x, c, np.array([0, 0, 1]), block=2) == 25.0
+
+
+def test_record_appends_dated_sections(tmp_path: Path) -> None:
+    path = tmp_path / "B.md"
+    outcome = bench.Outcome("grid", "grid — test", {}, bench.markdown_table(["a", "b"], [[1, 2.5]]), ["a note"],
+                            {"nproc": 2, "cpu": "CPU", "blas": ["openblas x"], "loadavg": (1.0, 2.0, 3.0)})
+    bench.record(path, outcome, "python jobs/bench.py grid")
+    bench.record(path, outcome, "python jobs/bench.py grid")
+    text = path.read_text()
+    assert text.count("# Benchmarks") == 1 and text.count("— grid — test") == 2
+    assert "| 1 | 2.5 |" in text and "- a note" in text and "before: 1.00 / 2.00 / 3.00" in text
