@@ -68,14 +68,15 @@ def test_grid_matches_sklearn_fixed_points(fashion_store: Path, tmp_path: Path) 
     assert after == before, "--record must keep the repository's BENCHMARKS.md untouched"
 
 
-def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path) -> None:
+@pytest.mark.parametrize("prune", [False, True])
+def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: bool) -> None:
     """Iteration totals reported for sklearn equal a loop run here, from centroids drawn here."""
     from sklearn.cluster import KMeans
 
     from kmclust.init import init_centroids
 
     cfg = bench.GridConfig(store_dir=fashion_store.parent, ks=(5,), inits=("data",), seeds=(0, 1), rows=1500,
-                           cluster=bench.ClusterSpec(("threads",)))
+                           prune=prune, cluster=bench.ClusterSpec(("threads",)))
     out = bench.run_grid(cfg)
     x = datasets.load_images(datasets.open_images(fashion_store))[:1500]
     xf = x.astype(np.float32) / np.float32(255)
@@ -84,10 +85,10 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path) -> None:
         c = init_centroids(x, 5, "data", bench._cell_seed(s, 5, "data")) / 255
         total += KMeans(5, init=c.astype(np.float32), n_init=1, tol=0, max_iter=100).fit(xf).n_iter_
     tools = out.figures["tools"]
-    assert tools["sklearn"]["iterations"] == total == tools["kmclust[threads]"]["iterations"]
-    assert tools["kmclust[threads]"]["max_rel_j_diff"] <= 1e-6
-    assert tools["kmclust[threads]"]["runs_labels_differ"] == 0
-    assert 0 < tools["kmclust[threads]"]["roofline_share"]
+    km = tools["kmclust[threads, prune]" if prune else "kmclust[threads]"]
+    assert tools["sklearn"]["iterations"] == total == km["iterations"]
+    assert km["max_rel_j_diff"] <= 1e-6 and km["runs_labels_differ"] == 0
+    assert 0 < km["roofline_share"]
 
 
 def test_iteration_every_tool_positive(fashion_store: Path) -> None:
