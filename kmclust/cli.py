@@ -17,6 +17,10 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     if not verbose:  # distributed's start-up chatter drowns the job's own lines
+        import dask.config
+
+        # distributed applies its `logging` config when first imported (after this), so set both
+        dask.config.set({"logging.distributed": "warning"})
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
 

@@ -595,7 +595,7 @@ def estimate_runs(config: SweepConfig) -> str:
     """A one-paragraph description of what would run (for --dry-run)."""
     return (
         f"{grid_size(config)} runs: k in {list(config.ks)} × init {list(config.inits)} × "
-        f"{len(config.seeds)} seeds; {len(config.ks)} batches; tol={config.tol:g}, max_iter={config.max_iter}; "
+        f"{len(config.seeds)} seeds, advanced as one batch; tol={config.tol:g}, max_iter={config.max_iter}; "
         f"training sample: {'store split' if config.train_per_class is None else f'{config.train_per_class} per class'}"
         f" (data seed {config.data_seed}); ≈ {sum(config.ks) * len(config.inits) * len(config.seeds)} centroids"
         f" ({math.fsum(config.ks) * len(config.inits) * len(config.seeds) * 784 * 8 / 2**20:.1f} MiB float64)"
