@@ -207,15 +207,16 @@ def split_data(config: SweepConfig) -> DataSplit:
         part = flat[idx] if idx.size else flat[:0]
         return part.rechunk((max(1, min(rows, max(1, idx.size))), -1))
 
+    x_train, x_test = take(train), take(test)
     return DataSplit(
         name=str(ds.attrs.get("source", store.stem)),
         store=store,
-        x_train=take(train),
+        x_train=x_train,
         y_train=labels[train],
-        x_test=take(test),
+        x_test=x_test,
         y_test=labels[test],
-        x_train_src=take(train),
-        x_test_src=take(test),
+        x_train_src=x_train,
+        x_test_src=x_test,
         fingerprint=datasets.fingerprint(ds),
         class_names=[str(c) for c in ds.attrs.get("class_names", [str(i) for i in range(10)])],
     )
