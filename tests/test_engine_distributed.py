@@ -35,3 +35,23 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
             assert (a.n_iter, a.n_relocated, a.jclust) == (b.n_iter, b.n_relocated, b.jclust)
+
+
+@pytest.mark.slow
+def test_persist_balanced_survives_a_failed_rebalance(monkeypatch) -> None:
+    """Rebalancing only places chunks; a worker dying mid-move (KeyError from the scheduler) must not fail the load."""
+    from distributed import Client, LocalCluster
+
+    x = np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+        calls = []
+
+        def failing_rebalance(*args, **kwargs):
+            calls.append(args)
+            raise KeyError("Could not rebalance keys: (('x', 1, 0),)")
+
+        monkeypatch.setattr(client, "rebalance", failing_rebalance)
+        got = engine.persist_balanced(da.from_array(x, chunks=(1000, 8)))
+        assert calls, "persist_balanced did not try to rebalance under a distributed client"
+        np.testing.assert_array_equal(got.compute(), x)
