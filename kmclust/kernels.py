@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
 
 #: Largest chunk whose uint8 per-cluster sums stay exact in float32.
 EXACT_UINT8_ROWS = (2**24 - 1) // 255
@@ -97,26 +98,47 @@ def assign(
     return labels, dmin, d2
 
 
+#: Above one entry per this many cells of the (n × kt) one-hot, its dense GEMM beats the sparse product.
+DENSE_SHARE = 20
+
+
+def signed_sums(
+    data: np.ndarray, rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, kt: int
+) -> np.ndarray:
+    """Σ signs · data[rows] into columns ``cols`` of a (kt, D) float64 result; (row, col) pairs are unique.
+
+    A sparse (kt × n) matrix of the ±1 entries times the chunk: the cost
+    scales with the number of entries, not with n · kt as a dense one-hot
+    GEMM would, except when entries are so many that the dense GEMM's
+    speed wins. Sums of integer values below 2**24 are exact in float32
+    whatever the order, so integer chunks keep their exact sums.
+    """
+    n = data.shape[0]
+    if cols.size * DENSE_SHARE >= n * kt:  # one-hot GEMM: ~20× faster per entry than the sparse product
+        onehot = np.zeros((n, kt), dtype=data.dtype)
+        onehot[rows, cols] = signs
+        return (onehot.T @ data).astype(np.float64, copy=False)
+    mat = scipy.sparse.csr_matrix((signs.astype(data.dtype), (cols, rows)), shape=(kt, n))
+    return np.asarray(mat @ data, dtype=np.float64)
+
+
 def cluster_sums(
     x: np.ndarray, xf: np.ndarray, labels: np.ndarray, offsets: np.ndarray, integer: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums (KT, D) float64 and counts (KT,) via a one-hot GEMM.
+    """Per-cluster sums (KT, D) float64 and counts (KT,).
 
-    Integer-valued chunks (uint8 pixels) below ``EXACT_UINT8_ROWS`` rows use a
-    float32 GEMM whose integer results are exact; anything else accumulates
+    Integer-valued chunks (uint8 pixels) below ``EXACT_UINT8_ROWS`` rows sum
+    in float32, whose integer results are exact; anything else accumulates
     in float64.
     """
-    n = x.shape[0]
+    n, r = labels.shape
     kt = int(offsets[-1])
-    cols = labels + offsets[:-1][None, :]  # (n, R) stacked cluster index
-    counts = np.bincount(cols.ravel(), minlength=kt).astype(np.int64)
+    cols = (labels + offsets[:-1][None, :]).ravel()  # (n · R) stacked cluster index, row-major
+    rows = np.repeat(np.arange(n), r)
+    counts = np.bincount(cols, minlength=kt).astype(np.int64)
     exact32 = integer and n <= EXACT_UINT8_ROWS
-    dt = np.float32 if exact32 else np.float64
-    onehot = np.zeros((n, kt), dtype=dt)
-    np.put_along_axis(onehot, cols, 1.0, axis=1)
     data = xf if exact32 else x.astype(np.float64, copy=False)
-    sums = (onehot.T @ data).astype(np.float64, copy=False)
-    return sums, counts
+    return signed_sums(data, rows, cols, np.ones(cols.size, dtype=data.dtype), kt), counts
 
 
 def delta_sums(
@@ -124,26 +146,20 @@ def delta_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Change of the per-cluster sums and counts when labels go from ``old`` to ``labels``.
 
-    Only rows whose label changed for some run take part (one small GEMM of
-    ±1 entries), so late iterations cost almost nothing. Exact for
-    integer-valued chunks below ``EXACT_UINT8_ROWS`` rows.
+    Only the (row, run) pairs whose label changed take part (+row into the
+    new cluster, −row out of the old one), so late iterations cost almost
+    nothing. Exact for integer-valued chunks below ``EXACT_UINT8_ROWS`` rows.
     """
     kt = int(offsets[-1])
-    changed = labels != old
-    rows = np.flatnonzero(changed.any(axis=1))
-    sums = np.zeros((kt, xf.shape[1]))
-    counts = np.zeros(kt, dtype=np.int64)
-    if rows.size == 0:
-        return sums, counts
-    rr, runs = np.nonzero(changed[rows])
-    new_cols = offsets[runs] + labels[rows[rr], runs]
-    old_cols = offsets[runs] + old[rows[rr], runs]
-    signed = np.zeros((rows.size, kt), dtype=xf.dtype)
-    signed[rr, new_cols] = 1.0  # a run's old and new column differ, runs' blocks are disjoint
-    signed[rr, old_cols] = -1.0
-    sums[:] = signed.T @ xf[rows]
-    counts += np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
-    return sums, counts
+    rr, runs = np.nonzero(labels != old)
+    new_cols = offsets[runs] + labels[rr, runs]
+    old_cols = offsets[runs] + old[rr, runs]
+    counts = np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
+    if rr.size == 0:
+        return np.zeros((kt, xf.shape[1])), counts.astype(np.int64)
+    signs = np.concatenate([np.ones(rr.size), -np.ones(rr.size)])
+    sums = signed_sums(xf, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt)
+    return sums, counts.astype(np.int64)
 
 
 def farthest(

@@ -100,3 +100,33 @@ def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> No
     hist = np.array(res.history)
     assert np.all(np.diff(hist) <= 1e-9 * max(1.0, hist[0]))
     assert res.jclust <= hist[-1] + 1e-9 * max(1.0, hist[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       dense_share=st.sampled_from([0, 10**9]))
+def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed: int, dense_share: int) -> None:
+    """Sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64 loop, exactly."""
+    rng = np.random.default_rng(seed)
+    _, offsets = _stack([np.zeros((k, 1)) for k in ks])
+    old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
+    new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
+    ref_sums = {}
+    for name, labels in (("old", old), ("new", new)):
+        sums = np.zeros((offsets[-1], x.shape[1]))
+        for i in range(x.shape[0]):
+            for p in range(len(ks)):
+                sums[offsets[p] + labels[i, p]] += x[i].astype(np.float64)
+        ref_sums[name] = sums
+    saved = kernels.DENSE_SHARE
+    kernels.DENSE_SHARE = dense_share
+    try:
+        xf = x.astype(np.float32)
+        s_old, _ = kernels.cluster_sums(x, xf, old, offsets, True)
+        d_s, _ = kernels.delta_sums(xf, new, old, offsets)
+        s_float, _ = kernels.cluster_sums(x.astype(np.float64), x.astype(np.float64), old, offsets, False)
+    finally:
+        kernels.DENSE_SHARE = saved
+    np.testing.assert_array_equal(s_old, ref_sums["old"])
+    np.testing.assert_array_equal(s_old + d_s, ref_sums["new"])
+    np.testing.assert_array_equal(s_float, ref_sums["old"])
