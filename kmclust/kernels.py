@@ -69,33 +69,66 @@ def assign(
     Returns ``labels`` (n, R) int64 local to each run's block and ``dmin``
     (n, R) the squared distance ‖x‖² + min(‖c‖² − 2x·c) in ``xf``'s dtype
     (approximate: used for choosing relocation candidates, never for J).
-    Runs of equal k that sit next to each other in the stack are handled as
-    one (n, runs, k) view, so the engine orders stacks by k. ``second=True``
-    also returns the second-smallest squared distance (inf when k = 1), the
-    lower bound that lets later passes skip rows.
+    ``second=True`` also returns the second-smallest squared distance (inf
+    when k = 1), the lower bound that lets later passes skip rows.
     """
-    ks = np.diff(offsets)
-    n, r = xf.shape[0], ks.size
-    dist = xf @ (centroids * -2.0).T  # (n, KT): the one GEMM; ×(−2) is exact
-    dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
-    labels = np.empty((n, r), dtype=np.int64)
-    dmin = np.empty((n, r), dtype=dist.dtype)
-    d2 = np.full((n, r), np.inf, dtype=dist.dtype) if second else None
-    for first, count, k in _segments(ks):
-        block = dist[:, offsets[first] : offsets[first + count]].reshape(n, count, k)
-        lab = block.argmin(axis=2)  # first minimum, as the unpruned engine
-        labels[:, first : first + count] = lab
-        dmin[:, first : first + count] = np.take_along_axis(block, lab[:, :, None], axis=2)[:, :, 0]
-        if second and k > 1:
-            d2[:, first : first + count] = np.partition(block, 1, axis=2)[:, :, 1]
-    xsq = np.einsum("ij,ij->i", xf, xf)[:, None]
-    dmin += xsq
-    np.maximum(dmin, 0, out=dmin)
+    dist = distances(xf, centroids)
+    labels = nearest(dist, offsets)
+    xsq = np.einsum("ij,ij->i", xf, xf)
+    dmin = min_distances(dist, labels, offsets, xsq, np.arange(offsets.size - 1))
     if not second:
         return labels, dmin
-    d2 += xsq
+    ks = np.diff(offsets)
+    d2 = np.full(labels.shape, np.inf, dtype=dist.dtype)
+    for first, count, k in _segments(ks):
+        if k > 1:
+            block = dist[:, offsets[first] : offsets[first + count]].reshape(dist.shape[0], count, k)
+            d2[:, first : first + count] = np.partition(block, 1, axis=2)[:, :, 1]
+    d2 += xsq[:, None]
     np.maximum(d2, 0, out=d2)
     return labels, dmin, d2
+
+
+def distances(xf: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(n, KT) ‖c‖² − 2x·c: the one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out."""
+    dist = xf @ (centroids * -2.0).T
+    dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    return dist
+
+
+def nearest(dist: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n, R) int64 first minimum within each run's block of ``dist``.
+
+    Runs of equal k that sit next to each other in the stack are handled as
+    one (n, runs, k) view, so the engine orders stacks by k.
+    """
+    ks = np.diff(offsets)
+    labels = np.empty((dist.shape[0], ks.size), dtype=np.int64)
+    for first, count, k in _segments(ks):
+        block = dist[:, offsets[first] : offsets[first + count]].reshape(dist.shape[0], count, k)
+        labels[:, first : first + count] = block.argmin(axis=2)
+    return labels
+
+
+def min_distances(
+    dist: np.ndarray, labels: np.ndarray, offsets: np.ndarray, xsq: np.ndarray, runs: np.ndarray
+) -> np.ndarray:
+    """(n, len(runs)) squared distance of each row to its centroid in the given runs, clipped at 0."""
+    cols = labels[:, runs] + offsets[runs][None, :]
+    dmin = np.take_along_axis(dist, cols, axis=1)
+    dmin += xsq[:, None]
+    np.maximum(dmin, 0, out=dmin)
+    return dmin
+
+
+def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Stack positions of the runs with a cluster no row of this chunk is in.
+
+    A cluster empty over the whole data set is empty in every chunk, so these
+    are the only runs whose relocation candidates can ever be needed.
+    """
+    counts = np.bincount((labels + offsets[:-1][None, :]).ravel(), minlength=int(offsets[-1]))
+    return np.flatnonzero(np.minimum.reduceat(counts, offsets[:-1]) == 0)
 
 
 #: Above one entry per this many cells of the (n × kt) one-hot, its dense GEMM beats the sparse product.
@@ -268,16 +301,24 @@ def lloyd_chunk(
         labels, dmin, d2 = assign(xf, centroids, offsets, second=True)
         upper, lower = np.sqrt(dmin, dtype=np.float32), np.sqrt(d2, dtype=np.float32)
     else:
-        labels, dmin = assign(xf, centroids, offsets)
-        upper = lower = None
+        dist = distances(xf, centroids)
+        labels = nearest(dist, offsets)
+        upper = lower = dmin = None
     if prior is not None:
         sums, counts = delta_sums(xf, labels, prior.labels, offsets)
     else:
         sums, counts = cluster_sums(x, xf, labels, offsets, integer)
     # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
     sqnorm = _sqnorm(x) if prior is None else math.nan
-    cand_d, cand_i, cand_l = farthest(dmin, labels, start, m)
     r = offsets.size - 1
+    needy = runs_with_empty_cluster(labels, offsets)
+    cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
+    if needy.size:
+        if dmin is None:
+            dmin = min_distances(dist, labels, offsets, np.einsum("ij,ij->i", xf, xf), needy)
+        else:
+            dmin = dmin[:, needy]
+        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin, labels[:, needy], start, m)
     eval_sse = np.zeros(r)
     eval_dist = np.zeros(r)
     out_labels: list[tuple[int, np.ndarray]] = []

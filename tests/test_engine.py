@@ -161,13 +161,13 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         xs = x / 255.0
         inits = [xs.mean(0) + xs.std(0) * rng.standard_normal((k, 784)) for k in (8, 16)]
     rows_assigned = []
-    real_assign = kernels.assign
+    real_distances = kernels.distances
 
     def counting(xf, *args, **kw):
         rows_assigned.append(xf.shape[0])
-        return real_assign(xf, *args, **kw)
+        return real_distances(xf, *args, **kw)
 
-    monkeypatch.setattr(kernels, "assign", counting)
+    monkeypatch.setattr(kernels, "distances", counting)
     pruned = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
     pruned_rows = sum(rows_assigned)
     rows_assigned.clear()
