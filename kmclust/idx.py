@@ -80,6 +80,8 @@ def _check_dims(name: str, dims: tuple[int, ...], kind: Kind, expect_shape: tupl
     if len(dims) != NDIM[kind]:
         raise IDXError(f"{name}: has {len(dims)} dimension(s), expected {NDIM[kind]} for {kind}")
     payload = math.prod(dims)
+    if math.prod(d for d in dims if d) > MAX_PAYLOAD:  # a zero dimension makes the payload 0, not the shape sane
+        raise IDXError(f"{name}: declares a {'x'.join(map(str, dims))} array, over the {MAX_PAYLOAD:,}-byte limit")
     if payload > MAX_PAYLOAD:
         raise IDXError(f"{name}: declares {payload:,} bytes of data ({'x'.join(map(str, dims))}), over the {MAX_PAYLOAD:,}-byte limit")
     if kind == "images" and expect_shape is not None and tuple(dims[1:]) != tuple(expect_shape):
