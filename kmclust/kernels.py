@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse
 
+from kmclust import nearest as _nearest
+
 #: Largest chunk whose uint8 per-cluster sums stay exact in float32.
 EXACT_UINT8_ROWS = (2**24 - 1) // 255
 
@@ -66,24 +68,19 @@ def assign(
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest centroid of each run for each row.
 
-    Returns ``labels`` (n, R) int64 local to each run's block and ``dmin``
-    (n, R) the squared distance ‖x‖² + min(‖c‖² − 2x·c) in ``xf``'s dtype
-    (approximate: used for choosing relocation candidates, never for J).
-    ``second=True`` also returns the second-smallest squared distance (inf
-    when k = 1), the lower bound that lets later passes skip rows.
+    Returns ``labels`` (n, R) int64 local to each run's block, the exact
+    nearest (:mod:`kmclust.nearest`), and ``dmin`` (n, R) the computed squared
+    distance ‖x‖² + ‖c‖² − 2x·c in ``xf``'s dtype (approximate: used for
+    relocation candidates and bounds, never for J). ``second=True`` also
+    returns a lower bound on the squared distance to every other centroid of
+    the run (inf when k = 1), which lets later passes skip rows.
     """
     dist = distances(xf, centroids)
-    labels = nearest(dist, offsets)
     xsq = np.einsum("ij,ij->i", xf, xf)
+    labels, d2 = nearest(dist, offsets, xf, centroids, xsq)
     dmin = min_distances(dist, labels, offsets, xsq, np.arange(offsets.size - 1))
     if not second:
         return labels, dmin
-    ks = np.diff(offsets)
-    d2 = np.full(labels.shape, np.inf, dtype=dist.dtype)
-    for first, count, k in _segments(ks):
-        if k > 1:
-            block = dist[:, offsets[first] : offsets[first + count]].reshape(dist.shape[0], count, k)
-            d2[:, first : first + count] = np.partition(block, 1, axis=2)[:, :, 1]
     d2 += xsq[:, None]
     np.maximum(d2, 0, out=d2)
     return labels, dmin, d2
@@ -96,18 +93,13 @@ def distances(xf: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return dist
 
 
-def nearest(dist: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(n, R) int64 first minimum within each run's block of ``dist``.
-
-    Runs of equal k that sit next to each other in the stack are handled as
-    one (n, runs, k) view, so the engine orders stacks by k.
-    """
-    ks = np.diff(offsets)
-    labels = np.empty((dist.shape[0], ks.size), dtype=np.int64)
-    for first, count, k in _segments(ks):
-        block = dist[:, offsets[first] : offsets[first + count]].reshape(dist.shape[0], count, k)
-        labels[:, first : first + count] = block.argmin(axis=2)
-    return labels
+def nearest(
+    dist: np.ndarray, offsets: np.ndarray, xf: np.ndarray, centroids: np.ndarray, xsq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest centroid (n, R) of each run and the second-nearest computed value (n, R), ‖x‖² left out."""
+    c64 = centroids.astype(np.float64)
+    bound = _nearest.error_bound(xsq, np.einsum("ij,ij->i", c64, c64).max(), xf.shape[1], dist.dtype)
+    return _nearest.nearest(dist, offsets, xf, centroids, bound)
 
 
 def min_distances(
@@ -248,8 +240,6 @@ def exact_errors(
 
 #: Runs needing more than this share of a chunk's rows are computed apart from the settled ones.
 BUSY_SHARE = 0.15
-#: Safety margin of the pruning test, relative to ‖x‖² + ‖c‖² (float32 GEMM error is ~1e-6 of it).
-PRUNE_MARGIN = 1e-5
 
 
 @dataclass
@@ -257,7 +247,7 @@ class _Prior:
     """A chunk's memory of the previous pass for every run of the stack."""
 
     labels: np.ndarray  # (n, R) int64, relocation patches applied
-    upper: np.ndarray | None  # (n, R) float32 distance bounds, or None when not pruning
+    upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
     lower: np.ndarray | None
 
 
@@ -299,10 +289,11 @@ def lloyd_chunk(
         labels, dmin, upper, lower = _pruned_assign(xf, centroids, offsets, run_ids, prior, drift)
     elif prune and integer:
         labels, dmin, d2 = assign(xf, centroids, offsets, second=True)
-        upper, lower = np.sqrt(dmin, dtype=np.float32), np.sqrt(d2, dtype=np.float32)
+        upper, lower = np.sqrt(dmin.astype(np.float64)), np.sqrt(d2.astype(np.float64))
     else:
         dist = distances(xf, centroids)
-        labels = nearest(dist, offsets)
+        xsq = np.einsum("ij,ij->i", xf, xf)
+        labels, _ = nearest(dist, offsets, xf, centroids, xsq)
         upper = lower = dmin = None
     if prior is not None:
         sums, counts = delta_sums(xf, labels, prior.labels, offsets)
@@ -315,7 +306,7 @@ def lloyd_chunk(
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
         if dmin is None:
-            dmin = min_distances(dist, labels, offsets, np.einsum("ij,ij->i", xf, xf), needy)
+            dmin = min_distances(dist, labels, offsets, xsq, needy)
         else:
             dmin = dmin[:, needy]
         cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin, labels[:, needy], start, m)
@@ -354,7 +345,7 @@ def _pruned_assign(
     """Labels with bounds: recompute only rows where some run's label might change.
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
-    label in run r if lower − upper clears a margin for float32 error; the
+    label in run r if lower² − upper² clears twice the distances' error bound; the
     remaining rows get the full GEMM against the whole stack (all runs).
     """
     n = xf.shape[0]
@@ -365,18 +356,18 @@ def _pruned_assign(
     c64 = centroids.astype(np.float64)
     for p, rid in enumerate(run_ids):
         dr = np.asarray(drift.get(int(rid), np.full(ks[p], np.inf)), dtype=np.float64)
-        upper[:, p] += dr[labels[:, p]].astype(np.float32)
+        upper[:, p] += dr[labels[:, p]]
         # Hamerly: the nearest other centroid came closer by at most the largest move among the
         # *other* centroids — the assigned one's own move counts only if it is not the largest
         top = np.argsort(dr)[::-1][:2]
         other = np.where(labels[:, p] == top[0], dr[top[1]] if dr.size > 1 else 0.0, dr[top[0]])
-        lower[:, p] -= other.astype(np.float32)
+        lower[:, p] -= other
         blk = c64[offsets[p] : offsets[p + 1]]
         csq_max[p] = np.einsum("ij,ij->i", blk, blk).max()
     xsq = np.einsum("ij,ij->i", xf, xf, dtype=np.float64)
-    margin = 2 * PRUNE_MARGIN * (xsq[:, None] + csq_max[None, :])
-    lo64, up64 = lower.astype(np.float64), upper.astype(np.float64)
-    need = (lo64 <= up64) | (lo64 * lo64 - up64 * up64 <= margin) | ~np.isfinite(up64)
+    # the bounds started from computed squared distances, each off by at most error_bound
+    margin = 2.0 * _nearest.error_bound(xsq[:, None], csq_max[None, :], xf.shape[1], xf.dtype)
+    need = (lower <= upper) | (lower * lower - upper * upper <= margin) | ~np.isfinite(upper)
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need most rows: one fat GEMM over the union of their rows. Settled runs
     # need a few rows each, mostly different ones: each gets a thin GEMM over its own rows.
@@ -395,8 +386,8 @@ def _pruned_assign(
         at = np.ix_(rows, sel)
         labels[at] = lab
         dmin[at] = d1
-        upper[at] = np.sqrt(d1)
-        lower[at] = np.sqrt(d2)
+        upper[at] = np.sqrt(d1.astype(np.float64))
+        lower[at] = np.sqrt(d2.astype(np.float64))
     return labels, dmin, upper, lower
 
 
