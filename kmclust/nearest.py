@@ -100,3 +100,23 @@ def _settle(x, c64, dist, offsets, window, labels, rows, runs):  # pragma: no co
                     best = s
                     arg = j - lo
         labels[i, p] = arg
+
+
+def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(n,) float64 ‖x_i − z_{label_i}‖², summed directly (no ‖x‖² − 2x·z + ‖z‖² cancellation)."""
+    return _squared_errors(np.ascontiguousarray(x), np.ascontiguousarray(centroids, dtype=np.float64),
+                           np.ascontiguousarray(labels, dtype=np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
+    n, d = x.shape
+    out = np.empty(n)
+    for i in range(n):
+        z = c64[labels[i]]
+        s = 0.0
+        for q in range(d):
+            diff = np.float64(x[i, q]) - z[q]
+            s += diff * diff
+        out[i] = s
+    return out
