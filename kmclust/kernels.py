@@ -341,24 +341,16 @@ def _pruned_assign(
     """
     n = xf.shape[0]
     labels = prior.labels.copy()
-    upper, lower = prior.upper.copy(), prior.lower.copy()
     ks = np.diff(offsets)
-    csq_max = np.empty(ks.size, dtype=np.float64)
+    moved = np.concatenate([np.asarray(drift.get(int(rid), np.full(k, np.inf)), dtype=np.float64)
+                            for rid, k in zip(run_ids, ks)])  # (KT,) how far each centroid moved
     c64 = centroids.astype(np.float64)
-    for p, rid in enumerate(run_ids):
-        dr = np.asarray(drift.get(int(rid), np.full(ks[p], np.inf)), dtype=np.float64)
-        upper[:, p] += dr[labels[:, p]]
-        # Hamerly: the nearest other centroid came closer by at most the largest move among the
-        # *other* centroids — the assigned one's own move counts only if it is not the largest
-        top = np.argsort(dr)[::-1][:2]
-        other = np.where(labels[:, p] == top[0], dr[top[1]] if dr.size > 1 else 0.0, dr[top[0]])
-        lower[:, p] -= other
-        blk = c64[offsets[p] : offsets[p + 1]]
-        csq_max[p] = np.einsum("ij,ij->i", blk, blk).max()
-    xsq = np.einsum("ij,ij->i", xf, xf, dtype=np.float64)
+    csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
+    xsq = np.einsum("ij,ij->i", xf, xf).astype(np.float64)
     # the bounds started from computed squared distances, each off by at most error_bound
-    margin = 2.0 * _nearest.error_bound(xsq[:, None], csq_max[None, :], xf.shape[1], xf.dtype)
-    need = (lower <= upper) | (lower * lower - upper * upper <= margin) | ~np.isfinite(upper)
+    slack = 2.0 * _nearest.error_bound(1.0, 0.0, xf.shape[1], xf.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
+    upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, moved, offsets,
+                                               slack * xsq, slack * 2.0 * csq_max)
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need most rows: one fat GEMM over the union of their rows. Settled runs
     # need a few rows each, mostly different ones: each gets a thin GEMM over its own rows.

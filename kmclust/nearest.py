@@ -120,3 +120,49 @@ def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
             s += diff * diff
         out[i] = s
     return out
+
+
+
+def moved_bounds(
+    labels: np.ndarray, upper: np.ndarray, lower: np.ndarray, moved: np.ndarray, offsets: np.ndarray,
+    row_slack: np.ndarray, run_slack: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hamerly bounds (n, R) after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
+
+    The assigned centroid got farther by at most its own move (upper grows by
+    it); every other one came closer by at most the largest move among the
+    *others* (lower shrinks by it). A label is kept only when lower² − upper²
+    exceeds ``row_slack[i] + run_slack[p]`` (twice the error bound of the
+    computed distances the bounds started from).
+    """
+    return _moved_bounds(labels, upper, lower, moved, np.asarray(offsets, dtype=np.int64), row_slack, run_slack)
+
+
+@numba.njit(cache=True, nogil=True)
+def _moved_bounds(labels, upper, lower, moved, offsets, row_slack, run_slack):  # pragma: no cover - compiled
+    n, r = labels.shape
+    top_col = np.empty(r, dtype=np.int64)
+    top = np.empty(r)
+    runner_up = np.zeros(r)
+    for p in range(r):
+        top_col[p] = offsets[p]
+        top[p] = moved[offsets[p]]
+        for j in range(offsets[p] + 1, offsets[p + 1]):
+            if moved[j] > top[p]:
+                runner_up[p] = top[p]
+                top[p] = moved[j]
+                top_col[p] = j
+            elif moved[j] > runner_up[p]:
+                runner_up[p] = moved[j]
+    new_upper = np.empty((n, r))
+    new_lower = np.empty((n, r))
+    need = np.empty((n, r), dtype=np.bool_)
+    for i in range(n):
+        for p in range(r):
+            col = offsets[p] + labels[i, p]
+            u = upper[i, p] + moved[col]
+            lo = lower[i, p] - (runner_up[p] if col == top_col[p] else top[p])
+            new_upper[i, p] = u
+            new_lower[i, p] = lo
+            need[i, p] = not (np.isfinite(u) and lo > u and lo * lo - u * u > row_slack[i] + run_slack[p])
+    return new_upper, new_lower, need
