@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads-per-worker", type=int, default=1, help="(default %(default)s)")
     common.add_argument("--unset-openblas-env", action="store_true",
                         help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (benchmarks only)")
-    common.add_argument("--prune", action="store_true",
-                        help="grid/iteration: run kmclust with engine.lloyd(prune=True) (Hamerly-style bounds)")
+    common.add_argument("--no-prune", dest="prune", action="store_false",
+                        help="grid/iteration: run kmclust without its Hamerly-style bounds (engine.lloyd(prune=False))")
     common.add_argument("-v", "--verbose", action="store_true")
     modes = p.add_subparsers(dest="mode", required=True)
     g = modes.add_parser("grid", parents=[common], help="whole grid: kmclust batch vs sklearn loop")

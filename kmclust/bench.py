@@ -68,7 +68,7 @@ class GridConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: int | None = None  # first N training rows; None: all
     max_iter: int = 100
-    prune: bool = False  # engine.lloyd(prune=True): Hamerly-style bounds
+    prune: bool = True  # engine.lloyd(prune=...): Hamerly-style bounds (the default) or not
     cluster: ClusterSpec = ClusterSpec()
 
 
@@ -79,7 +79,7 @@ class IterationConfig:
     iterations: int = 10
     rows: int | None = None  # first N rows of train + test; None: all 70,000
     repeats: int = 3  # fits per tool and k; the fastest counts
-    prune: bool = False
+    prune: bool = True
     cluster: ClusterSpec = ClusterSpec()
 
 
@@ -287,18 +287,12 @@ def _timed(fn):
 
 
 def _engine_kwargs(prune: bool) -> dict:
-    """Optional engine features, refused clearly when the installed engine lacks them."""
-    if not prune:
-        return {}
-    import inspect
-
-    if "prune" not in inspect.signature(engine.lloyd).parameters:
-        raise ConfigError("--prune: this kmclust engine has no prune option")
-    return {"prune": True}
+    """engine.lloyd's pruning switch."""
+    return {"prune": prune}
 
 
 def _kmclust_name(scheduler_name: str, prune: bool) -> str:
-    return f"kmclust[{scheduler_name}{', prune' if prune else ''}]"
+    return f"kmclust[{scheduler_name}{'' if prune else ', no prune'}]"
 
 
 def _cpu_seconds() -> float:

@@ -269,7 +269,7 @@ def lloyd(
     progress: Callable[[int, int], None] | None = None,
     on_done: Callable[[int, RunResult], None] | None = None,
     integer: bool | None = None,
-    prune: bool = False,
+    prune: bool = True,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -285,10 +285,11 @@ def lloyd(
     exact and lets passes after the first send only changes of the sums;
     persisted uint8 data are kept as float32 so passes skip the conversion.
     ``prune`` (integer data) skips rows whose label provably cannot change
-    (Hamerly-style bounds); results are those of the unpruned computation.
-    Off by default: in a batch the rows one run may skip are rarely the rows
-    the others may skip, and on 2 cores the bookkeeping cost more than the
-    skipped GEMM work saved (BENCHMARKS.md).
+    (Hamerly-style bounds); results are bit-identical to the unpruned
+    computation because labels are the exact nearest centroid
+    (:mod:`kmclust.nearest`). Runs needing many rows share one GEMM over
+    their rows' union, the others get thin per-run GEMMs; ``prune=False``
+    keeps one GEMM over all rows (the reference the bench compares with).
     """
     x = as_dask(x)
     n, d = x.shape

@@ -85,7 +85,7 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
         c = init_centroids(x, 5, "data", bench._cell_seed(s, 5, "data")) / 255
         total += KMeans(5, init=c.astype(np.float32), n_init=1, tol=0, max_iter=100).fit(xf).n_iter_
     tools = out.figures["tools"]
-    km = tools["kmclust[threads, prune]" if prune else "kmclust[threads]"]
+    km = tools["kmclust[threads]" if prune else "kmclust[threads, no prune]"]
     assert tools["sklearn"]["iterations"] == total == km["iterations"]
     assert km["max_rel_j_diff"] <= 1e-6 and km["runs_labels_differ"] == 0
     assert 0 < km["roofline_share"]
