@@ -401,6 +401,19 @@ def flat_images(ds: xr.Dataset) -> da.Array:
     return img.reshape(img.shape[0], -1)
 
 
+def image_rows(store: str | Path, name: str) -> da.Array:
+    """(N, 784) uint8 rows read straight from the store's zarr array, every key named after ``name``.
+
+    A fresh ``name`` gives a graph that shares no key with earlier ones: after
+    a lost worker, a key that erred (KilledWorker) would stay erred under its
+    old name and fail every later computation that uses it.
+    """
+    import dask.array as da
+
+    img = da.from_zarr(str(store), component="images", name=name)
+    return img.reshape(img.shape[0], -1)
+
+
 def as_float(ds: xr.Dataset) -> da.Array:
     """Images as an (N, 784) float32 dask array in [0, 1] (uint8 / 255)."""
     return flat_images(ds).astype(np.float32) / np.float32(255)

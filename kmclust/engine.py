@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -107,6 +108,22 @@ def persist_balanced(x: da.Array) -> da.Array:
             # keys move (seen when a cell kills its worker) must not fail the load.
             log.debug("rebalance skipped: %s", exc)
     return x
+
+
+def take_rows(x: da.Array, idx: np.ndarray, name: str) -> da.Array:
+    """Rows ``idx`` (sorted) of ``x``, selected chunk by chunk under key names after ``name``.
+
+    Unlike ``x[idx]`` (whose shuffle keys hash only the indices, so every
+    rebuild shares them), every key here carries ``name``.
+    """
+    bounds = np.concatenate([[0], np.cumsum(x.chunks[0])])
+    parts = []
+    for b in range(x.numblocks[0]):
+        sel = idx[(idx >= bounds[b]) & (idx < bounds[b + 1])] - bounds[b]
+        if sel.size:
+            parts.append(x.blocks[b].map_blocks(lambda blk, s=sel: blk[s], chunks=((sel.size,), x.chunks[1]),
+                                                dtype=x.dtype, name=f"{name}-take-{b}"))
+    return da.concatenate(parts) if parts else x[:0]
 
 
 def _client():
@@ -229,7 +246,13 @@ class _Pass:
         flat = [s for per_chunk in new_states for s in per_chunk]
         if self.client is not None:  # one submission: states stay on the workers as futures
             futures = self.client.compute(roots + flat)
-            results = self.client.gather(futures[: len(roots)])
+            try:
+                results = self.client.gather(futures[: len(roots)])
+            except BaseException:
+                # drop the pass's queued tasks: left running, a task that kills its worker would go
+                # on killing workers while the caller reloads data or retries other runs
+                self.client.cancel(futures + [f for per in self.states or [] for f in per])
+                raise
             flat = futures[len(roots) :]
         else:
             persisted = dask.persist(*roots, *flat)
@@ -418,7 +441,8 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
     if not plans:
         return patches
     order = np.array(sorted(wanted))
-    rows = dict(zip(order.tolist(), np.asarray(x[order].compute(), dtype=np.float64)))
+    fetched = take_rows(x, order, f"kmclust-relocate-{uuid.uuid4().hex}").compute()
+    rows = dict(zip(order.tolist(), np.asarray(fetched, dtype=np.float64)))
     for run, empty, picks in plans:
         for e, (idx, lab) in zip(empty, picks):
             run.sums[lab] -= rows[idx]

@@ -72,20 +72,21 @@ class DataSplit:
     y_test: np.ndarray
     fingerprint: str
     class_names: list[str]
-    x_train_src: object = None  # the unpersisted graphs, to load again after a lost worker
-    x_test_src: object = None
+    graphs: Callable[[str], tuple[object, object]] | None = None  # name → unpersisted (train, test) graphs
 
     def load(self) -> None:
         """Persist the images on the workers (training rows as float32: integer-valued, exact sums).
 
-        Called again after a lost worker: every load gets fresh key names,
-        since a key that erred (KilledWorker) would stay erred under its old
-        name and fail every later batch; the old keys are simply released.
+        Called again after a lost worker: every load builds its graphs afresh
+        under new key names, from the zarr reads on, since a key that erred
+        (KilledWorker) would stay erred under its old name and fail every
+        later batch; the old keys are simply released.
         """
         fresh = uuid.uuid4().hex
-        self.x_train = engine.persist_balanced(self.x_train_src.map_blocks(
+        x_train, x_test = self.graphs(f"kmclust-rows-{fresh}")
+        self.x_train = engine.persist_balanced(x_train.map_blocks(
             np.asarray, np.float32, dtype=np.float32, name=f"kmclust-train-{fresh}"))
-        self.x_test = engine.persist_balanced(self.x_test_src.map_blocks(np.asarray, name=f"kmclust-test-{fresh}"))
+        self.x_test = engine.persist_balanced(x_test.map_blocks(np.asarray, name=f"kmclust-test-{fresh}"))
 
 
 @dataclass
@@ -200,14 +201,17 @@ def split_data(config: SweepConfig) -> DataSplit:
         test = np.flatnonzero(split == "test")
     if max(config.ks) > train.size:
         raise ConfigError(f"--k: k={max(config.ks)} exceeds the {train.size} training images")
-    flat = datasets.flat_images(ds)
-    rows = config.chunk_rows or int(flat.chunks[0][0])
+    rows = config.chunk_rows or int(datasets.flat_images(ds).chunks[0][0])
 
-    def take(idx: np.ndarray):
-        part = flat[idx] if idx.size else flat[:0]
-        return part.rechunk((max(1, min(rows, max(1, idx.size))), -1))
+    def graphs(name: str) -> tuple[object, object]:
+        flat = datasets.image_rows(store, name)
 
-    x_train, x_test = take(train), take(test)
+        def take(idx: np.ndarray, part: str):
+            return engine.take_rows(flat, idx, f"{name}-{part}").rechunk((max(1, min(rows, max(1, idx.size))), -1))
+
+        return take(train, "train"), take(test, "test")
+
+    x_train, x_test = graphs(f"kmclust-rows-{uuid.uuid4().hex}")
     return DataSplit(
         name=str(ds.attrs.get("source", store.stem)),
         store=store,
@@ -215,8 +219,7 @@ def split_data(config: SweepConfig) -> DataSplit:
         y_train=labels[train],
         x_test=x_test,
         y_test=labels[test],
-        x_train_src=x_train,
-        x_test_src=x_test,
+        graphs=graphs,
         fingerprint=datasets.fingerprint(ds),
         class_names=[str(c) for c in ds.attrs.get("class_names", [str(i) for i in range(10)])],
     )
