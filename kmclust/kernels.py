@@ -1,9 +1,9 @@
-"""Per-chunk Lloyd work for a stack of runs: pure numpy, no dask.
+"""Per-chunk Lloyd work for a stack of runs: numpy and the compiled loops of :mod:`kmclust.nearest`, no dask.
 
 A *stack* holds the centroids of R runs one above the other (ΣK × D) with
 ``offsets`` (R + 1,) marking where each run's block starts. One GEMM of the
 chunk against the whole stack serves every run; the rest is vectorised over
-runs (no Python loop over samples or runs in the hot path).
+runs or compiled (no Python loop over samples in the hot path).
 
 Units: the kernel works in the data's own units (0–255 for uint8 images).
 uint8 rows are computed in float32; per-cluster sums of uint8 data are exact
@@ -53,14 +53,6 @@ class Partial:
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
-
-
-def _segments(ks: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs of equal k in stack order: (first run, number of runs, k)."""
-    cuts = np.flatnonzero(np.diff(ks)) + 1
-    starts = np.concatenate([[0], cuts])
-    stops = np.concatenate([cuts, [ks.size]])
-    return [(int(a), int(b - a), int(ks[a])) for a, b in zip(starts, stops)]
 
 
 def assign(
