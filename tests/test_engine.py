@@ -186,3 +186,19 @@ def da_chunks(x: np.ndarray):
     import dask.array as da
 
     return da.from_array(x, chunks=(1250, 784))
+
+
+def test_take_rows_equals_fancy_indexing_under_its_own_keys() -> None:
+    """Rows picked chunk by chunk equal x[idx]; two names share no key (after a lost worker nothing stays erred)."""
+    import dask.array as da
+
+    x_np = np.arange(103 * 4, dtype=np.uint8).reshape(103, 4)
+    x = da.from_array(x_np, chunks=(10, 4), name="src-a")
+    idx = np.sort(np.random.default_rng(1).choice(103, 41, replace=False))
+    got = engine.take_rows(x, idx, "rows-1")
+    np.testing.assert_array_equal(got.compute(), x_np[idx])
+    np.testing.assert_array_equal(engine.take_rows(x, idx[:0], "rows-0").compute(), x_np[:0])
+    y = da.from_array(x_np, chunks=(10, 4), name="src-b")  # a fresh source, as every reload builds
+    keys_1 = set(got.__dask_graph__()) - set(x.__dask_graph__())
+    keys_2 = set(engine.take_rows(y, idx, "rows-2").__dask_graph__()) - set(y.__dask_graph__())
+    assert keys_1 and not keys_1 & keys_2
