@@ -472,7 +472,7 @@ def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: d
         unflushed = {f[0] for f in sink.finished}
         sink.finished = [f for f in sink.finished if f[0] not in cells]
         rest = [c for c in cells if c not in settled or c in unflushed]
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = _one_line(exc)
         try:  # a lost worker may have taken persisted rows with it: load them afresh
             data.load()
         except Exception as again:  # noqa: BLE001 - reported as one line
@@ -492,11 +492,22 @@ def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: d
             _run_cells(config, data, part, inits, sink, n_groups)
 
 
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _corrupt(text: str, store: Path) -> DataError | None:
+    """A checksum failure means a damaged store: no retry helps, restaging does."""
+    if "checksum" not in text.lower():
+        return None
+    return DataError(f"data store {store} is corrupted ({text}); restage it with data/stage.py --force")
+
+
 def _load_error(exc: Exception, store: Path) -> KmclustError:
     """One readable line for a failure while reading the data."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if "checksum" in text.lower():
-        return DataError(f"data store {store} is corrupted ({text}); restage it with data/stage.py --force")
+    text = _one_line(exc)
+    if (corrupt := _corrupt(text, store)) is not None:
+        return corrupt
     if "KilledWorker" in text:
         return DataError(f"could not load the images of {store}: a worker died while loading them ({text}); "
                          "is the workers' memory_limit too small for --chunk-rows?")
@@ -505,9 +516,9 @@ def _load_error(exc: Exception, store: Path) -> KmclustError:
 
 def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
     """Errors that no retry of a smaller batch can cure: corrupt data, a lost scheduler."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if "checksum" in text.lower():
-        return DataError(f"data store {data.store} is corrupted ({text}); restage it with data/stage.py --force")
+    text = _one_line(exc)
+    if (corrupt := _corrupt(text, data.store)) is not None:
+        return corrupt
     client = engine._client()
     if client is not None and (client.status != "running" or "scheduler-connection-lost" in text):
         return SchedulerError(
