@@ -306,7 +306,8 @@ def lloyd(
     points) ends with ``error`` set; the others go on. ``integer`` says the
     data are integer-valued (default: uint8 input), which makes cluster sums
     exact and lets passes after the first send only changes of the sums;
-    persisted uint8 data are kept as float32 so passes skip the conversion.
+    uint8 data stay uint8 in memory (a quarter of float32's bytes), the
+    kernels convert a cache-sized block of rows at a time.
     ``prune`` (integer data) skips rows whose label provably cannot change
     (Hamerly-style bounds); results are bit-identical to the unpruned
     computation because labels are the exact nearest centroid
@@ -320,7 +321,7 @@ def lloyd(
     if integer is None:
         integer = x.dtype == np.uint8
     if persist:
-        x = persist_balanced(x.astype(np.float32) if x.dtype == np.uint8 else x)
+        x = persist_balanced(x)
     if n_groups is None:
         n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]

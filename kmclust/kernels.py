@@ -55,54 +55,76 @@ class Partial:
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
 
 
-def assign(
-    xf: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, second: bool = False
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest centroid of each run for each row.
+#: Rows converted to the compute dtype at a time: uint8 chunks stay uint8 in memory, a block's float
+#: copy stays in cache while its GEMM runs, and gathering rows moves a quarter of the bytes.
+BLOCK_ROWS = 1024
 
-    Returns ``labels`` (n, R) int64 local to each run's block, the exact
-    nearest (:mod:`kmclust.nearest`), and ``dmin`` (n, R) the computed squared
-    distance ‖x‖² + ‖c‖² − 2x·c in ``xf``'s dtype (approximate: used for
-    relocation candidates and bounds, never for J). ``second=True`` also
-    returns a lower bound on the squared distance to every other centroid of
-    the run (inf when k = 1), which lets later passes skip rows.
+
+def blocks(x: np.ndarray, rows: np.ndarray | None, dtype: np.dtype):
+    """Yield ``(lo, hi, block)``: rows ``rows[lo:hi]`` of ``x`` (``x[lo:hi]`` if None) in ``dtype``.
+
+    A chunk already in ``dtype`` comes as one block (no copy); otherwise one
+    reused buffer of ``BLOCK_ROWS`` rows receives each block in turn.
     """
-    dist = distances(xf, centroids)
-    xsq = np.einsum("ij,ij->i", xf, xf)
-    labels, d2 = nearest(dist, offsets, xf, centroids, xsq)
-    dmin = min_distances(dist, labels, offsets, xsq, np.arange(offsets.size - 1))
-    if not second:
-        return labels, dmin
-    d2 += xsq[:, None]
-    np.maximum(d2, 0, out=d2)
-    return labels, dmin, d2
+    m = x.shape[0] if rows is None else rows.size
+    if rows is None and x.dtype == dtype:
+        yield 0, m, x
+        return
+    buf = np.empty((min(BLOCK_ROWS, m), x.shape[1]), dtype=dtype)
+    for lo in range(0, m, BLOCK_ROWS):
+        hi = min(lo + BLOCK_ROWS, m)
+        blk = buf[: hi - lo]
+        np.copyto(blk, x[lo:hi] if rows is None else x[rows[lo:hi]], casting="unsafe")
+        yield lo, hi, blk
 
 
-def distances(xf: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(n, KT) ‖c‖² − 2x·c: the one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out."""
-    dist = xf @ (centroids * -2.0).T
+def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(m, KT) ‖c‖² − 2x·c of rows ``rows`` (default all) against the stack, in the centroids' dtype.
+
+    The one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out.
+    """
+    ct = (centroids * -2.0).T
+    m = x.shape[0] if rows is None else rows.size
+    dist = np.empty((m, centroids.shape[0]), dtype=centroids.dtype)
+    for lo, hi, blk in blocks(x, rows, centroids.dtype):
+        np.matmul(blk, ct, out=dist[lo:hi])
     dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
     return dist
 
 
-def nearest(
-    dist: np.ndarray, offsets: np.ndarray, xf: np.ndarray, centroids: np.ndarray, xsq: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest centroid (n, R) of each run and the second-nearest computed value (n, R), ‖x‖² left out."""
+def assign(
+    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, bounds: bool = False, xsq: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Nearest centroid of each run for each row.
+
+    Returns ``labels`` (n, R) int32 local to each run's block, the exact
+    nearest (:mod:`kmclust.nearest`), and ``dmin`` (n, R) float64 the
+    computed squared distance ‖x‖² + ‖c‖² − 2x·c, clipped at 0 (approximate:
+    used for relocation candidates and bounds, never for J). ``bounds=True``
+    also returns ``upper`` = √dmin and ``lower``, a bound below the distance
+    to every other centroid of the run (inf when k = 1), which let later
+    passes skip rows. ``xsq``: the rows' ‖x‖² if known.
+    """
+    n, r = x.shape[0], offsets.size - 1
+    if xsq is None:
+        xsq = _nearest.row_norms(x, centroids.dtype)
+    out = (np.empty((n, r), dtype=np.int32), np.empty((n, r)), np.empty((n, r)), np.empty((n, r)))
+    place(x, centroids, offsets, None, np.arange(r), xsq, *out)
+    return out if bounds else out[:2]
+
+
+def place(
+    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None, runs: np.ndarray,
+    xsq: np.ndarray, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+) -> None:
+    """Assign rows ``rows`` (all if None) for a (sub)stack; results go to columns ``runs`` of the (n, R) outputs."""
+    dist = distances(x, centroids, rows)
     c64 = centroids.astype(np.float64)
-    bound = _nearest.error_bound(xsq, np.einsum("ij,ij->i", c64, c64).max(), xf.shape[1], dist.dtype)
-    return _nearest.nearest(dist, offsets, xf, centroids, bound)
-
-
-def min_distances(
-    dist: np.ndarray, labels: np.ndarray, offsets: np.ndarray, xsq: np.ndarray, runs: np.ndarray
-) -> np.ndarray:
-    """(n, len(runs)) squared distance of each row to its centroid in the given runs, clipped at 0."""
-    cols = labels[:, runs] + offsets[runs][None, :]
-    dmin = np.take_along_axis(dist, cols, axis=1)
-    dmin += xsq[:, None]
-    np.maximum(dmin, 0, out=dmin)
-    return dmin
+    if rows is None:
+        rows = np.arange(x.shape[0])
+    xs = xsq[rows]
+    window = 2.0 * _nearest.error_bound(xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype)
+    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower)
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -120,46 +142,54 @@ DENSE_SHARE = 20
 
 
 def signed_sums(
-    data: np.ndarray, rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, kt: int
+    x: np.ndarray, rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, kt: int, dtype: np.dtype
 ) -> np.ndarray:
-    """Σ signs · data[rows] into columns ``cols`` of a (kt, D) float64 result; (row, col) pairs are unique.
+    """Σ signs · x[rows] into columns ``cols`` of a (kt, D) float64 result, computed in ``dtype``.
 
-    A sparse (kt × n) matrix of the ±1 entries times the chunk: the cost
-    scales with the number of entries, not with n · kt as a dense one-hot
-    GEMM would, except when entries are so many that the dense GEMM's
-    speed wins. Sums of integer values below 2**24 are exact in float32
-    whatever the order, so integer chunks keep their exact sums.
+    (row, col) pairs are unique. A sparse (kt × rows) matrix of the ±1
+    entries times the rows involved: the cost scales with the number of
+    entries, not with n · kt as a dense one-hot GEMM would, except when
+    entries are so many that the dense GEMM's speed wins. Sums of integer
+    values below 2**24 are exact in float32 whatever the order, so integer
+    chunks keep their exact sums.
     """
-    n = data.shape[0]
+    n, d = x.shape
     if cols.size * DENSE_SHARE >= n * kt:  # one-hot GEMM: ~20× faster per entry than the sparse product
-        onehot = np.zeros((n, kt), dtype=data.dtype)
+        onehot = np.zeros((n, kt), dtype=dtype)
         onehot[rows, cols] = signs
-        return (onehot.T @ data).astype(np.float64, copy=False)
-    mat = scipy.sparse.csr_matrix((signs.astype(data.dtype), (cols, rows)), shape=(kt, n))
+        out = np.zeros((kt, d), dtype=dtype)
+        for lo, hi, blk in blocks(x, None, dtype):
+            out += onehot[lo:hi].T @ blk
+        return out.astype(np.float64, copy=False)
+    if x.dtype == dtype:
+        used, data = rows, x
+    else:  # convert only the rows taking part
+        uniq, used = np.unique(rows, return_inverse=True)
+        data = x[uniq].astype(dtype)
+    mat = scipy.sparse.csr_matrix((signs.astype(dtype), (cols, used)), shape=(kt, data.shape[0]))
     return np.asarray(mat @ data, dtype=np.float64)
 
 
 def cluster_sums(
-    x: np.ndarray, xf: np.ndarray, labels: np.ndarray, offsets: np.ndarray, integer: bool
+    x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, integer: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (KT, D) float64 and counts (KT,).
 
     Integer-valued chunks (uint8 pixels) below ``EXACT_UINT8_ROWS`` rows sum
-    in float32, whose integer results are exact; anything else accumulates
-    in float64.
+    in the compute dtype (float32), whose integer results are exact;
+    anything else accumulates in float64.
     """
     n, r = labels.shape
     kt = int(offsets[-1])
     cols = (labels + offsets[:-1][None, :]).ravel()  # (n · R) stacked cluster index, row-major
     rows = np.repeat(np.arange(n), r)
     counts = np.bincount(cols, minlength=kt).astype(np.int64)
-    exact32 = integer and n <= EXACT_UINT8_ROWS
-    data = xf if exact32 else x.astype(np.float64, copy=False)
-    return signed_sums(data, rows, cols, np.ones(cols.size, dtype=data.dtype), kt), counts
+    dtype = compute_dtype(x.dtype) if integer and n <= EXACT_UINT8_ROWS else np.dtype(np.float64)
+    return signed_sums(x, rows, cols, np.ones(cols.size), kt, dtype), counts
 
 
 def delta_sums(
-    xf: np.ndarray, labels: np.ndarray, old: np.ndarray, offsets: np.ndarray
+    x: np.ndarray, labels: np.ndarray, old: np.ndarray, offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Change of the per-cluster sums and counts when labels go from ``old`` to ``labels``.
 
@@ -173,9 +203,10 @@ def delta_sums(
     old_cols = offsets[runs] + old[rr, runs]
     counts = np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
     if rr.size == 0:
-        return np.zeros((kt, xf.shape[1])), counts.astype(np.int64)
+        return np.zeros((kt, x.shape[1])), counts.astype(np.int64)
     signs = np.concatenate([np.ones(rr.size), -np.ones(rr.size)])
-    sums = signed_sums(xf, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt)
+    sums = signed_sums(x, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt,
+                       compute_dtype(x.dtype))
     return sums, counts.astype(np.int64)
 
 
@@ -221,15 +252,16 @@ def exact_errors(
     return out
 
 
-#: Runs needing more than this share of a chunk's rows are computed apart from the settled ones.
+#: Runs needing more than this share of a chunk's rows share one GEMM; the others get compiled per-pair work.
 BUSY_SHARE = 0.15
 
 
 @dataclass
-class _Prior:
-    """A chunk's memory of the previous pass for every run of the stack."""
+class ChunkState:
+    """What a chunk task leaves on its worker for the next pass: labels and bounds of its stack's runs."""
 
-    labels: np.ndarray  # (n, R) int64, relocation patches applied
+    run_ids: np.ndarray  # (R,)
+    labels: np.ndarray  # (n, R) int32
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
     lower: np.ndarray | None
 
@@ -245,54 +277,45 @@ def lloyd_chunk(
     integer: bool,
     want_labels: bool,
     want_errors: bool = True,
-    prev: list[dict] | None = None,
+    prev: list[ChunkState] | None = None,
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
     drift: dict[int, np.ndarray] | None = None,
     prune: bool = False,
-) -> tuple[Partial, dict[int, tuple]]:
+) -> tuple[Partial, ChunkState | None]:
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
-    ``centroids`` (KT, D) are in the compute dtype; ``run_ids`` name the
-    stack's runs; ``eval_centroids`` maps a stack position to float64
+    ``x`` stays in its own dtype (uint8 pixels are converted a block at a
+    time); ``centroids`` (KT, D) are in the compute dtype; ``run_ids`` name
+    the stack's runs; ``eval_centroids`` maps a stack position to float64
     centroids when that run is being evaluated (final labels, exact J); ``m``
     is how many relocation candidates to keep per run. For integer-valued
-    data the chunk's labels are returned as state (run id → (labels, upper,
-    lower)) and, when ``prev`` holds every run's previous state (after the
-    driver's relocation ``patches``), the partial carries *changes* of the
-    sums (``delta=True``). With ``prune`` and the centroids' ``drift`` since
-    the previous pass, Hamerly-style bounds (distance to the assigned
-    centroid ≤ upper, to any other ≥ lower) skip the rows whose label cannot
-    change in any run; relocation candidates are then only upper bounds
-    (``pruned=True``). Trusts its inputs.
+    data the chunk's labels are returned as state and, when ``prev`` holds
+    every run's previous state (after the driver's relocation ``patches``),
+    the partial carries *changes* of the sums (``delta=True``). With
+    ``prune`` and the centroids' ``drift`` since the previous pass,
+    Hamerly-style bounds (distance to the assigned centroid ≤ upper, to any
+    other ≥ lower) skip the rows whose label cannot change in any run;
+    relocation candidates are then only upper bounds (``pruned=True``).
+    Trusts its inputs.
     """
-    xf = x.astype(compute_dtype(x.dtype), copy=False)
+    xsq = _nearest.row_norms(x, centroids.dtype)
     prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
-        labels, dmin, upper, lower = _pruned_assign(xf, centroids, offsets, run_ids, prior, drift)
-    elif prune and integer:
-        labels, dmin, d2 = assign(xf, centroids, offsets, second=True)
-        upper, lower = np.sqrt(dmin.astype(np.float64)), np.sqrt(d2.astype(np.float64))
+        labels, dmin, upper, lower = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior, drift)
     else:
-        dist = distances(xf, centroids)
-        xsq = np.einsum("ij,ij->i", xf, xf)
-        labels, _ = nearest(dist, offsets, xf, centroids, xsq)
-        upper = lower = dmin = None
+        labels, dmin, upper, lower = assign(x, centroids, offsets, bounds=True, xsq=xsq)
     if prior is not None:
-        sums, counts = delta_sums(xf, labels, prior.labels, offsets)
+        sums, counts = delta_sums(x, labels, prior.labels, offsets)
     else:
-        sums, counts = cluster_sums(x, xf, labels, offsets, integer)
+        sums, counts = cluster_sums(x, labels, offsets, integer)
     # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
     sqnorm = _sqnorm(x) if prior is None else math.nan
     r = offsets.size - 1
     needy = runs_with_empty_cluster(labels, offsets)
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
-        if dmin is None:
-            dmin = min_distances(dist, labels, offsets, xsq, needy)
-        else:
-            dmin = dmin[:, needy]
-        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin, labels[:, needy], start, m)
+        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin[:, needy], labels[:, needy], start, m)
     eval_sse = np.zeros(r)
     eval_dist = np.zeros(r)
     out_labels: list[tuple[int, np.ndarray]] = []
@@ -301,12 +324,10 @@ def lloyd_chunk(
             eval_sse[pos], eval_dist[pos] = sse, dist
     if want_labels and eval_centroids:
         cols = sorted(eval_centroids)
-        out_labels.append((start, labels[:, cols].astype(np.int32)))
-    state: dict[int, tuple] = {}
-    if integer:
-        for p, rid in enumerate(run_ids):
-            bounds = (upper[:, p].copy(), lower[:, p].copy()) if upper is not None else (None, None)
-            state[int(rid)] = (labels[:, p].astype(np.int32), *bounds)
+        out_labels.append((start, labels[:, cols]))
+    keep_bounds = prune and integer
+    state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
+                       lower if keep_bounds else None) if integer else None
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
                    prior is not None, pruned)
     return part, state
@@ -314,60 +335,57 @@ def lloyd_chunk(
 
 def _sqnorm(x: np.ndarray) -> float:
     """Σ‖x‖² of a chunk in float64 (exact for integer pixels), a block of rows at a time."""
-    total = 0.0
-    for lo in range(0, x.shape[0], 4096):
-        blk = x[lo : lo + 4096].astype(np.float64)
-        total += float(np.einsum("ij,ij->", blk, blk))
-    return total
+    return float(sum(np.einsum("ij,ij->", blk, blk) for _, _, blk in blocks(x, np.arange(x.shape[0]), np.float64)))
+
+
+@dataclass
+class _Prior:
+    """A chunk's memory of the previous pass for every run of the stack."""
+
+    labels: np.ndarray  # (n, R) int32, relocation patches applied (read only)
+    upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning (read only)
+    lower: np.ndarray | None
 
 
 def _pruned_assign(
-    xf: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, run_ids: np.ndarray,
+    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, run_ids: np.ndarray,
     prior: _Prior, drift: dict[int, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Labels with bounds: recompute only rows where some run's label might change.
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
     label in run r if lower² − upper² clears twice the distances' error bound; the
-    remaining rows get the full GEMM against the whole stack (all runs).
+    remaining rows are assigned again (:func:`place`).
     """
-    n = xf.shape[0]
+    n = x.shape[0]
     labels = prior.labels.copy()
     ks = np.diff(offsets)
     moved = np.concatenate([np.asarray(drift.get(int(rid), np.full(k, np.inf)), dtype=np.float64)
                             for rid, k in zip(run_ids, ks)])  # (KT,) how far each centroid moved
     c64 = centroids.astype(np.float64)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
-    xsq = np.einsum("ij,ij->i", xf, xf).astype(np.float64)
     # the bounds started from computed squared distances, each off by at most error_bound
-    slack = 2.0 * _nearest.error_bound(1.0, 0.0, xf.shape[1], xf.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
+    slack = 2.0 * _nearest.error_bound(1.0, 0.0, x.shape[1], centroids.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
     upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, moved, offsets,
-                                               slack * xsq, slack * 2.0 * csq_max)
+                                               slack * xsq.astype(np.float64), slack * 2.0 * csq_max)
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need most rows: one fat GEMM over the union of their rows. Settled runs
-    # need a few rows each, mostly different ones: each gets a thin GEMM over its own rows.
+    # need a few rows each, mostly different ones: compiled per-pair work, no GEMM.
     share = need.mean(axis=0)
     busy = np.flatnonzero(share > BUSY_SHARE)
-    jobs = [(busy, np.flatnonzero(need[:, busy].any(axis=1)))] if busy.size else []
-    jobs += [(np.array([p]), np.flatnonzero(need[:, p])) for p in np.flatnonzero(share <= BUSY_SHARE)]
-    for sel, rows in jobs:
-        if rows.size == 0:
-            continue
-        if rows.size > 0.9 * n:  # nearly all rows: no gather
-            rows = np.arange(n)
-        cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in sel])
-        sub_offsets = np.concatenate([[0], np.cumsum(ks[sel])])
-        lab, d1, d2 = assign(xf[rows] if rows.size < n else xf, centroids[cols], sub_offsets, second=True)
-        at = np.ix_(rows, sel)
-        labels[at] = lab
-        dmin[at] = d1
-        upper[at] = np.sqrt(d1.astype(np.float64))
-        lower[at] = np.sqrt(d2.astype(np.float64))
+    if busy.size:
+        rows = np.flatnonzero(need[:, busy].any(axis=1))
+        cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in busy])
+        place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
+              None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower)
+    rest = np.flatnonzero((share <= BUSY_SHARE) & (share > 0))
+    if rest.size:
+        _nearest.reassign(x, xsq, centroids, offsets, rest, need, slack, labels, dmin, upper, lower)
     return labels, dmin, upper, lower
 
 
 def _previous(
-    prev: list[dict] | None,
+    prev: list[ChunkState] | None,
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None,
     run_ids: np.ndarray,
     start: int,
@@ -376,22 +394,29 @@ def _previous(
     """Every run's previous labels (and bounds) with relocation patches applied; None if any is missing."""
     if not prev:
         return None
-    known: dict[int, tuple] = {}
-    for d in prev:
-        known.update(d)
-    if any(int(rid) not in known for rid in run_ids):
+    where = {int(rid): (st, col) for st in prev for col, rid in enumerate(st.run_ids)}
+    if any(int(rid) not in where for rid in run_ids):
         return None
-    labels = np.stack([known[int(rid)][0] for rid in run_ids], axis=1).astype(np.int64)
-    has_bounds = all(known[int(rid)][1] is not None for rid in run_ids)
-    upper = np.stack([known[int(rid)][1] for rid in run_ids], axis=1) if has_bounds else None
-    lower = np.stack([known[int(rid)][2] for rid in run_ids], axis=1) if has_bounds else None
-    for p, rid in enumerate(run_ids):
-        if patches and int(rid) in patches:
-            idx, lab = patches[int(rid)]
-            inside = (idx >= start) & (idx < start + n)
-            labels[idx[inside] - start, p] = lab[inside]
-            if upper is not None:
-                upper[idx[inside] - start, p] = np.inf  # moved by the driver: recompute
+    has_bounds = all(where[int(rid)][0].upper is not None for rid in run_ids)
+    if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: the same stack
+        labels, upper, lower = prev[0].labels, prev[0].upper, prev[0].lower
+    else:
+        labels = np.stack([where[int(rid)][0].labels[:, where[int(rid)][1]] for rid in run_ids], axis=1)
+        upper = lower = None
+        if has_bounds:
+            upper = np.stack([where[int(rid)][0].upper[:, where[int(rid)][1]] for rid in run_ids], axis=1)
+            lower = np.stack([where[int(rid)][0].lower[:, where[int(rid)][1]] for rid in run_ids], axis=1)
+    if not has_bounds:
+        upper = lower = None
+    touched = [(p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches]
+    if touched:  # the states are shared (threaded scheduler, retries): patch copies
+        labels = labels.copy()
+        upper = upper.copy() if upper is not None else None
+    for p, (idx, lab) in touched:
+        inside = (idx >= start) & (idx < start + n)
+        labels[idx[inside] - start, p] = lab[inside]
+        if upper is not None:
+            upper[idx[inside] - start, p] = np.inf  # moved by the driver: recompute
     return _Prior(labels, upper, lower)
 
 

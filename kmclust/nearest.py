@@ -35,71 +35,212 @@ def error_bound(xsq: np.ndarray, csq_max: float | np.ndarray, d: int, dtype: np.
     return 1.25 * (d + 4) * u * (np.asarray(xsq, dtype=np.float64) + 2.0 * np.asarray(csq_max, dtype=np.float64))
 
 
-def nearest(
-    dist: np.ndarray, offsets: np.ndarray, x: np.ndarray, centroids: np.ndarray, bound: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (n, R) int64 and second-nearest computed distance (n, R) for a stacked ``dist`` (n, ΣK).
+def assign_rows(
+    dist: np.ndarray, offsets: np.ndarray, x: np.ndarray, rows: np.ndarray, runs: np.ndarray,
+    c64: np.ndarray, window: np.ndarray, xsq: np.ndarray,
+    labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+) -> None:
+    """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
-    ``dist`` holds ‖c‖² − 2x·c (‖x‖² left out), ``bound`` the per-row error
-    bound of its entries. The second value is a lower bound on the distance
-    to every centroid but the chosen one (the smallest computed value when a
-    near tie was settled; inf when k = 1).
+    ``dist`` holds ‖c‖² − 2x·c (‖x‖² left out) for rows ``rows`` of ``x``
+    against the stacked centroids ``c64`` (float64) with ``offsets``;
+    ``window`` is twice each row's error bound, ``xsq`` the rows' ‖x‖² in
+    ``dist``'s dtype. For stack position p, column ``runs[p]`` of the (n, R)
+    outputs receives: the label, the computed squared distance to it
+    (clipped at 0), and in float64 its root (an upper bound) and the root of
+    the second-nearest computed distance (a lower bound on every other
+    centroid: the nearest one's when a near tie was settled; inf when k = 1).
     """
-    labels, second, near = _scan(dist, np.asarray(offsets, dtype=np.int64), 2.0 * bound)
-    if near.any():
-        rows, runs = np.nonzero(near)
-        _settle(np.ascontiguousarray(x), np.ascontiguousarray(centroids, dtype=np.float64), dist,
-                np.asarray(offsets, dtype=np.int64), 2.0 * bound, labels, rows, runs)
-    return labels, second
+    _assign_rows(dist, np.asarray(offsets, dtype=np.int64), x, np.asarray(rows, dtype=np.int64),
+                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan(dist, offsets, window):  # pragma: no cover - compiled
-    n = dist.shape[0]
-    r = offsets.size - 1
-    labels = np.empty((n, r), dtype=np.int64)
-    second = np.empty((n, r), dtype=dist.dtype)
-    near = np.zeros((n, r), dtype=np.bool_)
-    inf = dist.dtype.type(np.inf)
-    for i in range(n):
+def _best_two(row, lo, hi):  # pragma: no cover - compiled
+    """Index of the smallest entry of row[lo:hi], its value and the second smallest (branch-free)."""
+    best = row[lo]
+    arg = lo
+    sec = row.dtype.type(np.inf)
+    for j in range(lo + 1, hi):
+        v = row[j]
+        sec = min(sec, max(best, v))
+        arg = j if v < best else arg
+        best = min(best, v)
+    return arg, best, sec
+
+
+@numba.njit(cache=True, nogil=True)
+def _exact_sq(xrow, c):  # pragma: no cover - compiled
+    """‖x − c‖² in float64, summed in index order: the same bits wherever the row sits in memory."""
+    s = 0.0
+    for q in range(xrow.size):
+        diff = np.float64(xrow[q]) - c[q]
+        s += diff * diff
+    return s
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _fast_sq(xrow, c):  # pragma: no cover - compiled
+    """‖x − c‖² in float64, vectorised (the order, hence the last bits, may depend on alignment): bounds only."""
+    s = 0.0
+    for q in range(xrow.size):
+        diff = np.float64(xrow[q]) - c[q]
+        s += diff * diff
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _exact_nearest(xrow, c64, row, lo, hi, limit):  # pragma: no cover - compiled
+    """Among the columns whose computed value is within ``limit``: the exact nearest (float64 sums, lowest index)."""
+    best = np.inf
+    arg = -1
+    for j in range(lo, hi):
+        if row[j] <= limit:
+            s = _exact_sq(xrow, c64[j])
+            if s < best:
+                best = s
+                arg = j
+    return arg
+
+
+@numba.njit(cache=True, nogil=True)
+def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower):  # pragma: no cover
+    zero = dist.dtype.type(0)
+    for i in range(dist.shape[0]):
+        r = rows[i]
         row = dist[i]
-        for p in range(r):
+        for p in range(offsets.size - 1):
             lo, hi = offsets[p], offsets[p + 1]
-            best = row[lo]
-            arg = lo
+            arg, best, sec = _best_two(row, lo, hi)
+            if sec - best <= window[i]:  # near tie: settle exactly
+                arg = _exact_nearest(x[r], c64, row, lo, hi, best + window[i])
+                sec = best  # the settled label may be any near one: only the minimum bounds the others
+            d1 = max(row[arg] + xsq[i], zero)
+            d2 = max(sec + xsq[i], zero)
+            s = runs[p]
+            labels[r, s] = arg - lo
+            dmin[r, s] = d1
+            upper[r, s] = np.sqrt(np.float64(d1))
+            lower[r, s] = np.sqrt(np.float64(d2))
+
+
+def reassign(
+    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, runs: np.ndarray,
+    need: np.ndarray, coef: float, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+) -> None:
+    """Hamerly's second step for the (row, run) pairs of ``need`` in stack positions ``runs``, in place.
+
+    A pair whose bounds failed first gets its exact distance to the assigned
+    centroid (float64): when the lower bound still clears it by the error
+    window (``coef`` · (‖x‖² + 2 max‖c‖² of the run), the window of
+    :func:`error_bound` doubled), the label stays and the upper bound
+    tightens. Otherwise the row is compared with every centroid of the run:
+    float32 dot products in any order (the error bound holds for every
+    order), then near ties settled exactly as in :func:`assign_rows`. Per
+    pair, no GEMM: the cost follows the pairs, not rows × stack.
+    """
+    c64 = centroids.astype(np.float64)
+    csq = np.einsum("ij,ij->i", centroids, centroids)
+    csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
+    _reassign(x, xsq, centroids, csq, c64, np.asarray(offsets, dtype=np.int64), np.asarray(runs, dtype=np.int64),
+              need, coef, csq_max, labels, dmin, upper, lower)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dots(buf, cent, lo, hi, out):  # pragma: no cover - compiled
+    """out[j - lo] = buf · cent[j] for j in [lo, hi), four centroids per sweep over ``buf`` (register reuse)."""
+    d = buf.size
+    j = lo
+    while j + 4 <= hi:
+        s0 = s1 = s2 = s3 = cent.dtype.type(0)
+        for q in range(d):
+            v = buf[q]
+            s0 += v * cent[j, q]
+            s1 += v * cent[j + 1, q]
+            s2 += v * cent[j + 2, q]
+            s3 += v * cent[j + 3, q]
+        out[j - lo] = s0
+        out[j - lo + 1] = s1
+        out[j - lo + 2] = s2
+        out[j - lo + 3] = s3
+        j += 4
+    while j < hi:
+        s0 = cent.dtype.type(0)
+        for q in range(d):
+            s0 += buf[q] * cent[j, q]
+        out[j - lo] = s0
+        j += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max, labels, dmin, upper, lower):  # pragma: no cover
+    n, d = x.shape
+    buf = np.empty(d, dtype=cent.dtype)
+    dots = np.empty(cent.shape[0], dtype=cent.dtype)
+    zero = cent.dtype.type(0)
+    two = cent.dtype.type(2)
+    inf = cent.dtype.type(np.inf)
+    for p in runs:
+        lo, hi = offsets[p], offsets[p + 1]
+        for i in range(n):
+            if not need[i, p]:
+                continue
+            window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
+            e = _fast_sq(x[i], c64[lo + labels[i, p]])
+            low = lower[i, p]
+            if low > 0 and low * low - e > window:  # the label stays: tighten the upper bound
+                upper[i, p] = np.sqrt(e)
+                dmin[i, p] = e
+                continue
+            for q in range(d):
+                buf[q] = x[i, q]
+            _dots(buf, cent, lo, hi, dots)
+            best = inf
             sec = inf
-            for j in range(lo + 1, hi):  # branch-free: min/max and a select per entry
-                v = row[j]
+            arg = lo
+            for j in range(lo, hi):
+                v = csq[j] - two * dots[j - lo]
+                dots[j - lo] = v
                 sec = min(sec, max(best, v))
                 arg = j if v < best else arg
                 best = min(best, v)
+            if sec - best <= window:  # near tie: settle exactly
+                limit = best + window
+                top = np.inf
+                for j in range(lo, hi):
+                    if dots[j - lo] <= limit:
+                        t = _exact_sq(x[i], c64[j])
+                        if t < top:
+                            top = t
+                            arg = j
+                sec = best
+                best = dots[arg - lo]
+            d1 = max(best + xsq[i], zero)
+            d2 = max(sec + xsq[i], zero)
             labels[i, p] = arg - lo
-            if sec - best <= window[i]:
-                near[i, p] = True
-                sec = best  # the settled label may be any near one: only the minimum bounds the others
-            second[i, p] = sec
-    return labels, second, near
+            dmin[i, p] = d1
+            upper[i, p] = np.sqrt(np.float64(d1))
+            lower[i, p] = np.sqrt(np.float64(d2))
+
+
+def row_norms(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(n,) ‖x_i‖² in ``dtype``: summed exactly for integer pixels, in ``dtype`` otherwise."""
+    if x.dtype == np.uint8:
+        return _row_norms_u8(np.ascontiguousarray(x)).astype(dtype)
+    xf = x.astype(dtype, copy=False)
+    return np.einsum("ij,ij->i", xf, xf)
 
 
 @numba.njit(cache=True, nogil=True)
-def _settle(x, c64, dist, offsets, window, labels, rows, runs):  # pragma: no cover - compiled
-    d = x.shape[1]
-    for t in range(rows.size):
-        i, p = rows[t], runs[t]
-        lo, hi = offsets[p], offsets[p + 1]
-        limit = dist[i, lo + labels[i, p]] + window[i]
-        best = np.inf
-        arg = -1
-        for j in range(lo, hi):
-            if dist[i, j] <= limit:
-                s = 0.0
-                for q in range(d):
-                    diff = np.float64(x[i, q]) - c64[j, q]
-                    s += diff * diff
-                if s < best:
-                    best = s
-                    arg = j - lo
-        labels[i, p] = arg
+def _row_norms_u8(x):  # pragma: no cover - compiled
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for i in range(x.shape[0]):
+        s = 0
+        for q in range(x.shape[1]):
+            v = np.int64(x[i, q])
+            s += v * v
+        out[i] = s
+    return out
 
 
 def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -110,17 +251,10 @@ def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> 
 
 @numba.njit(cache=True, nogil=True)
 def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
-    n, d = x.shape
-    out = np.empty(n)
-    for i in range(n):
-        z = c64[labels[i]]
-        s = 0.0
-        for q in range(d):
-            diff = np.float64(x[i, q]) - z[q]
-            s += diff * diff
-        out[i] = s
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        out[i] = _exact_sq(x[i], c64[labels[i]])
     return out
-
 
 
 def moved_bounds(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -52,10 +53,9 @@ def test_delta_sums_equal_difference_of_full_sums(x: np.ndarray, ks: list[int], 
     _, offsets = _stack([np.zeros((k, 1)) for k in ks])
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
     new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
-    xf = x.astype(np.float32)
-    s_old, c_old = kernels.cluster_sums(x, xf, old, offsets, True)
-    s_new, c_new = kernels.cluster_sums(x, xf, new, offsets, True)
-    d_s, d_c = kernels.delta_sums(xf, new, old, offsets)
+    s_old, c_old = kernels.cluster_sums(x, old, offsets, True)
+    s_new, c_new = kernels.cluster_sums(x, new, offsets, True)
+    d_s, d_c = kernels.delta_sums(x, new, old, offsets)
     np.testing.assert_array_equal(s_old + d_s, s_new)
     np.testing.assert_array_equal(c_old + d_c, c_new)
 
@@ -127,12 +127,36 @@ def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed
     saved = kernels.DENSE_SHARE
     kernels.DENSE_SHARE = dense_share
     try:
-        xf = x.astype(np.float32)
-        s_old, _ = kernels.cluster_sums(x, xf, old, offsets, True)
-        d_s, _ = kernels.delta_sums(xf, new, old, offsets)
-        s_float, _ = kernels.cluster_sums(x.astype(np.float64), x.astype(np.float64), old, offsets, False)
+        s_old, _ = kernels.cluster_sums(x, old, offsets, True)
+        d_s, _ = kernels.delta_sums(x, new, old, offsets)
+        s_float, _ = kernels.cluster_sums(x.astype(np.float64), old, offsets, False)
+        d_f32, _ = kernels.delta_sums(x.astype(np.float32), new, old, offsets)
     finally:
         kernels.DENSE_SHARE = saved
     np.testing.assert_array_equal(s_old, ref_sums["old"])
     np.testing.assert_array_equal(s_old + d_s, ref_sums["new"])
     np.testing.assert_array_equal(s_float, ref_sums["old"])
+    np.testing.assert_array_equal(d_f32, d_s)  # uint8 rows converted in blocks = float32 rows as given
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       block=st.integers(1, 7))
+def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block) -> None:
+    """uint8 rows converted a few at a time give the labels, sums and states of the same rows given as float32."""
+    rng = np.random.default_rng(seed)
+    stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
+    ids = np.arange(len(ks))
+    evals = {0: stack[: ks[0]].astype(np.float64)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "BLOCK_ROWS", block)
+        a, sa = kernels.lloyd_chunk(x, 3, stack, offsets, ids, evals, max(ks), True, True, prune=True)
+        rows = np.flatnonzero(rng.random(x.shape[0]) < 0.5)
+        sub = kernels.distances(x, stack, rows)
+    b, sb = kernels.lloyd_chunk(x.astype(np.float32), 3, stack, offsets, ids, evals, max(ks), True, True, prune=True)
+    np.testing.assert_array_equal(a.sums, b.sums)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(sa.labels, sb.labels)
+    assert a.sqnorm == b.sqnorm and a.eval_sse[0] == b.eval_sse[0]
+    ref = kernels.distances(x.astype(np.float32)[rows], stack)
+    np.testing.assert_allclose(sub, ref, rtol=1e-5, atol=1e-2 * 255**2 * 1e-3)

@@ -79,3 +79,58 @@ def test_error_bound_covers_float32_gemm_error() -> None:
                                 784, np.float32)
     assert np.all(err <= bound)
     assert np.all(bound < 1e-3 * (x * x).sum(1))  # and is not vacuous
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) -> None:
+    """The compiled per-pair step: wrong labels without a lower bound are replaced by the exact nearest
+    (near ties settled); right labels with a valid lower bound are kept and their upper bound tightened."""
+    x, runs = _problem(seed)
+    stack = np.concatenate(runs).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
+    ref = _brute(x, runs)
+    n, r = ref.shape
+    rng = np.random.default_rng(seed)
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
+    need = rng.random((n, r)) < 0.8
+    wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
+    labels, dmin, upper, lower = wrong.copy(), np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, r))
+    nearest.reassign(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower)
+    np.testing.assert_array_equal(labels[need], ref[need])
+    np.testing.assert_array_equal(labels[~need], wrong[~need])  # pairs not asked for are left alone
+    own, others = np.empty((n, r)), np.empty((n, r))
+    for p, c in enumerate(runs):
+        exact = ((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1)  # (n, k), integers: exact
+        own[:, p] = exact[np.arange(n), ref[:, p]]
+        exact[np.arange(n), ref[:, p]] = np.inf
+        others[:, p] = exact.min(axis=1)
+    # computed squared distances: within one error bound of the exact ones (the bounds' slack covers it)
+    err = coef / 2 * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
+    assert np.all(np.abs(upper[need] ** 2 - own[need]) <= err[need])
+    assert np.all(lower[need] ** 2 <= others[need] + err[need])  # below every other distance
+
+
+def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (400, 784)).astype(np.uint8)
+    runs = [(x[rng.choice(400, k, replace=False)] + rng.normal(0, 3, (k, 784))).astype(np.float32).astype(np.float64)
+            for k in (3, 7)]
+    stack = np.concatenate(runs).astype(np.float32)
+    offsets = np.array([0, 3, 10])
+    exact = [((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1) for c in runs]
+    ref = np.stack([e.argmin(1) for e in exact], axis=1)
+    own = np.stack([e.min(1) for e in exact], axis=1)
+    others = np.stack([np.sort(e, axis=1)[:, 1] for e in exact], axis=1)
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    window = coef * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
+    proven = others - own > window
+    assert 0.2 < proven.mean() < 1  # both kinds of pairs occur
+    labels, upper = ref.astype(np.int32), np.full(ref.shape, np.inf)
+    dmin, lower = np.zeros(ref.shape), np.sqrt(others)
+    nearest.reassign(x, xsq, stack, offsets, np.arange(2), np.ones(ref.shape, bool), coef, labels, dmin, upper, lower)
+    np.testing.assert_array_equal(labels, ref)
+    np.testing.assert_allclose(upper[proven] ** 2, own[proven], rtol=1e-12)  # tightened: exact distance
+    assert np.all(lower[proven] == np.sqrt(others[proven]))  # a kept pair's lower bound is left alone
+    assert np.all(lower[~proven] < np.sqrt(others[~proven]) + 1)  # the others were recomputed
