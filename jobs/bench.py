@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rows", type=int, default=None, help="first N training rows only (quick runs)")
     g.add_argument("--max-iter", type=int, default=100, help="(default %(default)s)")
     g.add_argument("--schedulers", default="local,threads", help="kmclust schedulers (default %(default)s)")
+    g.add_argument("--no-float64", dest="float64", action="store_false",
+                   help="skip the float64 scikit-learn loop (the fixed-point reference; ~2x sklearn's time)")
     i = modes.add_parser("iteration", parents=[common], help="seconds per Lloyd iteration per tool")
     i.add_argument("--k", default="10,20,256", help="(default %(default)s)")
     i.add_argument("--iterations", type=int, default=10, help="fixed iterations per fit (default %(default)s)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = bench.run_grid(bench.GridConfig(
                 store_dir=args.store_dir, ks=sweep.parse_ks(args.k), inits=sweep.parse_inits(args.init),
                 seeds=sweep.parse_seeds(args.seeds), rows=args.rows, max_iter=args.max_iter, prune=args.prune,
-                cluster=spec))
+                float64=args.float64, cluster=spec))
         else:
             _positive(iterations=args.iterations, repeats=args.repeats)
             outcome = bench.run_iteration(bench.IterationConfig(

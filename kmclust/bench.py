@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmclust import datasets, engine
+from kmclust import cluster, datasets, engine
 from kmclust.errors import ConfigError, DataError
 from kmclust.init import init_centroids
 
@@ -69,6 +69,7 @@ class GridConfig:
     rows: int | None = None  # first N training rows; None: all
     max_iter: int = 100
     prune: bool = True  # engine.lloyd(prune=...): Hamerly-style bounds (the default) or not
+    float64: bool = True  # also a float64 sklearn loop: the fixed points free of float32 rounding
     cluster: ClusterSpec = ClusterSpec()
 
 
@@ -252,9 +253,10 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
         raise ConfigError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker, processes=True,
-                      host="127.0.0.1", dashboard_address=None, memory_limit=spec.memory_limit) as cluster, \
-            Client(cluster) as client:
+    with dask.config.set(cluster.local_config()), \
+            LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker, processes=True,
+                         host="127.0.0.1", dashboard_address=None, memory_limit=spec.memory_limit) as local, \
+            Client(local) as client:
         yield client
 
 
@@ -368,6 +370,24 @@ def _sklearn_fit(xf: np.ndarray, init: np.ndarray, algorithm: str, max_iter: int
         return km.fit(xf)
 
 
+def _vs(results: Sequence, j: Sequence[float], labels: Sequence[np.ndarray], ref: Sequence,
+        ref_j64: Sequence[float]) -> dict:
+    """Final J and labels of one tool's runs against a scikit-learn loop's (``ref``) on the same inits."""
+    signed = np.array([(a - m.inertia_) / m.inertia_ for a, m in zip(j, ref)])
+    exact = np.array([(a - b) / b for a, b in zip(j, ref_j64)])
+    same = np.array([np.array_equal(lab, m.labels_) for lab, m in zip(labels, ref)])
+    n_iter = np.array([getattr(r, "n_iter", None) or getattr(r, "n_iter_", 0) for r in results])
+    ref_iter = np.array([m.n_iter_ for m in ref])
+    return {"max_rel_j_diff": float(np.abs(signed).max()),
+            "max_rel_j64_diff_same_labels": float(np.abs(exact[same]).max()) if same.any() else float("nan"),
+            "runs_labels_differ": int((~same).sum()), "runs_n_iter_differ": int((n_iter != ref_iter).sum()),
+            "other_fixed_points": {"kmclust_lower_j": int((signed[~same] < 0).sum()),
+                                   "kmclust_higher_j": int((signed[~same] > 0).sum()),
+                                   "median_rel_j_diff": float(np.median(signed[~same])) if (~same).any() else 0.0},
+            "per_run": {"n_iter": n_iter.tolist(), "sklearn_n_iter": ref_iter.tolist(),
+                        "rel_j_diff": signed.tolist(), "same_labels": same.tolist()}}
+
+
 def _cell_seed(seed: int, k: int, init: str) -> int:
     return int(np.random.SeedSequence([seed, k, ("random", "data", "k-means++", "k-means||").index(init)])
                .generate_state(1)[0])
@@ -395,6 +415,18 @@ def run_grid(cfg: GridConfig) -> Outcome:
     sk_iter = np.array([m.n_iter_ for m in sk])
     sk_j64 = [sse64(x_np, m.cluster_centers_ / SCALE, m.labels_) * SCALE**2 for m in sk]
     tools["sklearn"] = {"wall": sk_wall, "cpu": sk_m.cpu, "load": sk_m.load_text(), "iterations": int(sk_iter.sum())}
+    sk64 = None
+    if cfg.float64:
+        log.info("scikit-learn float64: %d runs", len(cells))
+        x64 = x_np.astype(np.float64) * SCALE
+        with metered() as m64:
+            sk64 = [_sklearn_fit(x64, c, "lloyd", cfg.max_iter) for c in inits]
+        del x64
+        tools["sklearn float64"] = {
+            "wall": m64.wall, "cpu": m64.cpu, "load": m64.load_text(),
+            "iterations": int(sum(m.n_iter_ for m in sk64)), "speedup": sk_wall / m64.wall,
+            "cpu_speedup": sk_m.cpu / m64.cpu, **_vs(sk64, [m.inertia_ for m in sk64], [m.labels_ for m in sk64],
+                                                    sk, sk_j64)}
 
     for name in cfg.cluster.schedulers:
         with scheduler(name, cfg.cluster) as client:
@@ -409,22 +441,25 @@ def run_grid(cfg: GridConfig) -> Outcome:
         if bad:
             raise DataError(f"kmclust run failed: {bad[0]}")
         km_iter = np.array([r.n_iter for r in res])
-        signed = np.array([(r.jclust * n - m.inertia_) / m.inertia_ for r, m in zip(res, sk)])
-        exact = np.array([(r.jclust * n - j) / j for r, j in zip(res, sk_j64)])
-        same = np.array([np.array_equal(r.labels, m.labels_) for r, m in zip(res, sk)])
+        j = [r.jclust * n for r in res]
         tools[_kmclust_name(name, cfg.prune)] = {
             "wall": wall, "cpu": meter.cpu, "load": meter.load_text(), "iterations": int(km_iter.sum()),
             "speedup": sk_wall / wall, "cpu_speedup": sk_m.cpu / meter.cpu,
-            "max_rel_j_diff": float(np.abs(signed).max()),
-            "max_rel_j64_diff_same_labels": float(np.abs(exact[same]).max()) if same.any() else float("nan"),
-            "runs_labels_differ": int((~same).sum()), "runs_n_iter_differ": int((km_iter != sk_iter).sum()),
-            "other_fixed_points": {"kmclust_lower_j": int((signed[~same] < 0).sum()),
-                                   "kmclust_higher_j": int((signed[~same] > 0).sum()),
-                                   "median_rel_j_diff": float(np.median(signed[~same])) if (~same).any() else 0.0},
-            "gflops": float(km_iter @ flop_per_iter / wall / 1e9),
-            "per_run": {"cell": cells, "n_iter": km_iter.tolist(), "sklearn_n_iter": sk_iter.tolist(),
-                        "rel_j_diff": signed.tolist(), "same_labels": same.tolist()}}
+            **_vs(res, j, [r.labels for r in res], sk, sk_j64),
+            "gflops": float(km_iter @ flop_per_iter / wall / 1e9)}
+        if sk64 is not None:
+            vs64 = _vs(res, j, [r.labels for r in res], sk64, [m.inertia_ for m in sk64])
+            tools[_kmclust_name(name, cfg.prune)].update(
+                {"max_rel_j_diff_vs_float64": vs64["max_rel_j_diff"],
+                 "runs_labels_differ_vs_float64": vs64["runs_labels_differ"]})
     tools["sklearn"]["gflops"] = float(sk_iter @ flop_per_iter / sk_wall / 1e9)
+    if sk64 is not None:
+        t64 = tools["sklearn float64"]
+        t64["gflops"] = float(np.array([m.n_iter_ for m in sk64]) @ flop_per_iter / t64["wall"] / 1e9)
+        t64["max_rel_j_diff_vs_float64"], t64["runs_labels_differ_vs_float64"] = 0.0, 0
+        vs32 = _vs(sk, [m.inertia_ for m in sk], [m.labels_ for m in sk], sk64, [m.inertia_ for m in sk64])
+        tools["sklearn"].update({"max_rel_j_diff_vs_float64": vs32["max_rel_j_diff"],
+                                 "runs_labels_differ_vs_float64": vs32["runs_labels_differ"]})
     for t in tools.values():
         t["roofline_share"] = t["gflops"] / gemm
         t["ms_per_iteration"] = 1e3 * t["wall"] / t["iterations"]
@@ -433,17 +468,22 @@ def run_grid(cfg: GridConfig) -> Outcome:
                      t.get("speedup", 1.0), t.get("cpu_speedup", 1.0),
                      t.get("max_rel_j_diff", float("nan")), t.get("max_rel_j64_diff_same_labels", float("nan")),
                      t.get("runs_labels_differ", "–"),
-                     t.get("runs_n_iter_differ", "–"), t["gflops"], f"{100 * t['roofline_share']:.1f} %"])
+                     t.get("runs_n_iter_differ", "–"), t.get("max_rel_j_diff_vs_float64", "–"),
+                     t.get("runs_labels_differ_vs_float64", "–"), t["gflops"], f"{100 * t['roofline_share']:.1f} %"])
     table = markdown_table(["tool", "wall s", "CPU s", "load", "Lloyd iterations", "ms / iteration",
                             "speed-up vs sklearn", "CPU-time ratio",
                             "max rel. J diff", "same, vs float64 J, equal labels", "runs with other labels",
-                            "runs with other n_iter",
+                            "runs with other n_iter", "max rel. J diff vs sklearn float64",
+                            "runs with other labels than sklearn float64",
                             "useful GFLOP/s", "of roofline"], rows)
     notes = [f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
              f"{len(cells)} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × {len(cfg.seeds)} seeds; "
              f"tol=0 (strict convergence), max_iter={cfg.max_iter}; same initial centroids for every tool",
              "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
-             "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]",
+             "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
+             + ("; sklearn float64: the same loop on float64 data (distances free of float32 rounding: the "
+                "reference for fixed points; its ratio column compares its time with float32 sklearn's)"
+                if sk64 is not None else ""),
              f"float32 GEMM roofline (8192×784 @ 784×2048, best of 5, driver BLAS threads): {gemm:.1f} GFLOP/s; "
              "useful flops = Σ n_iter · 2·N·D·k (distance GEMM only) / wall",
              *_cluster_note(cfg.cluster, machine),
@@ -453,7 +493,7 @@ def run_grid(cfg: GridConfig) -> Outcome:
              "CPU s: driver + worker "
              "processes; load: 1-min load average before → after that tool; ratios: sklearn / kmclust",
              *[f"{t}: of the runs that ended at another fixed point than sklearn (float32 near-ties decided "
-               f"differently on the way), kmclust's J is lower in {v['other_fixed_points']['kmclust_lower_j']} and "
+               f"differently on the way), its J is lower in {v['other_fixed_points']['kmclust_lower_j']} and "
                f"higher in {v['other_fixed_points']['kmclust_higher_j']}, median relative difference "
                f"{v['other_fixed_points']['median_rel_j_diff']:+.2e}" for t, v in tools.items()
                if v.get("runs_labels_differ")]]

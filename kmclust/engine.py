@@ -142,16 +142,20 @@ def _n_threads(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-#: Driver-side arrays above this size are scattered instead of riding in the graph.
-SCATTER_BYTES = 8 * 2**20
+#: Driver-side objects above this size get a graph key of their own under a distributed Client.
+SHARE_BYTES = 64 * 2**10
 
 
 def _put(client, obj, nbytes: int):
-    """Ship a driver-side object: inline in the graph when small (no extra round trip), else scattered."""
-    if client is None or nbytes < SCATTER_BYTES:
+    """Ship a driver-side object to a pass's tasks.
+
+    Inline (no copy) with the threaded scheduler or when small; otherwise as
+    one literal key the chunk tasks depend on, so a 4 MB centroid stack
+    travels once per pass instead of once per task spec (and is never hashed).
+    """
+    if client is None or nbytes < SHARE_BYTES:
         return obj
-    # wrapped in a list: scatter would treat a dict as {key: value} pairs
-    return client.scatter([obj], broadcast=True, hash=False)[0]
+    return dask.delayed(obj, name=f"kmclust-data-{uuid.uuid4().hex}", pure=False)
 
 
 #: Test-only fault hook: a worker process whose chunk task stacks a run with this k kills itself.
@@ -178,7 +182,7 @@ def _in_worker() -> bool:
 
 def _tree(parts: list) -> object:
     """Fixed-order tree reduction of delayed partials (deterministic sums)."""
-    combine = dask.delayed(kernels.combine, pure=True)
+    combine = dask.delayed(kernels.combine, pure=False)
     while len(parts) > 1:
         parts = [combine(parts[i : i + FAN_IN]) for i in range(0, len(parts), FAN_IN)]
     return parts[0]
@@ -221,8 +225,9 @@ class _Pass:
         groups = _groups(runs, self.n_groups)
         roots, eval_pos = [], []
         new_states: list[list] = [[] for _ in self.blocks]
-        kernel = dask.delayed(_chunk_task, pure=True, nout=2)
-        patches_ref = _put(self.client, patches or {}, 0)
+        kernel = dask.delayed(_chunk_task, pure=False, nout=2)  # fresh keys: no hashing of the stack
+        patches = patches or {}
+        patches_ref = _put(self.client, patches, sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
         drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
         for group in groups:
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
@@ -349,6 +354,7 @@ def lloyd(
             if not math.isnan(part.sqnorm):
                 sqnorm = part.sqnorm
             offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
+            sums = part.dense_sums()
             for pos, run in enumerate(group):
                 lo, hi = offs[pos], offs[pos + 1]
                 if run.state == "eval":
@@ -357,10 +363,10 @@ def lloyd(
                     run.state = "done"
                     continue
                 if part.delta:
-                    run.sums = run.sums + part.sums[lo:hi]
+                    run.sums = run.sums + sums[lo:hi]
                     run.counts = run.counts + part.counts[lo:hi]
                 else:
-                    run.sums, run.counts = part.sums[lo:hi].copy(), part.counts[lo:hi].copy()
+                    run.sums, run.counts = sums[lo:hi].copy(), part.counts[lo:hi].copy()
                 run.history.append(_sse(sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
                 run.n_iter += 1
                 if np.any(run.counts == 0):

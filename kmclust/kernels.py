@@ -53,6 +53,20 @@ class Partial:
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
+    sum_cols: np.ndarray | None = None  # sums holds only these stacked columns (the others are 0); None: all
+
+    def dense_sums(self) -> np.ndarray:
+        """(KT, D) sums, zeros filled in where a sparse partial left columns out."""
+        return dense_columns(self.sum_cols, self.sums, self.counts.size)
+
+
+def dense_columns(cols: np.ndarray | None, sums: np.ndarray, kt: int) -> np.ndarray:
+    """(kt, D) from the rows ``sums`` of columns ``cols`` (None: already all columns)."""
+    if cols is None:
+        return sums
+    out = np.zeros((kt, sums.shape[1]))
+    out[cols] = sums
+    return out
 
 
 #: Rows converted to the compute dtype at a time: uint8 chunks stay uint8 in memory, a block's float
@@ -143,15 +157,16 @@ DENSE_SHARE = 20
 
 def signed_sums(
     x: np.ndarray, rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, kt: int, dtype: np.dtype
-) -> np.ndarray:
-    """Σ signs · x[rows] into columns ``cols`` of a (kt, D) float64 result, computed in ``dtype``.
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Σ signs · x[rows] into stacked columns ``cols``, computed in ``dtype``: (columns, float64 sums).
 
-    (row, col) pairs are unique. A sparse (kt × rows) matrix of the ±1
-    entries times the rows involved: the cost scales with the number of
-    entries, not with n · kt as a dense one-hot GEMM would, except when
-    entries are so many that the dense GEMM's speed wins. Sums of integer
-    values below 2**24 are exact in float32 whatever the order, so integer
-    chunks keep their exact sums.
+    (row, col) pairs are unique. A sparse matrix of the ±1 entries times the
+    rows involved: the cost scales with the number of entries, not with
+    n · kt as a dense one-hot GEMM would, and the result holds only the
+    columns touched (columns None: all ``kt``, from the one-hot GEMM, used
+    when entries are so many that its speed wins). Sums of integer values
+    below 2**24 are exact in float32 whatever the order, so integer chunks
+    keep their exact sums.
     """
     n, d = x.shape
     if cols.size * DENSE_SHARE >= n * kt:  # one-hot GEMM: ~20× faster per entry than the sparse product
@@ -160,14 +175,15 @@ def signed_sums(
         out = np.zeros((kt, d), dtype=dtype)
         for lo, hi, blk in blocks(x, None, dtype):
             out += onehot[lo:hi].T @ blk
-        return out.astype(np.float64, copy=False)
+        return None, out.astype(np.float64, copy=False)
+    touched, slot = np.unique(cols, return_inverse=True)
     if x.dtype == dtype:
         used, data = rows, x
     else:  # convert only the rows taking part
         uniq, used = np.unique(rows, return_inverse=True)
         data = x[uniq].astype(dtype)
-    mat = scipy.sparse.csr_matrix((signs.astype(dtype), (cols, used)), shape=(kt, data.shape[0]))
-    return np.asarray(mat @ data, dtype=np.float64)
+    mat = scipy.sparse.csr_matrix((signs.astype(dtype), (slot, used)), shape=(touched.size, data.shape[0]))
+    return touched, np.asarray(mat @ data, dtype=np.float64)
 
 
 def cluster_sums(
@@ -185,17 +201,20 @@ def cluster_sums(
     rows = np.repeat(np.arange(n), r)
     counts = np.bincount(cols, minlength=kt).astype(np.int64)
     dtype = compute_dtype(x.dtype) if integer and n <= EXACT_UINT8_ROWS else np.dtype(np.float64)
-    return signed_sums(x, rows, cols, np.ones(cols.size), kt, dtype), counts
+    touched, sums = signed_sums(x, rows, cols, np.ones(cols.size), kt, dtype)
+    return dense_columns(touched, sums, kt), counts
 
 
 def delta_sums(
     x: np.ndarray, labels: np.ndarray, old: np.ndarray, offsets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Change of the per-cluster sums and counts when labels go from ``old`` to ``labels``.
 
     Only the (row, run) pairs whose label changed take part (+row into the
     new cluster, −row out of the old one), so late iterations cost almost
-    nothing. Exact for integer-valued chunks below ``EXACT_UINT8_ROWS`` rows.
+    nothing, and only the columns they touch are returned (columns, sums,
+    counts; columns None: all). Exact for integer-valued chunks below
+    ``EXACT_UINT8_ROWS`` rows.
     """
     kt = int(offsets[-1])
     rr, runs = np.nonzero(labels != old)
@@ -203,11 +222,11 @@ def delta_sums(
     old_cols = offsets[runs] + old[rr, runs]
     counts = np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
     if rr.size == 0:
-        return np.zeros((kt, x.shape[1])), counts.astype(np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, x.shape[1])), counts.astype(np.int64)
     signs = np.concatenate([np.ones(rr.size), -np.ones(rr.size)])
-    sums = signed_sums(x, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt,
-                       compute_dtype(x.dtype))
-    return sums, counts.astype(np.int64)
+    touched, sums = signed_sums(x, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt,
+                                compute_dtype(x.dtype))
+    return touched, sums, counts.astype(np.int64)
 
 
 def farthest(
@@ -305,8 +324,9 @@ def lloyd_chunk(
         labels, dmin, upper, lower = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior, drift)
     else:
         labels, dmin, upper, lower = assign(x, centroids, offsets, bounds=True, xsq=xsq)
+    sum_cols = None
     if prior is not None:
-        sums, counts = delta_sums(x, labels, prior.labels, offsets)
+        sum_cols, sums, counts = delta_sums(x, labels, prior.labels, offsets)
     else:
         sums, counts = cluster_sums(x, labels, offsets, integer)
     # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
@@ -329,7 +349,7 @@ def lloyd_chunk(
     state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
                        lower if keep_bounds else None) if integer else None
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
-                   prior is not None, pruned)
+                   prior is not None, pruned, sum_cols)
     return part, state
 
 
@@ -428,8 +448,9 @@ def combine(parts: list[Partial]) -> Partial:
     ci = np.concatenate([p.cand_i for p in parts], axis=1)
     cl = np.concatenate([p.cand_l for p in parts], axis=1)
     order = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), -cd), axis=1)[:, :m]
+    sum_cols, sums = _add_sums(parts)
     return Partial(
-        sums=np.sum([p.sums for p in parts], axis=0),
+        sums=sums,
         counts=np.sum([p.counts for p in parts], axis=0),
         sqnorm=float(sum(p.sqnorm for p in parts)),
         cand_d=np.take_along_axis(cd, order, axis=1),
@@ -440,4 +461,18 @@ def combine(parts: list[Partial]) -> Partial:
         labels=[lab for p in parts for lab in p.labels],
         delta=first.delta,
         pruned=any(p.pruned for p in parts),
+        sum_cols=sum_cols,
     )
+
+
+def _add_sums(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray]:
+    """The partials' sums added in the given order, sparse while fewer than all columns are touched."""
+    if all(p.sum_cols is None for p in parts):
+        return None, np.sum([p.sums for p in parts], axis=0)
+    kt = parts[0].counts.size
+    every = np.arange(kt)
+    cols = np.unique(np.concatenate([every if p.sum_cols is None else p.sum_cols for p in parts]))
+    out = np.zeros((cols.size, parts[0].sums.shape[1]))
+    for p in parts:
+        out[np.searchsorted(cols, every if p.sum_cols is None else p.sum_cols)] += p.sums
+    return (None if cols.size == kt else cols), out

@@ -173,7 +173,8 @@ def _dots(buf, cent, lo, hi, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max, labels, dmin, upper, lower):  # pragma: no cover
+def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
+              labels, dmin, upper, lower):
     n, d = x.shape
     buf = np.empty(d, dtype=cent.dtype)
     dots = np.empty(cent.shape[0], dtype=cent.dtype)

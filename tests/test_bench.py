@@ -57,6 +57,9 @@ def test_grid_matches_sklearn_fixed_points(fashion_store: Path, tmp_path: Path) 
     assert float(km["max rel. J diff"]) <= 1e-6
     assert float(km["same, vs float64 J, equal labels"]) <= 1e-9  # same fixed points, J in float64
     assert km["runs with other labels"] == "0"
+    assert float(km["max rel. J diff vs sklearn float64"]) <= 1e-6
+    assert km["runs with other labels than sklearn float64"] == "0"
+    assert _table_row(proc.stdout, "sklearn float64")["runs with other labels"] == "0"
     assert km["Lloyd iterations"] == sk["Lloyd iterations"]  # same fixed points, same path
     assert int(sk["Lloyd iterations"].replace(",", "")) >= 4  # 4 runs, at least one iteration each
     assert float(km["wall s"]) > 0 and float(km["useful GFLOP/s"]) > 0

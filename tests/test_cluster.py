@@ -436,3 +436,17 @@ profiles:
     with pytest.raises(ConfigError, match="'mixed' requires encryption.*tcp://"):
         with connect("mixed", path):
             pass
+
+
+def test_local_workers_keep_adaptive_malloc_unless_the_user_sets_it(tmp_path, monkeypatch):
+    """distributed's MALLOC_TRIM_THRESHOLD_=65536 (page faults on every large array) is dropped for
+    local workers; a value the user chose in dask config is kept."""
+    import dask
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    path = write(tmp_path, ONE_WORKER)
+    with connect("tiny", path) as client:
+        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 123456}):
+        with connect("tiny", path) as client:
+            assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == ["123456"]

@@ -55,7 +55,8 @@ def test_delta_sums_equal_difference_of_full_sums(x: np.ndarray, ks: list[int], 
     new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
     s_old, c_old = kernels.cluster_sums(x, old, offsets, True)
     s_new, c_new = kernels.cluster_sums(x, new, offsets, True)
-    d_s, d_c = kernels.delta_sums(x, new, old, offsets)
+    cols, d_s, d_c = kernels.delta_sums(x, new, old, offsets)
+    d_s = kernels.dense_columns(cols, d_s, offsets[-1])
     np.testing.assert_array_equal(s_old + d_s, s_new)
     np.testing.assert_array_equal(c_old + d_c, c_new)
 
@@ -128,9 +129,11 @@ def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed
     kernels.DENSE_SHARE = dense_share
     try:
         s_old, _ = kernels.cluster_sums(x, old, offsets, True)
-        d_s, _ = kernels.delta_sums(x, new, old, offsets)
+        cols, d_s, _ = kernels.delta_sums(x, new, old, offsets)
+        d_s = kernels.dense_columns(cols, d_s, offsets[-1])
         s_float, _ = kernels.cluster_sums(x.astype(np.float64), old, offsets, False)
-        d_f32, _ = kernels.delta_sums(x.astype(np.float32), new, old, offsets)
+        cols32, d_f32, _ = kernels.delta_sums(x.astype(np.float32), new, old, offsets)
+        d_f32 = kernels.dense_columns(cols32, d_f32, offsets[-1])
     finally:
         kernels.DENSE_SHARE = saved
     np.testing.assert_array_equal(s_old, ref_sums["old"])
@@ -160,3 +163,33 @@ def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block)
     assert a.sqnorm == b.sqnorm and a.eval_sse[0] == b.eval_sse[0]
     ref = kernels.distances(x.astype(np.float32)[rows], stack)
     np.testing.assert_allclose(sub, ref, rtol=1e-5, atol=1e-2 * 255**2 * 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16), data=st.data())
+def test_sparse_delta_partials_combine_to_the_whole_chunk(x, ks, seed, data) -> None:
+    """Delta partials carry only the columns they touch; combined over any split they equal the whole chunk's."""
+    rng = np.random.default_rng(seed)
+    stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
+    ids = np.arange(len(ks))
+    old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1).astype(np.int32)
+
+    def part(lo, hi):
+        prev = [kernels.ChunkState(ids, old[lo:hi], None, None)]
+        return kernels.lloyd_chunk(x[lo:hi], lo, stack, offsets, ids, {}, max(ks), True, False, prev=prev)[0]
+
+    whole = part(0, x.shape[0])
+    cut = data.draw(st.integers(1, x.shape[0] - 1))
+    merged = kernels.combine([part(0, cut), part(cut, x.shape[0])])
+    assert whole.delta and merged.delta
+    np.testing.assert_array_equal(merged.dense_sums(), whole.dense_sums())
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    labels, _ = kernels.assign(x, stack, offsets)
+    ref = np.zeros((offsets[-1], x.shape[1]))
+    for i in range(x.shape[0]):
+        for p in range(len(ks)):
+            ref[offsets[p] + labels[i, p]] += x[i]
+            ref[offsets[p] + old[i, p]] -= x[i]
+    np.testing.assert_array_equal(whole.dense_sums(), ref)
+    if whole.sum_cols is not None:  # untouched columns are left out, not sent as zeros
+        assert whole.sums.shape[0] == whole.sum_cols.size < offsets[-1]
