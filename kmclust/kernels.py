@@ -88,7 +88,7 @@ def blocks(x: np.ndarray, rows: np.ndarray | None, dtype: np.dtype):
     for lo in range(0, m, BLOCK_ROWS):
         hi = min(lo + BLOCK_ROWS, m)
         blk = buf[: hi - lo]
-        np.copyto(blk, x[lo:hi] if rows is None else x[rows[lo:hi]], casting="unsafe")
+        _nearest.take_rows(x, np.arange(lo, hi) if rows is None else rows[lo:hi], blk)
         yield lo, hi, blk
 
 
@@ -283,6 +283,7 @@ class ChunkState:
     labels: np.ndarray  # (n, R) int32
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
     lower: np.ndarray | None
+    xsq: np.ndarray | None = None  # (n,) the rows' ‖x‖² in the compute dtype (they never change)
 
 
 def lloyd_chunk(
@@ -317,7 +318,8 @@ def lloyd_chunk(
     relocation candidates are then only upper bounds (``pruned=True``).
     Trusts its inputs.
     """
-    xsq = _nearest.row_norms(x, centroids.dtype)
+    known = [st.xsq for st in prev or [] if st.xsq is not None and st.xsq.dtype == centroids.dtype]
+    xsq = known[0] if known else _nearest.row_norms(x, centroids.dtype)
     prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
@@ -347,7 +349,7 @@ def lloyd_chunk(
         out_labels.append((start, labels[:, cols]))
     keep_bounds = prune and integer
     state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
-                       lower if keep_bounds else None) if integer else None
+                       lower if keep_bounds else None, xsq) if integer else None
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
                    prior is not None, pruned, sum_cols)
     return part, state
@@ -355,6 +357,8 @@ def lloyd_chunk(
 
 def _sqnorm(x: np.ndarray) -> float:
     """Σ‖x‖² of a chunk in float64 (exact for integer pixels), a block of rows at a time."""
+    if x.dtype == np.uint8:
+        return float(_nearest.row_norms(x, np.int64).sum())
     return float(sum(np.einsum("ij,ij->", blk, blk) for _, _, blk in blocks(x, np.arange(x.shape[0]), np.float64)))
 
 

@@ -71,12 +71,36 @@ def _best_two(row, lo, hi):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _exact_sq(xrow, c):  # pragma: no cover - compiled
-    """‖x − c‖² in float64, summed in index order: the same bits wherever the row sits in memory."""
-    s = 0.0
-    for q in range(xrow.size):
-        diff = np.float64(xrow[q]) - c[q]
-        s += diff * diff
-    return s
+    """‖x − c‖² in float64 in a fixed order (eight interleaved partial sums, then a fixed tree).
+
+    The order is written out, not left to the compiler, so the bits do not
+    depend on where the row sits in memory; eight independent sums still
+    vectorise (~2× a single running sum).
+    """
+    d = xrow.size
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    m = d - d % 8
+    for q in range(0, m, 8):
+        a0 = np.float64(xrow[q]) - c[q]
+        a1 = np.float64(xrow[q + 1]) - c[q + 1]
+        a2 = np.float64(xrow[q + 2]) - c[q + 2]
+        a3 = np.float64(xrow[q + 3]) - c[q + 3]
+        a4 = np.float64(xrow[q + 4]) - c[q + 4]
+        a5 = np.float64(xrow[q + 5]) - c[q + 5]
+        a6 = np.float64(xrow[q + 6]) - c[q + 6]
+        a7 = np.float64(xrow[q + 7]) - c[q + 7]
+        s0 += a0 * a0
+        s1 += a1 * a1
+        s2 += a2 * a2
+        s3 += a3 * a3
+        s4 += a4 * a4
+        s5 += a5 * a5
+        s6 += a6 * a6
+        s7 += a7 * a7
+    for q in range(m, d):
+        a0 = np.float64(xrow[q]) - c[q]
+        s0 += a0 * a0
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -222,6 +246,19 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             dmin[i, p] = d1
             upper[i, p] = np.sqrt(np.float64(d1))
             lower[i, p] = np.sqrt(np.float64(d2))
+
+
+def take_rows(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[t] = x[rows[t]] converted to out's dtype, in one compiled pass (numpy gathers, then converts)."""
+    _take_rows(x, rows, out)
+
+
+@numba.njit(cache=True, nogil=True)
+def _take_rows(x, rows, out):  # pragma: no cover - compiled
+    for t in range(rows.size):
+        r = rows[t]
+        for q in range(x.shape[1]):
+            out[t, q] = x[r, q]
 
 
 def row_norms(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
