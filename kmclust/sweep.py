@@ -84,8 +84,7 @@ class DataSplit:
         """
         fresh = uuid.uuid4().hex
         x_train, x_test = self.graphs(f"kmclust-rows-{fresh}")
-        self.x_train = engine.persist_balanced(x_train.map_blocks(
-            np.asarray, np.float32, dtype=np.float32, name=f"kmclust-train-{fresh}"))
+        self.x_train = engine.persist_balanced(x_train.map_blocks(np.asarray, name=f"kmclust-train-{fresh}"))
         self.x_test = engine.persist_balanced(x_test.map_blocks(np.asarray, name=f"kmclust-test-{fresh}"))
 
 

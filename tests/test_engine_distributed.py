@@ -38,20 +38,18 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
 
 
 @pytest.mark.slow
-def test_persist_balanced_survives_a_failed_rebalance(monkeypatch) -> None:
-    """Rebalancing only places chunks; a worker dying mid-move (KeyError from the scheduler) must not fail the load."""
-    from distributed import Client, LocalCluster
+def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
+    """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three each after."""
+    from distributed import Client, LocalCluster, futures_of, wait
 
-    x = np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8)
+    x = np.arange(6000 * 8, dtype=np.float32).reshape(6000, 8)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
-        calls = []
-
-        def failing_rebalance(*args, **kwargs):
-            calls.append(args)
-            raise KeyError("Could not rebalance keys: (('x', 1, 0),)")
-
-        monkeypatch.setattr(client, "rebalance", failing_rebalance)
-        got = engine.persist_balanced(da.from_array(x, chunks=(1000, 8)))
-        assert calls, "persist_balanced did not try to rebalance under a distributed client"
+        first = sorted(client.nthreads())[0]
+        lopsided = client.persist(da.from_array(x, chunks=(1000, 8)), workers=[first])
+        wait(lopsided)
+        assert {w for ws in client.who_has(futures_of(lopsided)).values() for w in ws} == {first}
+        got = engine.persist_balanced(lopsided)
+        holders = [w for ws in client.who_has(futures_of(got)).values() for w in ws]
+        assert sorted(holders.count(w) for w in client.nthreads()) == [3, 3]
         np.testing.assert_array_equal(got.compute(), x)
