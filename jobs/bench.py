@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"re-running without {env[bench.UNSET_MARK]}", file=sys.stderr, flush=True)
             os.execve(sys.executable, sys.orig_argv, env)
     setup_logging(args.verbose)
+    here = Path(__file__).resolve().parents[1]
+    if Path(bench.__file__).resolve().parents[1] != here:  # a stale editable install measures other code
+        print(f"warning: kmclust is imported from {Path(bench.__file__).resolve().parent}, not from {here}; "
+              f"run `pip install -e {here}` to measure this checkout", file=sys.stderr)
     import distributed  # noqa: F401 - sets its own logger levels on import; override them below
 
     for noisy in ("", "distributed", "bokeh", "tornado", "dask_ml"):  # "": root (dask-ml logs there)

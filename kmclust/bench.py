@@ -157,7 +157,8 @@ def code_state() -> str:
     changed = [f for f in ("kmclust/engine.py", "kmclust/kernels.py")
                if git("hash-object", f) != git("rev-parse", f"HEAD:{f}")]
     mods = [f"{f} (blob {git('hash-object', f)[:10]})" for f in changed]
-    return f"git {head}, " + (f"modified: {', '.join(mods)}" if mods else "engine and kernels as committed")
+    return (f"git {head} in {root}, "
+            + (f"modified: {', '.join(mods)}" if mods else "engine and kernels as committed"))
 
 
 def machine_info() -> dict:
