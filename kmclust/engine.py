@@ -16,7 +16,6 @@ streams them from their source (zarr) every iteration.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import signal
@@ -30,8 +29,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from kmclust import kernels
-
-log = logging.getLogger(__name__)
 
 #: Partials combined per reduction task.
 FAN_IN = 8
@@ -92,7 +89,9 @@ def persist_balanced(x: da.Array) -> da.Array:
 
     Chunk tasks run where their chunk (and its state) lives, so an uneven
     placement leaves workers idle every pass: 4 of 6 chunks landed on one of
-    two workers, which then computed 39.5 s of the grid's 70.5 s.
+    two workers, which then computed 39.5 s of the grid's 70.5 s (on this
+    project's 2-vCPU VM the balanced placement measured no faster: the two
+    vCPUs slow each other down; see BENCHMARKS.md).
     ``client.rebalance`` does not help: it only moves data off workers above
     30 % memory use. Each chunk is copied once to its worker under a new key
     (preferred, not required: a lost worker's chunks are recomputed elsewhere).

@@ -2,11 +2,13 @@
 
 A *stack* holds the centroids of R runs one above the other (ΣK × D) with
 ``offsets`` (R + 1,) marking where each run's block starts. One GEMM of the
-chunk against the whole stack serves every run; the rest is vectorised over
-runs or compiled (no Python loop over samples in the hot path).
+chunk against the whole stack serves every run still moving; runs whose
+bounds clear most rows get compiled per-pair work instead; the rest is
+vectorised over runs or compiled (no Python loop over samples in the hot path).
 
 Units: the kernel works in the data's own units (0–255 for uint8 images).
-uint8 rows are computed in float32; per-cluster sums of uint8 data are exact
+uint8 rows stay uint8 and are converted to float32 ``BLOCK_ROWS`` at a time
+for the GEMMs; per-cluster sums of uint8 data are exact
 integers in float32 as long as a chunk has fewer than ``EXACT_UINT8_ROWS``
 rows (255 · n < 2**24), so partial sums do not depend on chunking or on the
 reduction order. Float input is computed in its own precision with float64

@@ -10,6 +10,11 @@ ties going to the lowest index. Labels then depend on the data and the
 centroids only, never on chunking, row subsets or BLAS, which is what lets
 distance bounds skip rows without changing a result.
 
+The same rules serve Hamerly's second step (:func:`reassign`): for a (row,
+run) pair whose bounds failed, the exact distance to its centroid first, then
+the run's centroids, pair by pair with no GEMM. Also here: the other compiled
+loops of a chunk (row norms, row gathers, exact squared errors, bound updates).
+
 Compiled with numba (one pass over the (n, ΣK) matrix instead of numpy's
 argmin and partition over small axes); ``nogil`` so chunk tasks run in
 parallel threads.
