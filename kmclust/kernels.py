@@ -380,8 +380,10 @@ def _pruned_assign(
     """Labels with bounds: recompute only rows where some run's label might change.
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
-    label in run r if lower² − upper² clears twice the distances' error bound; the
-    remaining rows are assigned again (:func:`place`).
+    label in run r if lower² − upper² clears twice the distances' error bound. Runs
+    needing more than ``BUSY_SHARE`` of the rows share one GEMM over those rows
+    (:func:`place`); the others' pairs go through the compiled per-pair step
+    (:func:`kmclust.nearest.reassign`).
     """
     n = x.shape[0]
     labels = prior.labels.copy()
