@@ -75,36 +75,30 @@ def _best_two(row, lo, hi):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _exact_sq(xrow, c):  # pragma: no cover - compiled
+def _exact_sq(xrow, c, buf):  # pragma: no cover - compiled
     """‖x − c‖² in float64 in a fixed order (eight interleaved partial sums, then a fixed tree).
 
     The order is written out, not left to the compiler, so the bits do not
-    depend on where the row sits in memory; eight independent sums still
-    vectorise (~2× a single running sum).
+    depend on where the row sits in memory. The differences go through the
+    float64 scratch ``buf`` (length D) first: both loops then vectorise
+    (2.6× the fused loop; the same bits).
     """
     d = xrow.size
+    for q in range(d):
+        buf[q] = np.float64(xrow[q]) - c[q]
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     m = d - d % 8
     for q in range(0, m, 8):
-        a0 = np.float64(xrow[q]) - c[q]
-        a1 = np.float64(xrow[q + 1]) - c[q + 1]
-        a2 = np.float64(xrow[q + 2]) - c[q + 2]
-        a3 = np.float64(xrow[q + 3]) - c[q + 3]
-        a4 = np.float64(xrow[q + 4]) - c[q + 4]
-        a5 = np.float64(xrow[q + 5]) - c[q + 5]
-        a6 = np.float64(xrow[q + 6]) - c[q + 6]
-        a7 = np.float64(xrow[q + 7]) - c[q + 7]
-        s0 += a0 * a0
-        s1 += a1 * a1
-        s2 += a2 * a2
-        s3 += a3 * a3
-        s4 += a4 * a4
-        s5 += a5 * a5
-        s6 += a6 * a6
-        s7 += a7 * a7
+        s0 += buf[q] * buf[q]
+        s1 += buf[q + 1] * buf[q + 1]
+        s2 += buf[q + 2] * buf[q + 2]
+        s3 += buf[q + 3] * buf[q + 3]
+        s4 += buf[q + 4] * buf[q + 4]
+        s5 += buf[q + 5] * buf[q + 5]
+        s6 += buf[q + 6] * buf[q + 6]
+        s7 += buf[q + 7] * buf[q + 7]
     for q in range(m, d):
-        a0 = np.float64(xrow[q]) - c[q]
-        s0 += a0 * a0
+        s0 += buf[q] * buf[q]
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
@@ -119,13 +113,13 @@ def _fast_sq(xrow, c):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _exact_nearest(xrow, c64, row, lo, hi, limit):  # pragma: no cover - compiled
+def _exact_nearest(xrow, c64, row, lo, hi, limit, buf):  # pragma: no cover - compiled
     """Among the columns whose computed value is within ``limit``: the exact nearest (float64 sums, lowest index)."""
     best = np.inf
     arg = -1
     for j in range(lo, hi):
         if row[j] <= limit:
-            s = _exact_sq(xrow, c64[j])
+            s = _exact_sq(xrow, c64[j], buf)
             if s < best:
                 best = s
                 arg = j
@@ -135,6 +129,7 @@ def _exact_nearest(xrow, c64, row, lo, hi, limit):  # pragma: no cover - compile
 @numba.njit(cache=True, nogil=True)
 def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower):  # pragma: no cover
     zero = dist.dtype.type(0)
+    buf = np.empty(x.shape[1])
     for i in range(dist.shape[0]):
         r = rows[i]
         row = dist[i]
@@ -142,7 +137,7 @@ def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, u
             lo, hi = offsets[p], offsets[p + 1]
             arg, best, sec = _best_two(row, lo, hi)
             if sec - best <= window[i]:  # near tie: settle exactly
-                arg = _exact_nearest(x[r], c64, row, lo, hi, best + window[i])
+                arg = _exact_nearest(x[r], c64, row, lo, hi, best + window[i], buf)
                 sec = best  # the settled label may be any near one: only the minimum bounds the others
             d1 = max(row[arg] + xsq[i], zero)
             d2 = max(sec + xsq[i], zero)
@@ -206,6 +201,7 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
               labels, dmin, upper, lower):
     n, d = x.shape
     buf = np.empty(d, dtype=cent.dtype)
+    buf64 = np.empty(d)
     dots = np.empty(cent.shape[0], dtype=cent.dtype)
     zero = cent.dtype.type(0)
     two = cent.dtype.type(2)
@@ -239,7 +235,7 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
                 top = np.inf
                 for j in range(lo, hi):
                     if dots[j - lo] <= limit:
-                        t = _exact_sq(x[i], c64[j])
+                        t = _exact_sq(x[i], c64[j], buf64)
                         if t < top:
                             top = t
                             arg = j
@@ -295,8 +291,9 @@ def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> 
 @numba.njit(cache=True, nogil=True)
 def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
     out = np.empty(x.shape[0])
+    buf = np.empty(x.shape[1])
     for i in range(x.shape[0]):
-        out[i] = _exact_sq(x[i], c64[labels[i]])
+        out[i] = _exact_sq(x[i], c64[labels[i]], buf)
     return out
 
 
