@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import signal
 import uuid
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -157,18 +159,6 @@ def _n_threads(client) -> int:
 SHARE_BYTES = 64 * 2**10
 
 
-def _put(client, obj, nbytes: int):
-    """Ship a driver-side object to a pass's tasks.
-
-    Inline (no copy) with the threaded scheduler or when small; otherwise as
-    one literal key the chunk tasks depend on, so a 4 MB centroid stack
-    travels once per pass instead of once per task spec (and is never hashed).
-    """
-    if client is None or nbytes < SHARE_BYTES:
-        return obj
-    return dask.delayed(obj, name=f"kmclust-data-{uuid.uuid4().hex}", pure=False)
-
-
 #: Test-only fault hook: a worker process whose chunk task stacks a run with this k kills itself.
 KILL_K_ENV = "KMCLUST_TEST_KILL_K"
 
@@ -191,11 +181,16 @@ def _in_worker() -> bool:
         return False
 
 
-def _tree(parts: list) -> object:
-    """Fixed-order tree reduction of delayed partials (deterministic sums)."""
-    combine = dask.delayed(kernels.combine, pure=False)
+def _tree(dsk: dict, parts: list, name: str) -> object:
+    """Add a fixed-order tree reduction of the ``parts`` keys to ``dsk``; return the root key (deterministic sums)."""
+    level = 0
     while len(parts) > 1:
-        parts = [combine(parts[i : i + FAN_IN]) for i in range(0, len(parts), FAN_IN)]
+        nxt = []
+        for i in range(0, len(parts), FAN_IN):
+            key = (name, level, i // FAN_IN)
+            dsk[key] = (kernels.combine, parts[i : i + FAN_IN])
+            nxt.append(key)
+        parts, level = nxt, level + 1
     return parts[0]
 
 
@@ -214,8 +209,12 @@ class _Pass:
     """Map-reduce passes of the kernel over all chunks for a set of runs.
 
     For integer-valued data each chunk task also leaves its labels on the
-    worker as state for the next pass (persisted, never gathered), so the
+    worker as state for the next pass (kept there, never gathered), so the
     kernel can send only changes of the cluster sums.
+
+    Each pass is one plain task graph (dask's custom-graph dicts) computed in
+    one call: building it through ``dask.delayed`` cost ~5 ms per pass in
+    expression handling, more than a settled pass's kernels take.
     """
 
     def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False):
@@ -225,43 +224,59 @@ class _Pass:
         self.integer = integer
         self.stateful = stateful and integer
         self.prune = prune and self.stateful
-        self.blocks = x.to_delayed().ravel().tolist()
+        # the chunks: persisted values (arrays, or futures on a cluster) or the tasks reading them
+        self.source = dict(x.__dask_graph__())
+        self.block_keys = [row[0] for row in x.__dask_keys__()]
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
-        self.states: list[list] | None = None  # per chunk: the previous pass's state objects
+        self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
+
+    def _share(self, dsk: dict, key: str, obj, nbytes: int):
+        """A driver-side object for the pass's tasks: inline, or (large, on a cluster) one data key.
+
+        As a key a 4 MB centroid stack travels once per pass instead of once per task.
+        """
+        if self.client is None or nbytes < SHARE_BYTES:
+            return obj
+        dsk[key] = obj
+        return key
 
     def run(self, runs: list[_Run], want_labels: bool, want_errors: bool = True,
             patches: dict | None = None) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
         """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
         groups = _groups(runs, self.n_groups)
+        token = uuid.uuid4().hex  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
+        dsk = dict(self.source)
         roots, eval_pos = [], []
-        new_states: list[list] = [[] for _ in self.blocks]
-        kernel = dask.delayed(_chunk_task, pure=False, nout=2)  # fresh keys: no hashing of the stack
+        state_keys: list[list] = [[] for _ in self.block_keys]
         patches = patches or {}
-        patches_ref = _put(self.client, patches, sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
+        patches_ref = self._share(dsk, f"kmclust-patches-{token}", patches,
+                                  sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
         drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
-        for group in groups:
+        for g, group in enumerate(groups):
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
             run_ids = np.array([r.index for r in group], dtype=np.int64)
             evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
             eval_pos.append(sorted(evals))
             m = max(r.k for r in group)
-            stack_ref = _put(self.client, stack, stack.nbytes)
-            evals_ref = _put(self.client, evals, sum(c.nbytes for c in evals.values())) if evals else {}
+            stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
+            evals_ref = self._share(dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values()))
             parts = []
-            for c, (blk, start) in enumerate(zip(self.blocks, self.starts)):
+            for c, (blk, start) in enumerate(zip(self.block_keys, self.starts)):
                 prev = self.states[c] if self.stateful and self.states else None
-                part, state = kernel(blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
-                                     want_labels, want_errors, prev, patches_ref, drift, self.prune)
-                parts.append(part)
-                new_states[c].append(state)
-            roots.append(_tree(parts))
-        if not self.stateful:
-            return list(zip(groups, eval_pos, dask.compute(*roots)))
-        flat = [s for per_chunk in new_states for s in per_chunk]
+                task = (f"kmclust-chunk-{token}", g, c)
+                dsk[task] = (_chunk_task, blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
+                             want_labels, want_errors, prev, patches_ref, drift, self.prune)
+                dsk[(f"kmclust-part-{token}", g, c)] = (operator.getitem, task, 0)
+                parts.append((f"kmclust-part-{token}", g, c))
+                if self.stateful:
+                    dsk[(f"kmclust-state-{token}", g, c)] = (operator.getitem, task, 1)
+                    state_keys[c].append((f"kmclust-state-{token}", g, c))
+            roots.append(_tree(dsk, parts, f"kmclust-combine-{token}-{g}"))
+        flat = [k for per_chunk in state_keys for k in per_chunk]
         if self.client is not None:  # one submission: states stay on the workers as futures
-            futures = self.client.compute(roots + flat)
+            futures = self.client.get(dsk, roots + flat, sync=False)
             try:
                 results = self.client.gather(futures[: len(roots)])
             except BaseException:
@@ -269,13 +284,14 @@ class _Pass:
                 # on killing workers while the caller reloads data or retries other runs
                 self.client.cancel(futures + [f for per in self.states or [] for f in per])
                 raise
-            flat = futures[len(roots) :]
+            states = futures[len(roots) :]
         else:
-            persisted = dask.persist(*roots, *flat)
-            flat = list(persisted[len(roots) :])
-            results = dask.compute(*persisted[: len(roots)])
-        per = len(groups)
-        self.states = [flat[c * per : (c + 1) * per] for c in range(len(self.blocks))]
+            get = dask.base.get_scheduler() or dask.threaded.get
+            out = get(dsk, roots + flat)
+            results, states = out[: len(roots)], out[len(roots) :]
+        if self.stateful:
+            per = len(groups)
+            self.states = [states[c * per : (c + 1) * per] for c in range(len(self.block_keys))]
         return list(zip(groups, eval_pos, results))
 
 
