@@ -205,6 +205,39 @@ def _groups(runs: list[_Run], n_groups: int) -> list[list[_Run]]:
     return [sorted(b, key=lambda r: (r.k, r.index)) for b in bins if b]
 
 
+def _chunk_refs(x: da.Array) -> tuple[dict, list]:
+    """What a pass's chunk tasks take for each chunk of ``x``, and the graph those references need.
+
+    A persisted chunk is passed as itself (a numpy array, or a future on a
+    cluster): no graph entry. Through an alias key (as after ``concatenate``)
+    every pass would recompute the alias on some worker and move the chunk
+    there, undoing the placement. Any other chunk is the key of the task that
+    reads it, with ``x``'s graph.
+    """
+    from distributed import Future
+
+    graph = dict(x.__dask_graph__())
+    refs, needs_graph = [], False
+    for row in x.__dask_keys__():
+        key = row[0]
+        while _is_key(graph.get(key), graph):  # follow aliases
+            key = graph[key]
+        value = graph.get(key)
+        if isinstance(value, (np.ndarray, Future)):
+            refs.append(value)
+        else:
+            refs.append(key)
+            needs_graph = True
+    return (graph if needs_graph else {}), refs
+
+
+def _is_key(value, graph: dict) -> bool:
+    try:
+        return isinstance(value, (str, tuple)) and value in graph
+    except TypeError:  # a task tuple holding unhashable arguments
+        return False
+
+
 class _Pass:
     """Map-reduce passes of the kernel over all chunks for a set of runs.
 
@@ -224,9 +257,7 @@ class _Pass:
         self.integer = integer
         self.stateful = stateful and integer
         self.prune = prune and self.stateful
-        # the chunks: persisted values (arrays, or futures on a cluster) or the tasks reading them
-        self.source = dict(x.__dask_graph__())
-        self.block_keys = [row[0] for row in x.__dask_keys__()]
+        self.source, self.chunks = _chunk_refs(x)
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
         self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
@@ -248,7 +279,7 @@ class _Pass:
         token = uuid.uuid4().hex  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
         dsk = dict(self.source)
         roots, eval_pos = [], []
-        state_keys: list[list] = [[] for _ in self.block_keys]
+        state_keys: list[list] = [[] for _ in self.chunks]
         patches = patches or {}
         patches_ref = self._share(dsk, f"kmclust-patches-{token}", patches,
                                   sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
@@ -263,7 +294,7 @@ class _Pass:
             stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
             evals_ref = self._share(dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values()))
             parts = []
-            for c, (blk, start) in enumerate(zip(self.block_keys, self.starts)):
+            for c, (blk, start) in enumerate(zip(self.chunks, self.starts)):
                 prev = self.states[c] if self.stateful and self.states else None
                 task = (f"kmclust-chunk-{token}", g, c)
                 dsk[task] = (_chunk_task, blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
@@ -291,7 +322,7 @@ class _Pass:
             results, states = out[: len(roots)], out[len(roots) :]
         if self.stateful:
             per = len(groups)
-            self.states = [states[c * per : (c + 1) * per] for c in range(len(self.block_keys))]
+            self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
         return list(zip(groups, eval_pos, results))
 
 

@@ -40,7 +40,7 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
 @pytest.mark.slow
 def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
     """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three each after."""
-    from distributed import Client, LocalCluster, futures_of, wait
+    from distributed import Client, LocalCluster, futures_of, get_task_stream, wait
 
     x = np.arange(6000 * 8, dtype=np.float32).reshape(6000, 8)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -53,6 +53,13 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         holders = [w for ws in client.who_has(futures_of(got)).values() for w in ws]
         assert sorted(holders.count(w) for w in client.nthreads()) == [3, 3]
         np.testing.assert_array_equal(got.compute(), x)
+        # passes take the placed chunks themselves: no alias task of ``got``'s graph runs (and moves a chunk)
+        with get_task_stream(client) as ts:
+            (res,) = engine.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
+        assert res.ok and res.n_iter == 3
+        ran = {str(rec["key"]) for rec in ts.data}
+        assert any("kmclust-chunk" in k for k in ran)
+        assert not [k for k in ran if got.name in k], "a pass recomputed the placed array's alias keys"
 
 
 @pytest.mark.slow
