@@ -340,3 +340,30 @@ def _moved_bounds(labels, upper, lower, moved, offsets, row_slack, run_slack):  
             new_lower[i, p] = lo
             need[i, p] = not (np.isfinite(u) and lo > u and lo * lo - u * u > row_slack[i] + run_slack[p])
     return new_upper, new_lower, need
+
+
+def signed_row_sums(x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: np.ndarray, n_slots: int) -> np.ndarray:
+    """(n_slots, D) float64: Σ signs[t] · x[rows[t]] into row ``slots[t]``, for uint8 ``x``.
+
+    Integer accumulators (int32: a chunk of fewer than 2**31 / 255 rows
+    cannot overflow), so the sums are exact in any order; one compiled pass
+    over the pairs, no sparse matrix to build.
+    """
+    return _signed_row_sums(np.ascontiguousarray(x), np.asarray(rows, dtype=np.int64),
+                            np.asarray(slots, dtype=np.int64), np.asarray(signs, dtype=np.int8),
+                            n_slots).astype(np.float64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _signed_row_sums(x, rows, slots, signs, n_slots):  # pragma: no cover - compiled
+    d = x.shape[1]
+    out = np.zeros((n_slots, d), dtype=np.int32)
+    for t in range(rows.size):
+        r, s = rows[t], slots[t]
+        if signs[t] > 0:
+            for q in range(d):
+                out[s, q] += np.int32(x[r, q])
+        else:
+            for q in range(d):
+                out[s, q] -= np.int32(x[r, q])
+    return out

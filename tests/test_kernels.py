@@ -113,7 +113,7 @@ def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> No
 @given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
        dense_share=st.sampled_from([0, 10**9]))
 def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed: int, dense_share: int) -> None:
-    """Sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64 loop, exactly."""
+    """Scatter or sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64 loop, exactly."""
     rng = np.random.default_rng(seed)
     _, offsets = _stack([np.zeros((k, 1)) for k in ks])
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
