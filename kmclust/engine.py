@@ -376,7 +376,7 @@ def lloyd(
     (Hamerly-style bounds); results are bit-identical to the unpruned
     computation because labels are the exact nearest centroid
     (:mod:`kmclust.nearest`). Runs needing many rows share one GEMM over
-    their rows' union, the others get thin per-run GEMMs; ``prune=False``
+    their rows' union, the others a compiled per-pair step; ``prune=False``
     keeps one GEMM over all rows (the reference the bench compares with).
     ``stream=True`` reads the chunks from their source every pass and keeps
     no per-row state between passes (implies ``persist=False``, no delta sums,
