@@ -331,7 +331,14 @@ def lloyd_chunk(
     Trusts its inputs.
     """
     known = [st.xsq for st in prev or [] if st.xsq is not None and st.xsq.dtype == centroids.dtype]
-    xsq = known[0] if known else _nearest.row_norms(x, centroids.dtype)
+    exact = None  # uint8 rows' integer ‖x‖², computed once for both ‖x‖² and Σ‖x‖²
+    if known:
+        xsq = known[0]
+    elif x.dtype == np.uint8:
+        exact = _nearest.row_norms(x, np.int64)
+        xsq = exact.astype(centroids.dtype)
+    else:
+        xsq = _nearest.row_norms(x, centroids.dtype)
     prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
@@ -344,7 +351,9 @@ def lloyd_chunk(
     else:
         sums, counts = cluster_sums(x, labels, offsets, integer)
     # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
-    sqnorm = _sqnorm(x) if prior is None else math.nan
+    sqnorm = math.nan
+    if prior is None:
+        sqnorm = float(exact.sum()) if exact is not None else _sqnorm(x)
     r = offsets.size - 1
     needy = runs_with_empty_cluster(labels, offsets)
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
