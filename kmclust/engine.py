@@ -171,6 +171,30 @@ def _chunk_task(*args):
     return kernels.lloyd_chunk(*args)
 
 
+def _slot_task(blocks: list, starts: list, prevs: list, prev_index: list, *args):
+    """Worker-side entry of a slot task: the chunk task for each of one worker thread's chunks in turn.
+
+    ``prevs`` are the previous pass's slot results holding these chunks'
+    states; ``prev_index[i]`` lists (result, position) pairs, flattened, for
+    chunk ``i``. Returns the chunks' partials (in ``blocks`` order) and states.
+    """
+    head, (prev_arg, *tail) = args[:8], args[8:]
+    parts, states = [], []
+    for blk, start, where in zip(blocks, starts, prev_index):
+        prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or prev_arg
+        part, state = _chunk_task(blk, start, *head, prev, *tail)
+        parts.append(part)
+        states.append(state)
+    return parts, states
+
+
+def _reduce(parts: list) -> kernels.Partial:
+    """The fixed-order tree reduction of :func:`_tree`, in one process (the same sums, bit for bit)."""
+    while len(parts) > 1:
+        parts = [kernels.combine(parts[i : i + FAN_IN]) for i in range(0, len(parts), FAN_IN)]
+    return parts[0]
+
+
 def _in_worker() -> bool:
     try:
         from distributed import get_worker
@@ -261,13 +285,40 @@ class _Pass:
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
         self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
+        self.slots = self._slots()
+
+    def _slots(self) -> list[list[int]] | None:
+        """Chunk indices per worker thread when every chunk is persisted on a cluster, else None.
+
+        Each pass then runs one task per thread over its chunks instead of one
+        per chunk: on a LocalCluster of this 2-vCPU machine every task costs a
+        few ms of scheduler and worker round trips per pass, more than a
+        settled pass's kernels take (see BENCHMARKS.md).
+        """
+        from distributed import Future
+
+        if self.client is None or not all(isinstance(c, Future) for c in self.chunks):
+            return None
+        who = self.client.who_has(self.chunks)
+        per_worker: dict[str, list[int]] = {}
+        for c, fut in enumerate(self.chunks):
+            holders = sorted(who.get(fut.key, ()))
+            per_worker.setdefault(holders[0] if holders else "", []).append(c)
+        nthreads = self.client.nthreads()
+        slots = []
+        for w in sorted(per_worker):
+            mine = per_worker[w]
+            n = min(len(mine), max(1, nthreads.get(w, 1)))
+            slots.extend(mine[i::n] for i in range(n))
+        return slots
 
     def _share(self, dsk: dict, key: str, obj, nbytes: int):
         """A driver-side object for the pass's tasks: inline, or (large, on a cluster) one data key.
 
-        As a key a 4 MB centroid stack travels once per pass instead of once per task.
+        As a key a 4 MB centroid stack travels once per pass instead of once per chunk task. Slot tasks
+        (one per worker thread) take it inline: a data key would cost a task and a hop between workers.
         """
-        if self.client is None or nbytes < SHARE_BYTES:
+        if self.client is None or self.slots is not None or nbytes < SHARE_BYTES:
             return obj
         dsk[key] = obj
         return key
@@ -278,7 +329,7 @@ class _Pass:
         groups = _groups(runs, self.n_groups)
         token = uuid.uuid4().hex  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
         dsk = dict(self.source)
-        roots, eval_pos = [], []
+        roots, eval_pos, slot_parts = [], [], []
         state_keys: list[list] = [[] for _ in self.chunks]
         patches = patches or {}
         patches_ref = self._share(dsk, f"kmclust-patches-{token}", patches,
@@ -293,6 +344,11 @@ class _Pass:
             m = max(r.k for r in group)
             stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
             evals_ref = self._share(dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values()))
+            if self.slots is not None:
+                args = (stack_ref, offsets, run_ids, evals_ref, m, self.integer, want_labels, want_errors, None,
+                        patches_ref, drift, self.prune)
+                slot_parts.append(self._slot_graph(dsk, token, g, args, state_keys))
+                continue
             parts = []
             for c, (blk, start) in enumerate(zip(self.chunks, self.starts)):
                 prev = self.states[c] if self.stateful and self.states else None
@@ -305,6 +361,8 @@ class _Pass:
                     dsk[(f"kmclust-state-{token}", g, c)] = (operator.getitem, task, 1)
                     state_keys[c].append((f"kmclust-state-{token}", g, c))
             roots.append(_tree(dsk, parts, f"kmclust-combine-{token}-{g}"))
+        if self.slots is not None:
+            return self._run_slots(dsk, groups, eval_pos, slot_parts, state_keys)
         flat = [k for per_chunk in state_keys for k in per_chunk]
         if self.client is not None:  # one submission: states stay on the workers as futures
             futures = self.client.get(dsk, roots + flat, sync=False)
@@ -323,6 +381,56 @@ class _Pass:
         if self.stateful:
             per = len(groups)
             self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
+        return list(zip(groups, eval_pos, results))
+
+
+    def _slot_graph(self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]) -> list:
+        """Add group ``g``'s slot tasks and their partials' keys to ``dsk``; return those keys.
+
+        ``state_keys[c]`` receives (slot task key, position) for chunk ``c``.
+        """
+        keys = []
+        for s, members in enumerate(self.slots):
+            prevs: dict[str, int] = {}
+            refs, where = [], []
+            for c in members:
+                flat = []
+                for fut, j in (self.states[c] if self.stateful and self.states else []):
+                    if fut.key not in prevs:
+                        prevs[fut.key] = len(refs)
+                        refs.append(fut)
+                    flat += [prevs[fut.key], j]
+                where.append(flat)
+            task = (f"kmclust-slot-{token}", g, s)
+            dsk[task] = (_slot_task, [self.chunks[c] for c in members], [self.starts[c] for c in members], refs,
+                         where, *args)
+            dsk[(f"kmclust-part-{token}", g, s)] = (operator.getitem, task, 0)
+            keys.append((f"kmclust-part-{token}", g, s))
+            for j, c in enumerate(members):
+                state_keys[c].append((task, j))
+        return keys
+
+    def _run_slots(self, dsk: dict, groups: list, eval_pos: list, slot_parts: list, state_keys: list[list]) -> list:
+        """Compute a slot-task pass: gather each slot's per-chunk partials, reduce them in chunk order here."""
+        tasks = sorted({key for per_chunk in state_keys for key, _ in per_chunk}) if self.stateful else []
+        flat = [k for keys in slot_parts for k in keys]
+        futures = self.client.get(dsk, flat + tasks, sync=False)
+        try:
+            gathered = self.client.gather(futures[: len(flat)], direct=True)
+        except BaseException:
+            self.client.cancel(futures + [f for per in self.states or [] for f, _ in per])
+            raise
+        if self.stateful:
+            held = dict(zip(tasks, futures[len(flat) :]))
+            self.states = [[(held[key], j) for key, j in per_chunk] for per_chunk in state_keys]
+        results, at = [], 0
+        for keys in slot_parts:
+            by_chunk: list = [None] * len(self.chunks)
+            for members, parts in zip(self.slots, gathered[at : at + len(keys)]):
+                for c, part in zip(members, parts):
+                    by_chunk[c] = part
+            at += len(keys)
+            results.append(_reduce(by_chunk))
         return list(zip(groups, eval_pos, results))
 
 

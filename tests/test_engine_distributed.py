@@ -39,7 +39,8 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
 
 @pytest.mark.slow
 def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
-    """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three each after."""
+    """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three each after,
+    and each pass runs one task per worker over the chunks it holds."""
     from distributed import Client, LocalCluster, futures_of, get_task_stream, wait
 
     x = np.arange(6000 * 8, dtype=np.float32).reshape(6000, 8)
@@ -58,8 +59,13 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
             (res,) = engine.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
         assert res.ok and res.n_iter == 3
         ran = {str(rec["key"]) for rec in ts.data}
-        assert any("kmclust-chunk" in k for k in ran)
         assert not [k for k in ran if got.name in k], "a pass recomputed the placed array's alias keys"
+        # one task per worker thread and pass (3 passes + the evaluation pass), each where its chunks are
+        slots = [rec for rec in ts.data if "kmclust-slot" in str(rec["key"])]
+        assert len(slots) == 4 * 2, sorted(str(rec["key"]) for rec in slots)
+        assert sorted(rec["worker"] for rec in slots) == sorted(list(client.nthreads()) * 4)
+        moved = [str(rec["key"]) for rec in ts.data for s in rec["startstops"] if s["action"] == "transfer"]
+        assert not moved, f"chunks or states moved between workers: {moved}"
 
 
 @pytest.mark.slow
