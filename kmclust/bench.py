@@ -262,16 +262,13 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
 
 
 def _persist(x, client):
-    """Persist ``x`` (on the workers under a Client) and wait, so loading is not timed."""
+    """Persist ``x`` and wait, so loading is not timed; under a Client placed evenly over the workers'
+    threads, as the sweep loads its data (else every fit would place it again)."""
     if client is None:
         import dask
 
         return dask.persist(x)[0]
-    from distributed import wait
-
-    x = client.persist(x)
-    wait(x)
-    return x
+    return engine.persist_balanced(x)
 
 
 def gemm_roofline(m: int = 8192, d: int = 784, k: int = 2048, repeats: int = 5) -> float:

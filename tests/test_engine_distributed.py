@@ -54,6 +54,8 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         holders = [w for ws in client.who_has(futures_of(got)).values() for w in ws]
         assert sorted(holders.count(w) for w in client.nthreads()) == [3, 3]
         np.testing.assert_array_equal(got.compute(), x)
+        again = engine.persist_balanced(got)  # already balanced: no new copies
+        assert {f.key for f in futures_of(again)} == {f.key for f in futures_of(got)}
         # passes take the placed chunks themselves: no alias task of ``got``'s graph runs (and moves a chunk)
         with get_task_stream(client) as ts:
             (res,) = engine.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
