@@ -149,8 +149,7 @@ def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarr
     A cluster empty over the whole data set is empty in every chunk, so these
     are the only runs whose relocation candidates can ever be needed.
     """
-    counts = np.bincount((labels + offsets[:-1][None, :]).ravel(), minlength=int(offsets[-1]))
-    return np.flatnonzero(np.minimum.reduceat(counts, offsets[:-1]) == 0)
+    return np.flatnonzero(_nearest.runs_missing_a_label(labels, np.diff(offsets)))
 
 
 #: Above one entry per this many cells of the (n × kt) one-hot, its dense GEMM beats the sparse product.
@@ -447,6 +446,11 @@ def _previous(
     has_bounds = all(where[int(rid)][0].upper is not None for rid in run_ids)
     if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: the same stack
         labels, upper, lower = prev[0].labels, prev[0].upper, prev[0].lower
+    elif len({id(where[int(rid)][0]) for rid in run_ids}) == 1:  # runs left the stack: one gather of columns
+        st = where[int(run_ids[0])][0]
+        cols = [where[int(rid)][1] for rid in run_ids]
+        labels = st.labels[:, cols]
+        upper, lower = (st.upper[:, cols], st.lower[:, cols]) if has_bounds else (None, None)
     else:
         labels = np.stack([where[int(rid)][0].labels[:, where[int(rid)][1]] for rid in run_ids], axis=1)
         upper = lower = None

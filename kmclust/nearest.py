@@ -282,6 +282,33 @@ def _row_norms_u8(x):  # pragma: no cover - compiled
     return out
 
 
+def runs_missing_a_label(labels: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """(R,) bool: run p's column of ``labels`` (n, R) lacks one of its labels 0 … ks[p] − 1.
+
+    Scans each column only until every label has been seen (a few dozen rows
+    for a run without empty clusters), where a bincount reads all n · R.
+    """
+    return _runs_missing_a_label(labels, np.asarray(ks, dtype=np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _runs_missing_a_label(labels, ks):  # pragma: no cover - compiled
+    n, r = labels.shape
+    out = np.zeros(r, dtype=np.bool_)
+    for p in range(r):
+        seen = np.zeros(ks[p], dtype=np.bool_)
+        left = ks[p]
+        for i in range(n):
+            lab = labels[i, p]
+            if not seen[lab]:
+                seen[lab] = True
+                left -= 1
+                if left == 0:
+                    break
+        out[p] = left > 0
+    return out
+
+
 def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(n,) float64 ‖x_i − z_{label_i}‖², summed directly (no ‖x‖² − 2x·z + ‖z‖² cancellation)."""
     return _squared_errors(np.ascontiguousarray(x), np.ascontiguousarray(centroids, dtype=np.float64),

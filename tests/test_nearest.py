@@ -134,3 +134,18 @@ def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
     np.testing.assert_allclose(upper[proven] ** 2, own[proven], rtol=1e-12)  # tightened: exact distance
     assert np.all(lower[proven] == np.sqrt(others[proven]))  # a kept pair's lower bound is left alone
     assert np.all(lower[~proven] < np.sqrt(others[~proven]) + 1)  # the others were recomputed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ks = rng.integers(1, 30, size=12)
+    n = int(rng.integers(1, 400))
+    offsets = np.concatenate([[0], np.cumsum(ks)])
+    # some runs use every label, others miss one or more (a run's labels drawn from a random subset)
+    labels = np.stack([rng.choice(rng.choice(k, size=rng.integers(1, k + 1), replace=False), size=n)
+                       if rng.random() < 0.5 else rng.integers(0, k, size=n) for k in ks], axis=1).astype(np.int32)
+    counts = [np.bincount(labels[:, p], minlength=k) for p, k in enumerate(ks)]
+    expected = [p for p, c in enumerate(counts) if (c == 0).any()]
+    assert 0 < len(expected) < len(ks) or n < 30
+    np.testing.assert_array_equal(kernels.runs_with_empty_cluster(labels, offsets), expected)
