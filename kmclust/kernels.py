@@ -44,7 +44,7 @@ class Partial:
     runs flagged for evaluation, and ``labels`` their labels by chunk start.
     """
 
-    sums: np.ndarray  # (KT, D) float64
+    sums: np.ndarray  # (KT, D) float64; int32 (exact) from uint8 chunks, int64 once those are added up
     counts: np.ndarray  # (KT,) int64
     sqnorm: float  # Σ‖x‖² over the rows, float64
     cand_d: np.ndarray  # (R, m) float64
@@ -161,11 +161,12 @@ SCATTER_MAX_ROWS = (2**31 - 1) // 255
 def signed_sums(
     x: np.ndarray, rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, kt: int, dtype: np.dtype
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Σ signs · x[rows] into stacked columns ``cols``, computed in ``dtype``: (columns, float64 sums).
+    """Σ signs · x[rows] into stacked columns ``cols``, computed in ``dtype``: (columns, sums).
 
     (row, col) pairs are unique. uint8 rows are scattered into int32 sums by
     a compiled loop (exact; 2-4x a one-hot GEMM even when every row takes
-    part, 3-5x the sparse product for deltas). Other rows go through a
+    part, 3-5x the sparse product for deltas), returned as int32 (half the
+    bytes of float64 to send). Other rows, summed into float64, go through a
     sparse matrix of the ±1 entries: the cost scales with the number of
     entries, not with n · kt as a dense one-hot GEMM would, and the result
     holds only the columns touched (columns None: all ``kt``, from the
@@ -200,7 +201,7 @@ def signed_sums(
 def cluster_sums(
     x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, integer: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums (KT, D) float64 and counts (KT,).
+    """Per-cluster sums (KT, D) (float64; int32 for uint8 chunks) and counts (KT,).
 
     Integer-valued chunks (uint8 pixels) below ``EXACT_UINT8_ROWS`` rows sum
     in the compute dtype (float32), whose integer results are exact;

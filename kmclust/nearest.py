@@ -370,15 +370,15 @@ def _moved_bounds(labels, upper, lower, moved, offsets, row_slack, run_slack):  
 
 
 def signed_row_sums(x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: np.ndarray, n_slots: int) -> np.ndarray:
-    """(n_slots, D) float64: Σ signs[t] · x[rows[t]] into row ``slots[t]``, for uint8 ``x``.
+    """(n_slots, D) int32: Σ signs[t] · x[rows[t]] into row ``slots[t]``, for uint8 ``x``.
 
     Integer accumulators (int32: a chunk of fewer than 2**31 / 255 rows
     cannot overflow), so the sums are exact in any order; one compiled pass
-    over the pairs, no sparse matrix to build.
+    over the pairs, no sparse matrix to build. Kept int32: half the bytes of
+    float64 to move from a worker to the driver.
     """
     return _signed_row_sums(np.ascontiguousarray(x), np.asarray(rows, dtype=np.int64),
-                            np.asarray(slots, dtype=np.int64), np.asarray(signs, dtype=np.int8),
-                            n_slots).astype(np.float64)
+                            np.asarray(slots, dtype=np.int64), np.asarray(signs, dtype=np.int8), n_slots)
 
 
 @numba.njit(cache=True, nogil=True)
