@@ -285,6 +285,8 @@ def exact_errors(
 
 #: Runs needing more than this share of a chunk's rows share one GEMM; the others get compiled per-pair work.
 BUSY_SHARE = 0.15
+#: Cost of one (row, centroid) distance in the compiled per-pair step, in units of the same in a stacked GEMM.
+PAIR_COST = 3.0
 
 
 @dataclass
@@ -400,9 +402,11 @@ def _pruned_assign(
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
     label in run r if lower² − upper² clears twice the distances' error bound. Runs
-    needing more than ``BUSY_SHARE`` of the rows share one GEMM over those rows
-    (:func:`place`); the others' pairs go through the compiled per-pair step
-    (:func:`kmclust.nearest.reassign`).
+    needing more than ``BUSY_SHARE`` of the rows share one GEMM (:func:`place`)
+    over the rows whose pairs in those runs would cost more in the compiled
+    per-pair step (:func:`kmclust.nearest.reassign`, ``PAIR_COST`` times a GEMM
+    distance); every other pair goes through that step. (All rows needed by
+    a busy run in the GEMM: the 96-run bench grid took ~4 % longer.)
     """
     n = x.shape[0]
     labels = prior.labels.copy()
@@ -420,14 +424,22 @@ def _pruned_assign(
     # need a few rows each, mostly different ones: compiled per-pair work, no GEMM.
     share = need.mean(axis=0)
     busy = np.flatnonzero(share > BUSY_SHARE)
+    pairs = need
     if busy.size:
-        rows = np.flatnonzero(need[:, busy].any(axis=1))
+        # a row joins the GEMM (every busy run's centroids) only when its own pairs would cost more
+        per_pair = need[:, busy] @ ((ks[busy] + 2) * PAIR_COST)
+        rows = np.flatnonzero(per_pair >= ks[busy].sum())
         cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in busy])
         place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
               None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower)
-    rest = np.flatnonzero((share <= BUSY_SHARE) & (share > 0))
+        if rows.size <= 0.9 * n:
+            pairs = need.copy()
+            pairs[rows[:, None], busy[None, :]] = False
+        else:
+            pairs = need * (share <= BUSY_SHARE)[None, :]
+    rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
-        _nearest.reassign(x, xsq, centroids, offsets, rest, need, slack, labels, dmin, upper, lower)
+        _nearest.reassign(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower)
     return labels, dmin, upper, lower
 
 

@@ -163,16 +163,24 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
     else:  # Gaussian with the pixels' mean/std: empty clusters and relocations
         xs = x / 255.0
         inits = [xs.mean(0) + xs.std(0) * rng.standard_normal((k, 784)) for k in (8, 16)]
-    rows_assigned = []
-    real_distances = kernels.distances
+    rows_assigned, subsets, pairs = [], [], []
+    real_distances, real_reassign = kernels.distances, kernels._nearest.reassign
 
     def counting(x, centroids, rows=None):
         rows_assigned.append(x.shape[0] if rows is None else rows.size)
+        subsets.append(rows is not None)
         return real_distances(x, centroids, rows)
 
+    def counting_pairs(*args):
+        pairs.append(int(args[5][:, args[4]].sum()))
+        return real_reassign(*args)
+
     monkeypatch.setattr(kernels, "distances", counting)
+    monkeypatch.setattr(kernels._nearest, "reassign", counting_pairs)
     pruned = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
     pruned_rows = sum(rows_assigned)
+    # every path ran: GEMMs over whole chunks and over row subsets, and the per-pair step
+    assert any(subsets) and not all(subsets) and sum(pairs) > 0, (subsets, pairs)
     rows_assigned.clear()
     plain = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=False)
     plain_rows = sum(rows_assigned)
