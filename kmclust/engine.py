@@ -3,7 +3,10 @@
 Every iteration maps :func:`kmclust.kernels.lloyd_chunk` over the data's row
 chunks (× a few groups of runs, so that small data still keeps every worker
 busy), combines the partials with a fixed-order tree reduction and computes
-all groups in one round trip. The driver then updates each run in float64,
+all groups in one round trip. On a cluster, with the chunks persisted, one
+task per worker thread runs the kernel over the chunks its worker holds and
+the driver reduces their partials in the same order: a task costs a few ms
+of round trips per pass, more than a settled pass's kernels. The driver then updates each run in float64,
 relocates empty clusters to the farthest points, and drops converged runs;
 a converged run spends one more pass in the stack as an *evaluation* member
 to get labels consistent with its final centroids and an exact J.
