@@ -6,10 +6,12 @@ busy), combines the partials with a fixed-order tree reduction and computes
 all groups in one round trip. On a cluster, with the chunks persisted, one
 task per worker thread runs the kernel over the chunks its worker holds and
 the driver reduces their partials in the same order: a task costs a few ms
-of round trips per pass, more than a settled pass's kernels. The driver then updates each run in float64,
-relocates empty clusters to the farthest points, and drops converged runs;
-a converged run spends one more pass in the stack as an *evaluation* member
-to get labels consistent with its final centroids and an exact J.
+of round trips per pass, more than a settled pass's kernels.
+
+The driver then updates each run in float64, relocates empty clusters to
+the farthest points, and drops converged runs; a converged run spends one
+more pass in the stack as an *evaluation* member to get labels consistent
+with its final centroids and an exact J.
 
 Data chunks are persisted once (on the workers under a distributed Client,
 in memory with the threaded scheduler) unless ``persist=False``, which
@@ -428,7 +430,6 @@ class _Pass:
             per = len(groups)
             self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
         return list(zip(groups, eval_pos, results))
-
 
     def _slot_graph(self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]) -> list:
         """Add group ``g``'s slot tasks and their partials' keys to ``dsk``; return those keys.
