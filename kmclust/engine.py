@@ -341,7 +341,10 @@ class _Pass:
         Each pass then runs one task per thread over its chunks instead of one
         per chunk: on a LocalCluster of this 2-vCPU machine every task costs a
         few ms of scheduler and worker round trips per pass, more than a
-        settled pass's kernels take (see BENCHMARKS.md).
+        settled pass's kernels take (see BENCHMARKS.md). A slot task's result,
+        held as its chunks' state until the next pass, also keeps their
+        partials there (int32 sums: ΣK × D × 4 bytes a chunk, sparse after
+        the first passes).
         """
         from distributed import Future
 
