@@ -420,8 +420,8 @@ def _pruned_assign(
     upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, moved, offsets,
                                                slack * xsq.astype(np.float64), slack * 2.0 * csq_max)
     dmin = np.square(upper)  # upper bounds for rows that keep their label
-    # Runs still moving need most rows: one fat GEMM over the union of their rows. Settled runs
-    # need a few rows each, mostly different ones: compiled per-pair work, no GEMM.
+    # Runs still moving need many rows: one fat GEMM over the rows that many of them need. Settled
+    # runs need a few rows each, mostly different ones: compiled per-pair work, no GEMM.
     share = need.mean(axis=0)
     busy = np.flatnonzero(share > BUSY_SHARE)
     pairs = need
@@ -430,8 +430,9 @@ def _pruned_assign(
         per_pair = need[:, busy] @ ((ks[busy] + 2) * PAIR_COST)
         rows = np.flatnonzero(per_pair >= ks[busy].sum())
         cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in busy])
-        place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
-              None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower)
+        if rows.size:
+            place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
+                  None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower)
         if rows.size <= 0.9 * n:
             pairs = need.copy()
             pairs[rows[:, None], busy[None, :]] = False
