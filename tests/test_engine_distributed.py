@@ -22,16 +22,18 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
     inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 10, 20)]
     inits.append(rng.normal(0.13, 0.3, (12, 784)))
 
-    def run() -> list[engine.RunResult]:
-        return engine.lloyd(da.from_array(x, chunks=(1250, 784)), inits, tol=0, scale=1 / 255,
-                            return_labels=True)
+    def run() -> list[list[engine.RunResult]]:
+        # uint8 rows (exact integer sums) and float64 rows (sums whose bits depend on the order of addition:
+        # a cluster must add chunk partials in the threaded scheduler's order)
+        return [engine.lloyd(da.from_array(data, chunks=(1250, 784)), inits, tol=0, scale=scale,
+                             return_labels=True) for data, scale in ((x, 1 / 255), (x / 255.0, 1.0))]
 
     reference = run()  # threaded scheduler, no client
-    for n_workers in (1, 3):
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+    for n_workers, threads in ((1, 1), (3, 1), (1, 2)):
+        with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
                           host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster):
             got = run()
-        for a, b in zip(reference, got):
+        for a, b in zip(sum(reference, []), sum(got, [])):
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
             assert (a.n_iter, a.n_relocated, a.jclust) == (b.n_iter, b.n_relocated, b.jclust)
