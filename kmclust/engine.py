@@ -125,26 +125,32 @@ def persist_balanced(x: da.Array) -> da.Array:
     return placed
 
 
+def _by_worker(client, refs: list) -> dict[str, list[int]] | None:
+    """Indices of ``refs`` per worker holding them ("": held by none), or None if some ref is not a future."""
+    from distributed import Future
+
+    if not all(isinstance(r, Future) for r in refs):
+        return None
+    who = client.who_has(refs)
+    out: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        holders = sorted(who.get(ref.key, ()))
+        out.setdefault(holders[0] if holders else "", []).append(i)
+    return out
+
+
 def _balanced(client, x: da.Array) -> bool:
     """Every chunk of ``x`` is persisted, and each worker holds its threads' share of them (within one chunk).
 
     Then placing again would only copy every chunk (~45 ms a call for Fashion-MNIST here).
     """
-    from distributed import Future
-
-    _, refs = _chunk_refs(x)
-    if not all(isinstance(r, Future) for r in refs):
-        return False
-    who = client.who_has(refs)
+    refs = _chunk_refs(x)[1]
+    held = _by_worker(client, refs)
     nthreads = client.nthreads()
-    counts = {w: 0 for w in nthreads}
-    for r in refs:
-        holders = [w for w in who.get(r.key, ()) if w in counts]
-        if not holders:
-            return False
-        counts[holders[0]] += 1
+    if held is None or set(held) - set(nthreads):
+        return False
     total = sum(nthreads.values())
-    return all(abs(counts[w] - len(refs) * n / total) < 1 for w, n in nthreads.items())
+    return all(abs(len(held.get(w, ())) - len(refs) * n / total) < 1 for w, n in nthreads.items())
 
 
 def _same(block: np.ndarray) -> np.ndarray:
@@ -226,10 +232,10 @@ def _slot_task(blocks: list, starts: list, prevs: list, prev_index: list, args: 
     states; ``prev_index[i]`` lists (result, position) pairs, flattened, for
     chunk ``i``. Returns the chunks' partials (in ``blocks`` order) and states.
     """
-    head, (prev_arg, *tail) = args.value[:8], args.value[8:]
+    head, tail = args.value  # the chunk task's arguments before and after its previous states
     parts, states = [], []
     for blk, start, where in zip(blocks, starts, prev_index):
-        prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or prev_arg
+        prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or None
         part, state = _chunk_task(blk, start, *head, prev, *tail)
         parts.append(part)
         states.append(state)
@@ -346,15 +352,9 @@ class _Pass:
         partials there (int32 sums: ΣK × D × 4 bytes a chunk, sparse after
         the first passes).
         """
-        from distributed import Future
-
-        if self.client is None or not all(isinstance(c, Future) for c in self.chunks):
+        per_worker = _by_worker(self.client, self.chunks) if self.client is not None else None
+        if per_worker is None:
             return None
-        who = self.client.who_has(self.chunks)
-        per_worker: dict[str, list[int]] = {}
-        for c, fut in enumerate(self.chunks):
-            holders = sorted(who.get(fut.key, ()))
-            per_worker.setdefault(holders[0] if holders else "", []).append(c)
         nthreads = self.client.nthreads()
         slots = []
         for w in sorted(per_worker):
@@ -396,8 +396,8 @@ class _Pass:
             stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
             evals_ref = self._share(dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values()))
             if self.slots is not None:
-                args = (stack_ref, offsets, run_ids, evals_ref, m, self.integer, want_labels, want_errors, None,
-                        patches_ref, drift, self.prune)
+                args = ((stack_ref, offsets, run_ids, evals_ref, m, self.integer, want_labels, want_errors),
+                        (patches_ref, drift, self.prune))
                 slot_parts.append(self._slot_graph(dsk, token, g, args, state_keys))
                 continue
             parts = []
