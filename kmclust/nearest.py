@@ -102,16 +102,6 @@ def _exact_sq(xrow, c, buf):  # pragma: no cover - compiled
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _fast_sq(xrow, c):  # pragma: no cover - compiled
-    """‖x − c‖² in float64, vectorised (the order, hence the last bits, may depend on alignment): bounds only."""
-    s = 0.0
-    for q in range(xrow.size):
-        diff = np.float64(xrow[q]) - c[q]
-        s += diff * diff
-    return s
-
-
 @numba.njit(cache=True, nogil=True)
 def _exact_nearest(xrow, c64, row, lo, hi, limit, buf):  # pragma: no cover - compiled
     """Among the columns whose computed value is within ``limit``: the exact nearest (float64 sums, lowest index)."""
@@ -154,11 +144,12 @@ def reassign(
 ) -> None:
     """Hamerly's second step for the (row, run) pairs of ``need`` in stack positions ``runs``, in place.
 
-    A pair whose bounds failed first gets its exact distance to the assigned
-    centroid (float64): when the lower bound still clears it by the error
-    window (``coef`` · (‖x‖² + 2 max‖c‖² of the run), the window of
-    :func:`error_bound` doubled), the label stays and the upper bound
-    tightens. Otherwise the row is compared with every centroid of the run:
+    A pair whose bounds failed first gets its distance to the assigned
+    centroid, computed as one GEMM entry would be (one dot product, off by at
+    most :func:`error_bound`, as the computed distance the lower bound came
+    from): when the lower bound still clears it by the error window (``coef``
+    · (‖x‖² + 2 max‖c‖² of the run), the window of :func:`error_bound`
+    doubled), the label stays and the upper bound tightens. Otherwise the row is compared with every centroid of the run:
     float32 dot products in any order (the error bound holds for every
     order), then near ties settled exactly as in :func:`assign_rows`. Per
     pair, no GEMM: the cost follows the pairs, not rows × stack.
@@ -206,20 +197,25 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
     zero = cent.dtype.type(0)
     two = cent.dtype.type(2)
     inf = cent.dtype.type(np.inf)
-    for p in runs:
-        lo, hi = offsets[p], offsets[p + 1]
-        for i in range(n):
+    for i in range(n):
+        converted = False  # the row in the centroids' dtype, once for all its runs
+        for p in runs:
             if not need[i, p]:
                 continue
+            if not converted:
+                for q in range(d):
+                    buf[q] = x[i, q]
+                converted = True
+            lo, hi = offsets[p], offsets[p + 1]
             window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
-            e = _fast_sq(x[i], c64[lo + labels[i, p]])
+            a = lo + labels[i, p]
+            # computed like a GEMM entry (one dot product): off by at most the error bound, as the lower bound
+            e = max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero)
             low = lower[i, p]
             if low > 0 and low * low - e > window:  # the label stays: tighten the upper bound
-                upper[i, p] = np.sqrt(e)
+                upper[i, p] = np.sqrt(np.float64(e))
                 dmin[i, p] = e
                 continue
-            for q in range(d):
-                buf[q] = x[i, q]
             _dots(buf, cent, lo, hi, dots)
             best = inf
             sec = inf
@@ -247,6 +243,15 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             dmin[i, p] = d1
             upper[i, p] = np.sqrt(np.float64(d1))
             lower[i, p] = np.sqrt(np.float64(d2))
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot(buf, c):  # pragma: no cover - compiled
+    """buf · c in their dtype, any order (the error bound holds for every order)."""
+    s = c.dtype.type(0)
+    for q in range(buf.size):
+        s += buf[q] * c[q]
+    return s
 
 
 def take_rows(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
