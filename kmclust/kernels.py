@@ -117,21 +117,22 @@ def assign(
     nearest (:mod:`kmclust.nearest`), and ``dmin`` (n, R) float64 the
     computed squared distance ‖x‖² + ‖c‖² − 2x·c, clipped at 0 (approximate:
     used for relocation candidates and bounds, never for J). ``bounds=True``
-    also returns ``upper`` = √dmin and ``lower``, a bound below the distance
-    to every other centroid of the run (inf when k = 1), which let later
-    passes skip rows. ``xsq``: the rows' ‖x‖² if known.
+    also returns ``upper`` = √dmin and the lower bounds ``lower`` (n, R, 2)
+    and ``second`` (n, R) of :func:`kmclust.nearest.assign_rows`, which let
+    later passes skip rows. ``xsq``: the rows' ‖x‖² if known.
     """
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
         xsq = _nearest.row_norms(x, centroids.dtype)
-    out = (np.empty((n, r), dtype=np.int32), np.empty((n, r)), np.empty((n, r)), np.empty((n, r)))
+    out = (np.empty((n, r), dtype=np.int32), np.empty((n, r)), np.empty((n, r)), np.empty((n, r, 2)),
+           np.empty((n, r), dtype=np.int32))
     place(x, centroids, offsets, None, np.arange(r), xsq, *out)
     return out if bounds else out[:2]
 
 
 def place(
     x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None, runs: np.ndarray,
-    xsq: np.ndarray, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+    xsq: np.ndarray, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
 ) -> None:
     """Assign rows ``rows`` (all if None) for a (sub)stack; results go to columns ``runs`` of the (n, R) outputs."""
     dist = distances(x, centroids, rows)
@@ -140,7 +141,7 @@ def place(
         rows = np.arange(x.shape[0])
     xs = xsq[rows]
     window = 2.0 * _nearest.error_bound(xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype)
-    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower)
+    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower, second)
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -296,8 +297,9 @@ class ChunkState:
     run_ids: np.ndarray  # (R,)
     labels: np.ndarray  # (n, R) int32
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
-    lower: np.ndarray | None
+    lower: np.ndarray | None  # (n, R, 2) float64 (see kmclust.nearest.moved_bounds)
     xsq: np.ndarray | None = None  # (n,) the rows' ‖x‖² in the compute dtype (they never change)
+    second: np.ndarray | None = None  # (n, R) int32 second-nearest centroid of each run (−1: none known)
 
 
 def lloyd_chunk(
@@ -344,9 +346,9 @@ def lloyd_chunk(
     prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
-        labels, dmin, upper, lower = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior, drift)
+        labels, dmin, upper, lower, second = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior, drift)
     else:
-        labels, dmin, upper, lower = assign(x, centroids, offsets, bounds=True, xsq=xsq)
+        labels, dmin, upper, lower, second = assign(x, centroids, offsets, bounds=True, xsq=xsq)
     sum_cols = None
     if prior is not None:
         sum_cols, sums, counts = delta_sums(x, labels, prior.labels, offsets)
@@ -372,7 +374,7 @@ def lloyd_chunk(
         out_labels.append((start, labels[:, cols]))
     keep_bounds = prune and integer
     state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
-                       lower if keep_bounds else None, xsq) if integer else None
+                       lower if keep_bounds else None, xsq, second if keep_bounds else None) if integer else None
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
                    prior is not None, pruned, sum_cols)
     return part, state
@@ -391,17 +393,19 @@ class _Prior:
 
     labels: np.ndarray  # (n, R) int32, relocation patches applied (read only)
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning (read only)
-    lower: np.ndarray | None
+    lower: np.ndarray | None  # (n, R, 2)
+    second: np.ndarray | None  # (n, R)
 
 
 def _pruned_assign(
     x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, run_ids: np.ndarray,
     prior: _Prior, drift: dict[int, np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Labels with bounds: recompute only rows where some run's label might change.
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
-    label in run r if lower² − upper² clears twice the distances' error bound. Runs
+    label in run r if lower² − upper² clears twice the distances' error bound
+    (:func:`kmclust.nearest.moved_bounds`). Runs
     needing more than ``BUSY_SHARE`` of the rows share one GEMM (:func:`place`)
     over the rows whose pairs in those runs would cost more in the compiled
     per-pair step (:func:`kmclust.nearest.reassign`, ``PAIR_COST`` times a GEMM
@@ -417,8 +421,9 @@ def _pruned_assign(
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     # the bounds started from computed squared distances, each off by at most error_bound
     slack = 2.0 * _nearest.error_bound(1.0, 0.0, x.shape[1], centroids.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
-    upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, moved, offsets,
+    upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, prior.second, moved, offsets,
                                                slack * xsq.astype(np.float64), slack * 2.0 * csq_max)
+    second = prior.second.copy()
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need many rows: one fat GEMM over the rows that many of them need. Settled
     # runs need a few rows each, mostly different ones: compiled per-pair work, no GEMM.
@@ -432,7 +437,7 @@ def _pruned_assign(
         cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in busy])
         if rows.size:
             place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
-                  None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower)
+                  None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower, second)
         if rows.size <= 0.9 * n:
             pairs = need.copy()
             pairs[rows[:, None], busy[None, :]] = False
@@ -440,8 +445,8 @@ def _pruned_assign(
             pairs = need * (share <= BUSY_SHARE)[None, :]
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
-        _nearest.reassign(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower)
-    return labels, dmin, upper, lower
+        _nearest.reassign(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second)
+    return labels, dmin, upper, lower, second
 
 
 def _previous(
@@ -459,30 +464,35 @@ def _previous(
         return None
     has_bounds = all(where[int(rid)][0].upper is not None for rid in run_ids)
     if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: the same stack
-        labels, upper, lower = prev[0].labels, prev[0].upper, prev[0].lower
+        st = prev[0]
+        labels, upper, lower, second = st.labels, st.upper, st.lower, st.second
     elif len({id(where[int(rid)][0]) for rid in run_ids}) == 1:  # runs left the stack: one gather of columns
         st = where[int(run_ids[0])][0]
-        cols = [where[int(rid)][1] for rid in run_ids]
-        labels = st.labels[:, cols]
-        upper, lower = (st.upper[:, cols], st.lower[:, cols]) if has_bounds else (None, None)
+        cols = np.array([where[int(rid)][1] for rid in run_ids])
+        labels = np.take(st.labels, cols, axis=1)  # np.take: 2-9x numpy's fancy indexing of columns here
+        upper, lower, second = ([np.take(a, cols, axis=1) for a in (st.upper, st.lower, st.second)] if has_bounds
+                                else (None, None, None))
     else:
-        labels = np.stack([where[int(rid)][0].labels[:, where[int(rid)][1]] for rid in run_ids], axis=1)
-        upper = lower = None
-        if has_bounds:
-            upper = np.stack([where[int(rid)][0].upper[:, where[int(rid)][1]] for rid in run_ids], axis=1)
-            lower = np.stack([where[int(rid)][0].lower[:, where[int(rid)][1]] for rid in run_ids], axis=1)
-    if not has_bounds:
-        upper = lower = None
+        def column(name: str) -> np.ndarray:
+            return np.stack([getattr(where[int(rid)][0], name)[:, where[int(rid)][1]] for rid in run_ids], axis=1)
+
+        labels = column("labels")
+        upper, lower, second = (column("upper"), column("lower"), column("second")) if has_bounds else (
+            None, None, None)
     touched = [(p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches]
     if touched:  # the states are shared (threaded scheduler, retries): patch copies
         labels = labels.copy()
-        upper = upper.copy() if upper is not None else None
+        if has_bounds:
+            upper, lower, second = upper.copy(), lower.copy(), second.copy()
     for p, (idx, lab) in touched:
         inside = (idx >= start) & (idx < start + n)
-        labels[idx[inside] - start, p] = lab[inside]
-        if upper is not None:
-            upper[idx[inside] - start, p] = np.inf  # moved by the driver: recompute
-    return _Prior(labels, upper, lower)
+        rows = idx[inside] - start
+        labels[rows, p] = lab[inside]
+        if has_bounds:  # moved by the driver: its old nearest is now another centroid, below any bound kept
+            upper[rows, p] = np.inf
+            lower[rows, p] = 0.0
+            second[rows, p] = -1
+    return _Prior(labels, upper, lower, second)
 
 
 def combine(parts: list[Partial]) -> Partial:

@@ -43,7 +43,7 @@ def error_bound(xsq: np.ndarray, csq_max: float | np.ndarray, d: int, dtype: np.
 def assign_rows(
     dist: np.ndarray, offsets: np.ndarray, x: np.ndarray, rows: np.ndarray, runs: np.ndarray,
     c64: np.ndarray, window: np.ndarray, xsq: np.ndarray,
-    labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+    labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
@@ -52,26 +52,49 @@ def assign_rows(
     ``window`` is twice each row's error bound, ``xsq`` the rows' ‖x‖² in
     ``dist``'s dtype. For stack position p, column ``runs[p]`` of the (n, R)
     outputs receives: the label, the computed squared distance to it
-    (clipped at 0), and in float64 its root (an upper bound) and the root of
-    the second-nearest computed distance (a lower bound on every other
-    centroid: the nearest one's when a near tie was settled; inf when k = 1).
+    (clipped at 0), in float64 its root (an upper bound), and the two lower
+    bounds of :func:`moved_bounds`: ``second``, the second-nearest centroid
+    (local index), with the root of its computed distance in
+    ``lower[..., 0]``, and the root of the third-nearest in ``lower[..., 1]``
+    (below every centroid but those two). When a near tie was settled,
+    ``second`` is −1 and both hold the nearest computed distance (below
+    every other centroid). inf where the run has no such centroid.
     """
     _assign_rows(dist, np.asarray(offsets, dtype=np.int64), x, np.asarray(rows, dtype=np.int64),
-                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower)
+                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower, second)
 
 
 @numba.njit(cache=True, nogil=True)
-def _best_two(row, lo, hi):  # pragma: no cover - compiled
-    """Index of the smallest entry of row[lo:hi], its value and the second smallest (branch-free)."""
-    best = row[lo]
-    arg = lo
-    sec = row.dtype.type(np.inf)
+def _best_three(row, lo, hi):  # pragma: no cover - compiled
+    """In row[lo:hi]: the index of the smallest entry (the first of equals), its value, the index and value of
+    the second smallest, and the third smallest value (index −1, value inf where there is none). Branch-free
+    (selects): the comparisons follow the data, which no branch predictor guesses."""
+    inf = row.dtype.type(np.inf)
+    b1 = row[lo]
+    b2 = b3 = inf
+    i1 = lo
+    i2 = -1
     for j in range(lo + 1, hi):
         v = row[j]
-        sec = min(sec, max(best, v))
-        arg = j if v < best else arg
-        best = min(best, v)
-    return arg, best, sec
+        below1 = v < b1
+        below2 = v < b2
+        i2 = i1 if below1 else (j if below2 else i2)
+        i1 = j if below1 else i1
+        b3 = min(b3, max(b2, v))
+        b2 = min(b2, max(b1, v))
+        b1 = min(b1, v)
+    return i1, b1, i2, b2, b3
+
+
+@numba.njit(cache=True, nogil=True)
+def _set_bounds(labels, dmin, upper, lower, second, r, s, arg, lo, d1, sec_arg, d2, d3):  # pragma: no cover
+    """Write one (row, run)'s label, computed squared distance, upper bound and the two lower bounds."""
+    labels[r, s] = arg - lo
+    dmin[r, s] = d1
+    upper[r, s] = np.sqrt(np.float64(d1))
+    second[r, s] = sec_arg - lo if sec_arg >= 0 else -1
+    lower[r, s, 0] = np.sqrt(np.float64(d2))
+    lower[r, s, 1] = np.sqrt(np.float64(d3))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -117,7 +140,8 @@ def _exact_nearest(xrow, c64, row, lo, hi, limit, buf):  # pragma: no cover - co
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower):  # pragma: no cover
+def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower,  # pragma: no cover
+                 second):
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
     for i in range(dist.shape[0]):
@@ -125,40 +149,37 @@ def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, u
         row = dist[i]
         for p in range(offsets.size - 1):
             lo, hi = offsets[p], offsets[p + 1]
-            arg, best, sec = _best_two(row, lo, hi)
+            arg, best, sec_arg, sec, third = _best_three(row, lo, hi)
             if sec - best <= window[i]:  # near tie: settle exactly
                 arg = _exact_nearest(x[r], c64, row, lo, hi, best + window[i], buf)
-                sec = best  # the settled label may be any near one: only the minimum bounds the others
-            d1 = max(row[arg] + xsq[i], zero)
-            d2 = max(sec + xsq[i], zero)
-            s = runs[p]
-            labels[r, s] = arg - lo
-            dmin[r, s] = d1
-            upper[r, s] = np.sqrt(np.float64(d1))
-            lower[r, s] = np.sqrt(np.float64(d2))
+                sec_arg = -1  # the settled label may be any near one: only the minimum bounds the others
+                sec = third = best
+            _set_bounds(labels, dmin, upper, lower, second, r, runs[p], arg, lo, max(row[arg] + xsq[i], zero),
+                        sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
 
 
 def reassign(
     x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, runs: np.ndarray,
     need: np.ndarray, coef: float, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+    second: np.ndarray,
 ) -> None:
     """Hamerly's second step for the (row, run) pairs of ``need`` in stack positions ``runs``, in place.
 
     A pair whose bounds failed first gets its distance to the assigned
     centroid, computed as one GEMM entry would be (one dot product, off by at
     most :func:`error_bound`, as the computed distance the lower bound came
-    from): when the lower bound still clears it by the error window (``coef``
+    from): when the lower bounds (:func:`moved_bounds`) still clear it by the error window (``coef``
     · (‖x‖² + 2 max‖c‖² of the run), the window of :func:`error_bound`
     doubled), the label stays and the upper bound tightens. Otherwise the row is compared with every centroid of the run:
     float32 dot products in any order (the error bound holds for every
-    order), then near ties settled exactly as in :func:`assign_rows`. Per
+    order), then near ties settled exactly and the bounds renewed as in :func:`assign_rows`. Per
     pair, no GEMM: the cost follows the pairs, not rows × stack.
     """
     c64 = centroids.astype(np.float64)
     csq = np.einsum("ij,ij->i", centroids, centroids)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     _reassign(x, xsq, centroids, csq, c64, np.asarray(offsets, dtype=np.int64), np.asarray(runs, dtype=np.int64),
-              need, coef, csq_max, labels, dmin, upper, lower)
+              need, coef, csq_max, labels, dmin, upper, lower, second)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -189,14 +210,13 @@ def _dots(buf, cent, lo, hi, out):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
-              labels, dmin, upper, lower):
+              labels, dmin, upper, lower, second):
     n, d = x.shape
     buf = np.empty(d, dtype=cent.dtype)
     buf64 = np.empty(d)
     dots = np.empty(cent.shape[0], dtype=cent.dtype)
     zero = cent.dtype.type(0)
     two = cent.dtype.type(2)
-    inf = cent.dtype.type(np.inf)
     for i in range(n):
         converted = False  # the row in the centroids' dtype, once for all its runs
         for p in runs:
@@ -211,21 +231,17 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             a = lo + labels[i, p]
             # computed like a GEMM entry (one dot product): off by at most the error bound, as the lower bound
             e = max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero)
-            low = lower[i, p]
+            low = min(lower[i, p, 0], lower[i, p, 1])
             if low > 0 and low * low - e > window:  # the label stays: tighten the upper bound
                 upper[i, p] = np.sqrt(np.float64(e))
                 dmin[i, p] = e
                 continue
             _dots(buf, cent, lo, hi, dots)
-            best = inf
-            sec = inf
-            arg = lo
             for j in range(lo, hi):
-                v = csq[j] - two * dots[j - lo]
-                dots[j - lo] = v
-                sec = min(sec, max(best, v))
-                arg = j if v < best else arg
-                best = min(best, v)
+                dots[j - lo] = csq[j] - two * dots[j - lo]
+            arg, best, sec_arg, sec, third = _best_three(dots, 0, hi - lo)
+            arg += lo
+            sec_arg = sec_arg + lo if sec_arg >= 0 else -1
             if sec - best <= window:  # near tie: settle exactly
                 limit = best + window
                 top = np.inf
@@ -235,14 +251,10 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
                         if t < top:
                             top = t
                             arg = j
-                sec = best
-                best = dots[arg - lo]
-            d1 = max(best + xsq[i], zero)
-            d2 = max(sec + xsq[i], zero)
-            labels[i, p] = arg - lo
-            dmin[i, p] = d1
-            upper[i, p] = np.sqrt(np.float64(d1))
-            lower[i, p] = np.sqrt(np.float64(d2))
+                sec_arg = -1
+                sec = third = best
+            _set_bounds(labels, dmin, upper, lower, second, i, p, arg, lo, max(dots[arg - lo] + xsq[i], zero),
+                        sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -330,47 +342,63 @@ def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
 
 
 def moved_bounds(
-    labels: np.ndarray, upper: np.ndarray, lower: np.ndarray, moved: np.ndarray, offsets: np.ndarray,
-    row_slack: np.ndarray, run_slack: np.ndarray,
+    labels: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray, moved: np.ndarray,
+    offsets: np.ndarray, row_slack: np.ndarray, run_slack: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hamerly bounds (n, R) after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
+    """Bounds after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
 
-    The assigned centroid got farther by at most its own move (upper grows by
-    it); every other one came closer by at most the largest move among the
-    *others* (lower shrinks by it). A label is kept only when lower² − upper²
-    exceeds ``row_slack[i] + run_slack[p]`` (twice the error bound of the
-    computed distances the bounds started from).
+    The assigned centroid got farther by at most its own move (``upper``
+    (n, R) grows by it). Two lower bounds (``lower`` (n, R, 2)): the
+    second-nearest centroid (``second``, local index) came closer by at most
+    its own move, every other one by at most the largest move among the
+    centroids other than those two (−1 in ``second``: both bounds cover every
+    centroid but the assigned one and shrink by the largest move among
+    those). Tracking the second-nearest apart keeps a row whose runner-up
+    barely moved from paying for the run's largest move (Hamerly's single
+    bound). A label is kept only when the smaller bound's square minus
+    upper² exceeds ``row_slack[i] + run_slack[p]`` (twice the error bound of
+    the computed distances the bounds started from).
     """
-    return _moved_bounds(labels, upper, lower, moved, np.asarray(offsets, dtype=np.int64), row_slack, run_slack)
+    return _moved_bounds(labels, upper, lower, second, moved, np.asarray(offsets, dtype=np.int64), row_slack,
+                         run_slack)
 
 
 @numba.njit(cache=True, nogil=True)
-def _moved_bounds(labels, upper, lower, moved, offsets, row_slack, run_slack):  # pragma: no cover - compiled
+def _moved_bounds(labels, upper, lower, second, moved, offsets, row_slack, run_slack):  # pragma: no cover
     n, r = labels.shape
-    top_col = np.empty(r, dtype=np.int64)
-    top = np.empty(r)
-    runner_up = np.zeros(r)
+    top = np.zeros((r, 3))  # the three largest moves of each run (0: none) and the columns of the first two
+    col = np.full((r, 2), -1, dtype=np.int64)
     for p in range(r):
-        top_col[p] = offsets[p]
-        top[p] = moved[offsets[p]]
-        for j in range(offsets[p] + 1, offsets[p + 1]):
-            if moved[j] > top[p]:
-                runner_up[p] = top[p]
-                top[p] = moved[j]
-                top_col[p] = j
-            elif moved[j] > runner_up[p]:
-                runner_up[p] = moved[j]
+        for j in range(offsets[p], offsets[p + 1]):
+            v = moved[j]
+            if col[p, 0] < 0 or v > top[p, 0]:
+                top[p, 2], top[p, 1], col[p, 1], top[p, 0], col[p, 0] = top[p, 1], top[p, 0], col[p, 0], v, j
+            elif col[p, 1] < 0 or v > top[p, 1]:
+                top[p, 2], top[p, 1], col[p, 1] = top[p, 1], v, j
+            elif v > top[p, 2]:
+                top[p, 2] = v
     new_upper = np.empty((n, r))
-    new_lower = np.empty((n, r))
+    new_lower = np.empty((n, r, 2))
     need = np.empty((n, r), dtype=np.bool_)
     for i in range(n):
         for p in range(r):
-            col = offsets[p] + labels[i, p]
-            u = upper[i, p] + moved[col]
-            lo = lower[i, p] - (runner_up[p] if col == top_col[p] else top[p])
+            lo = offsets[p]
+            a = lo + labels[i, p]
+            u = upper[i, p] + moved[a]
+            c1, c2 = col[p, 0], col[p, 1]
+            if second[i, p] >= 0:  # the largest move among the others than a and b
+                b = lo + second[i, p]
+                rest = top[p, 0] if c1 != a and c1 != b else (top[p, 1] if c2 != a and c2 != b else top[p, 2])
+                l0 = lower[i, p, 0] - moved[b]
+            else:  # ... than a
+                rest = top[p, 1] if c1 == a else top[p, 0]
+                l0 = lower[i, p, 0] - rest
+            l1 = lower[i, p, 1] - rest
             new_upper[i, p] = u
-            new_lower[i, p] = lo
-            need[i, p] = not (np.isfinite(u) and lo > u and lo * lo - u * u > row_slack[i] + run_slack[p])
+            new_lower[i, p, 0] = l0
+            new_lower[i, p, 1] = l1
+            low = min(l0, l1)
+            need[i, p] = not (np.isfinite(u) and low > u and low * low - u * u > row_slack[i] + run_slack[p])
     return new_upper, new_lower, need
 
 

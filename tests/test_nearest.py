@@ -95,20 +95,27 @@ def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) ->
     coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
     need = rng.random((n, r)) < 0.8
     wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
-    labels, dmin, upper, lower = wrong.copy(), np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, r))
-    nearest.reassign(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower)
+    labels, dmin, upper, lower = wrong.copy(), np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, r, 2))
+    second = np.full((n, r), -1, dtype=np.int32)
+    nearest.reassign(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower, second)
     np.testing.assert_array_equal(labels[need], ref[need])
     np.testing.assert_array_equal(labels[~need], wrong[~need])  # pairs not asked for are left alone
-    own, others = np.empty((n, r)), np.empty((n, r))
+    own, others, runner, rest = (np.empty((n, r)) for _ in range(4))
     for p, c in enumerate(runs):
         exact = ((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1)  # (n, k), integers: exact
         own[:, p] = exact[np.arange(n), ref[:, p]]
         exact[np.arange(n), ref[:, p]] = np.inf
         others[:, p] = exact.min(axis=1)
+        runner[:, p] = np.where(second[:, p] >= 0, exact[np.arange(n), second[:, p]], others[:, p])
+        exact[np.arange(n), second[:, p]] = np.where(second[:, p] >= 0, np.inf, exact[np.arange(n), second[:, p]])
+        rest[:, p] = exact.min(axis=1)
     # computed squared distances: within one error bound of the exact ones (the bounds' slack covers it)
     err = coef / 2 * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
     assert np.all(np.abs(upper[need] ** 2 - own[need]) <= err[need])
-    assert np.all(lower[need] ** 2 <= others[need] + err[need])  # below every other distance
+    assert np.all(lower[need].min(-1) ** 2 <= others[need] + err[need])  # below every other distance
+    assert np.all(second[need] != labels[need])  # −1 after a near tie (every row here has one)
+    assert np.all(np.abs(lower[..., 0][need] ** 2 - runner[need]) <= err[need])  # the runner-up's, computed
+    assert np.all(lower[..., 1][need] ** 2 <= rest[need] + err[need])  # below every centroid but those two
 
 
 def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
@@ -130,13 +137,80 @@ def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
     proven = others - own > 1.5 * window
     assert 0.2 < proven.mean() < 1  # both kinds of pairs occur
     labels, upper = ref.astype(np.int32), np.full(ref.shape, np.inf)
-    dmin, lower = np.zeros(ref.shape), np.sqrt(others)
-    nearest.reassign(x, xsq, stack, offsets, np.arange(2), np.ones(ref.shape, bool), coef, labels, dmin, upper, lower)
+    dmin, lower = np.zeros(ref.shape), np.repeat(np.sqrt(others)[..., None], 2, axis=-1)
+    second = np.full(ref.shape, -1, dtype=np.int32)
+    nearest.reassign(x, xsq, stack, offsets, np.arange(2), np.ones(ref.shape, bool), coef, labels, dmin, upper, lower,
+                     second)
     np.testing.assert_array_equal(labels, ref)
     assert np.all(np.abs(upper**2 - own) <= window / 2)  # tightened: the computed distance, within the error bound
-    assert np.all(lower[proven] == np.sqrt(others[proven]))  # a kept pair's lower bound is left alone
-    kept = lower == np.sqrt(others)
-    assert not kept.all() and np.all(lower[~kept] < np.sqrt(others[~kept]) + 1)  # the others were recomputed
+    assert np.all(lower[proven] == np.sqrt(others[proven])[:, None])  # a kept pair's lower bounds are left alone
+    kept = lower[..., 0] == np.sqrt(others)
+    assert not kept.all() and np.all(lower[~kept].min(-1) < np.sqrt(others[~kept]) + 1)  # the others: recomputed
+
+
+def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
+    """Recomputed pairs: label, second-nearest (index), its distance and the third-nearest's, as computed."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (300, 784)).astype(np.uint8)
+    runs = [rng.uniform(0, 255, (k, 784)).astype(np.float32).astype(np.float64) for k in (1, 2, 3, 9)]
+    stack = np.concatenate(runs).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
+    n, r = x.shape[0], len(runs)
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    labels, dmin, upper = np.zeros((n, r), dtype=np.int32), np.zeros((n, r)), np.full((n, r), np.inf)
+    lower, second = np.zeros((n, r, 2)), np.full((n, r), -1, dtype=np.int32)
+    nearest.reassign(x, xsq, stack, offsets, np.arange(r), np.ones((n, r), bool), coef, labels, dmin, upper, lower,
+                     second)
+    for p, c in enumerate(runs):
+        exact = ((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1)
+        order = np.argsort(exact, axis=1, kind="stable")
+        window = coef * (xsq.astype(np.float64) + 2 * (c**2).sum(1).max())
+        np.testing.assert_array_equal(labels[:, p], order[:, 0])
+        if c.shape[0] == 1:
+            assert np.all(second[:, p] == -1) and np.all(lower[:, p] == np.inf)
+            continue
+        gap = exact[np.arange(n), order[:, 1]] - exact[np.arange(n), order[:, 0]]
+        clear = gap > 2 * window  # no near tie: the runner-up is named
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(second[clear, p], order[clear, 1])
+        assert np.all(np.abs(lower[clear, p, 0] ** 2 - exact[clear, order[clear, 1]]) <= window[clear] / 2)
+        third = exact[np.arange(n), order[:, 2]] if c.shape[0] > 2 else np.full(n, np.inf)
+        if c.shape[0] > 2:
+            assert np.all(np.abs(lower[clear, p, 1] ** 2 - third[clear]) <= window[clear] / 2)
+        else:
+            assert np.all(lower[clear, p, 1] == np.inf)
+
+
+def test_moved_bounds_track_the_runner_up_apart() -> None:
+    """After moves, kept labels are the exact nearest of the moved centroids, and the bounds hold. Rows near
+    centroid 0 with centroid 1 as runner-up, the others far: when a far centroid moves a lot, the runner-up's
+    own bound keeps the rows (one Hamerly bound, shrunk by the largest move, fails every row)."""
+    rng = np.random.default_rng(4)
+    c = rng.uniform(0, 255, (6, 784))
+    c[1] = c[0] + rng.normal(0, 18, 784)  # ~500 from centroid 0; the others ~2,900
+    c = c.astype(np.float32)
+    x = np.clip(np.rint(c[0] + rng.normal(0, 10, (400, 784))), 0, 255).astype(np.uint8)
+    offsets = np.array([0, 6])
+    xsq = nearest.row_norms(x, np.float32)
+    labels, dmin, upper, lower, second = kernels.assign(x, c, offsets, bounds=True, xsq=xsq)
+    assert np.all(labels[:, 0] == 0) and np.all(second[:, 0] == 1)
+    step = rng.normal(0, 1, c.shape) * np.array([0.2, 0.2, 0.2, 0.2, 0.2, 36.0])[:, None]  # centroid 5: ~1,000
+    moved_c = (c + step).astype(np.float32)
+    moved = np.sqrt(((moved_c.astype(np.float64) - c) ** 2).sum(1))
+    slack = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
+    new_upper, new_lower, need = nearest.moved_bounds(labels, upper, lower, second, moved, offsets,
+                                                      slack * xsq.astype(np.float64), np.array([slack * 2 * csq_max]))
+    exact = ((x.astype(np.float64)[:, None] - moved_c.astype(np.float64)[None]) ** 2).sum(-1)
+    assert need[:, 0].mean() < 0.1
+    np.testing.assert_array_equal(exact.argmin(1)[~need[:, 0]], 0)  # kept: still the nearest
+    err = slack / 2 * (xsq.astype(np.float64) + 2 * csq_max)
+    assert np.all(new_upper[:, 0] ** 2 >= exact[:, 0] - err)
+    assert np.all(new_lower[:, 0, 0] ** 2 <= exact[:, 1] + err)
+    assert np.all(new_lower[:, 0, 1] ** 2 <= exact[:, 2:].min(1) + err)
+    hamerly = lower[:, 0].min(-1) - moved[1:].max()
+    assert np.all(hamerly < new_upper[:, 0])  # one bound for every other centroid: every row needs a look
 
 
 @pytest.mark.parametrize("seed", range(4))
