@@ -329,8 +329,9 @@ def lloyd_chunk(
     every run's previous state (after the driver's relocation ``patches``),
     the partial carries *changes* of the sums (``delta=True``). With
     ``prune`` and the centroids' ``drift`` since the previous pass,
-    Hamerly-style bounds (distance to the assigned centroid ≤ upper, to any
-    other ≥ lower) skip the rows whose label cannot change in any run;
+    Hamerly-style bounds (distance to the assigned centroid ≤ upper, to the
+    second-nearest and to the others ≥ two lower bounds) skip the rows whose
+    label cannot change in any run;
     relocation candidates are then only upper bounds (``pruned=True``).
     Trusts its inputs.
     """
