@@ -168,12 +168,15 @@ def reassign(
     A pair whose bounds failed first gets its distance to the assigned
     centroid, computed as one GEMM entry would be (one dot product, off by at
     most :func:`error_bound`, as the computed distance the lower bound came
-    from): when the lower bounds (:func:`moved_bounds`) still clear it by the error window (``coef``
-    · (‖x‖² + 2 max‖c‖² of the run), the window of :func:`error_bound`
-    doubled), the label stays and the upper bound tightens. Otherwise the row is compared with every centroid of the run:
-    float32 dot products in any order (the error bound holds for every
-    order), then near ties settled exactly and the bounds renewed as in :func:`assign_rows`. Per
-    pair, no GEMM: the cost follows the pairs, not rows × stack.
+    from): when the lower bounds (:func:`moved_bounds`) still clear it by the
+    error window (``coef`` · (‖x‖² + 2 max‖c‖² of the run), the window of
+    :func:`error_bound` doubled), the label stays and the upper bound
+    tightens. When only the runner-up's bound fails, its distance alone
+    decides between the two. Otherwise the row is compared with every
+    centroid of the run: float32 dot products in any order (the error bound
+    holds for every order), then near ties settled exactly and the bounds
+    renewed as in :func:`assign_rows`. Per pair, no GEMM: the cost follows
+    the pairs, not rows × stack.
     """
     c64 = centroids.astype(np.float64)
     csq = np.einsum("ij,ij->i", centroids, centroids)
@@ -231,10 +234,31 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             a = lo + labels[i, p]
             # computed like a GEMM entry (one dot product): off by at most the error bound, as the lower bound
             e = max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero)
-            low = min(lower[i, p, 0], lower[i, p, 1])
-            if low > 0 and low * low - e > window:  # the label stays: tighten the upper bound
+            l0, l1 = lower[i, p, 0], lower[i, p, 1]
+            rest_clear = l1 > 0 and l1 * l1 - e > window
+            if rest_clear and l0 > 0 and l0 * l0 - e > window:  # the label stays: tighten the upper bound
                 upper[i, p] = np.sqrt(np.float64(e))
                 dmin[i, p] = e
+                continue
+            if rest_clear and second[i, p] >= 0:  # only the runner-up may be nearer: one more distance
+                b = lo + second[i, p]
+                v = max(csq[b] - two * _dot(buf, cent[b]) + xsq[i], zero)
+                tie = abs(np.float64(v) - np.float64(e)) <= window
+                if tie:  # settle exactly, the lower index first
+                    ta, tb = _exact_sq(x[i], c64[a], buf64), _exact_sq(x[i], c64[b], buf64)
+                    win_b = tb < ta or (tb == ta and b < a)
+                else:
+                    win_b = v < e
+                near, far = (v, e) if win_b else (e, v)
+                labels[i, p] = (b if win_b else a) - lo
+                dmin[i, p] = near
+                upper[i, p] = np.sqrt(np.float64(near))
+                if tie:  # as after any settled tie: the smaller computed distance bounds both, l1 the rest
+                    second[i, p] = -1
+                    lower[i, p, 0] = lower[i, p, 1] = min(np.sqrt(np.float64(min(v, e))), l1)
+                else:  # the other one is the runner-up; the rest keep their bound
+                    second[i, p] = (a if win_b else b) - lo
+                    lower[i, p, 0] = np.sqrt(np.float64(far))
                 continue
             _dots(buf, cent, lo, hi, dots)
             for j in range(lo, hi):

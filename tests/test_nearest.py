@@ -226,3 +226,36 @@ def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
     expected = [p for p, c in enumerate(counts) if (c == 0).any()]
     assert 0 < len(expected) < len(ks) or n < 30
     np.testing.assert_array_equal(kernels.runs_with_empty_cluster(labels, offsets), expected)
+
+
+def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails() -> None:
+    """The rest cleared, the runner-up's bound failed: the pair gets the exact nearest of the two, the loser as
+    runner-up with its computed distance, and the rest's bound untouched (no full recompute)."""
+    rng = np.random.default_rng(5)
+    c = rng.uniform(0, 255, (5, 784))
+    c[:2] = rng.uniform(60, 195, 784)
+    c[1] += rng.normal(0, 18, 784)
+    c = c.astype(np.float32)
+    t = rng.choice([0.35, 0.65], 300)[:, None]  # between 0 and 1, nearer one or the other
+    x = np.rint(c[0] + t * (c[1] - c[0]) + rng.normal(0, 10, (300, 784))).astype(np.uint8)
+    exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    near = exact[:, :2].argmin(1)
+    assert 0.2 < near.mean() < 0.8 and np.all(exact[:, 2:].min(1) > 2 * exact[:, :2].max(1))
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    window = coef * (xsq.astype(np.float64) + 2 * (c.astype(np.float64) ** 2).sum(1).max())
+    labels = rng.integers(0, 2, (300, 1)).astype(np.int32)  # right or wrong between 0 and 1
+    second = (1 - labels).astype(np.int32)
+    lower = np.zeros((300, 1, 2))
+    lower[:, 0, 1] = 0.99 * np.sqrt(exact[:, 2:].min(1))  # clears the rest, below their distance
+    dmin, upper = np.zeros((300, 1)), np.full((300, 1), np.inf)
+    rest = lower[:, 0, 1].copy()
+    nearest.reassign(x, xsq, c, np.array([0, 5]), np.array([0]), np.ones((300, 1), bool), coef, labels, dmin, upper,
+                     lower, second)
+    np.testing.assert_array_equal(labels[:, 0], near)
+    np.testing.assert_array_equal(lower[:, 0, 1][second[:, 0] >= 0], rest[second[:, 0] >= 0])  # not recomputed
+    named = second[:, 0] >= 0
+    assert named.mean() > 0.9 and np.all(second[named, 0] == 1 - near[named])
+    loser = exact[np.arange(300), 1 - near]
+    assert np.all(np.abs(lower[named, 0, 0] ** 2 - loser[named]) <= window[named] / 2)
+    assert np.all(np.abs(upper[:, 0] ** 2 - exact[np.arange(300), near]) <= window / 2)
