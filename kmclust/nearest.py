@@ -11,9 +11,10 @@ centroids only, never on chunking, row subsets or BLAS, which is what lets
 distance bounds skip rows without changing a result.
 
 The same rules serve Hamerly's second step (:func:`reassign`): for a (row,
-run) pair whose bounds failed, the exact distance to its centroid first, then
-the run's centroids, pair by pair with no GEMM. Also here: the other compiled
-loops of a chunk (row norms, row gathers, exact squared errors, bound updates).
+run) pair whose bounds failed, the distance to its centroid first, then the
+runner-up's or the whole run's, pair by pair with no GEMM. Also here: the
+other compiled loops of a chunk (row norms, row gathers, exact squared errors,
+bound updates, adding partial sums).
 
 Compiled with numba (one pass over the (n, ΣK) matrix instead of numpy's
 argmin and partition over small axes); ``nogil`` so chunk tasks run in
