@@ -339,6 +339,7 @@ class _Pass:
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
         self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
+        self._held: list = []  # futures no longer needed, dropped only after the next submission (see _submit)
         self.slots = self._slots()
 
     def _slots(self) -> list[list[int]] | None:
@@ -416,7 +417,7 @@ class _Pass:
             return self._run_slots(dsk, groups, eval_pos, slot_parts, state_keys)
         flat = [k for per_chunk in state_keys for k in per_chunk]
         if self.client is not None:  # one submission: states stay on the workers as futures
-            futures = self.client.get(dsk, roots + flat, sync=False)
+            futures = self._submit(dsk, roots + flat)
             try:
                 results = self.client.gather(futures[: len(roots)])
             except BaseException:
@@ -431,8 +432,24 @@ class _Pass:
             results, states = out[: len(roots)], out[len(roots) :]
         if self.stateful:
             per = len(groups)
+            self._held.append(self.states)
             self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
         return list(zip(groups, eval_pos, results))
+
+    def _submit(self, dsk: dict, keys: list) -> list:
+        """Submit a pass's graph; only then drop the futures of earlier passes (held until now).
+
+        The client sends both the graph and the release of dropped futures
+        through one batched stream, at most one message per 10 ms: releases
+        sent at the end of a pass held the next pass's graph back by up to
+        10 ms, and the scheduler's own 5 ms batches to the workers (freeing
+        those keys) then held the tasks back again (LocalCluster, k=20 run:
+        ~9 ms of a 20-35 ms pass; see BENCHMARKS.md). Sent after the graph,
+        the releases delay nothing.
+        """
+        futures = self.client.get(dsk, keys, sync=False)
+        self._held = [futures]
+        return futures
 
     def _slot_graph(self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]) -> list:
         """Add group ``g``'s slot tasks and their partials' keys to ``dsk``; return those keys.
@@ -464,7 +481,7 @@ class _Pass:
         """Compute a slot-task pass: gather each slot's per-chunk partials, reduce them in chunk order here."""
         tasks = sorted({key for per_chunk in state_keys for key, _ in per_chunk}) if self.stateful else []
         flat = [k for keys in slot_parts for k in keys]
-        futures = self.client.get(dsk, flat + tasks, sync=False)
+        futures = self._submit(dsk, flat + tasks)
         try:
             gathered = self.client.gather(futures[: len(flat)], direct=True)
         except BaseException:
@@ -472,6 +489,7 @@ class _Pass:
             raise
         if self.stateful:
             held = dict(zip(tasks, futures[len(flat) :]))
+            self._held.append(self.states)
             self.states = [[(held[key], j) for key, j in per_chunk] for per_chunk in state_keys]
         results, at = [], 0
         for keys in slot_parts:

@@ -73,6 +73,40 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
 
 
 @pytest.mark.slow
+def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_behind() -> None:
+    """A pass's graph goes out before the release of the previous passes' futures (which would hold it back in
+    the client's batched stream); when ``lloyd`` returns, the client holds none of its keys."""
+    import gc
+
+    from distributed import Client, LocalCluster
+
+    x = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.int64)[:2000, :-1].astype(np.uint8)
+    alive_at_submit: list[set] = []
+    submitted: list[set] = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+        real_get = client.get
+
+        def get(dsk, keys, **kwargs):
+            if kwargs.get("sync", True):  # a plain compute, not a pass
+                return real_get(dsk, keys, **kwargs)
+            alive_at_submit.append(set(client.refcount))
+            futures = real_get(dsk, keys, **kwargs)
+            submitted.append({f.key for f in futures})
+            return futures
+
+        client.get = get
+        data = engine.persist_balanced(da.from_array(x, chunks=(500, 784)))
+        (res,) = engine.lloyd(data, [x[:8] / 255.0], tol=0, max_iter=4, scale=1 / 255, persist=False)
+        gc.collect()
+        left = set(client.refcount)
+    assert res.ok and len(submitted) == 5  # 4 passes + the evaluation pass
+    for before, earlier in zip(alive_at_submit[1:], submitted):
+        assert earlier <= before, "a pass's futures were released before the next pass was submitted"
+    assert not left & set().union(*submitted), "futures of the passes outlived lloyd"
+
+
+@pytest.mark.slow
 def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(mnist_subset_store: Path) -> None:
     """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in memory."""
     from distributed import Client, LocalCluster
