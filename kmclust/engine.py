@@ -432,7 +432,8 @@ class _Pass:
             results, states = out[: len(roots)], out[len(roots) :]
         if self.stateful:
             per = len(groups)
-            self._held.append(self.states)
+            if self.client is not None:
+                self._held.append(self.states)
             self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
         return list(zip(groups, eval_pos, results))
 

@@ -193,6 +193,35 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         assert sum(r.n_relocated for r in plain) > 0
 
 
+def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
+    """Each chunk's state (labels, bounds) lives until the next pass replaces it, never longer."""
+    import gc
+    import weakref
+
+    from kmclust import kernels
+
+    x, _ = digits
+    states: list[weakref.ref] = []
+    real = kernels.lloyd_chunk
+
+    def recording(*args, **kwargs):
+        part, state = real(*args, **kwargs)
+        states.append(weakref.ref(state))
+        return part, state
+
+    def live() -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in states)
+
+    alive: list[int] = []
+    monkeypatch.setattr(kernels, "lloyd_chunk", recording)
+    (res,) = engine.lloyd(da_chunks(x), [x[:10] / 255.0], tol=0, max_iter=6, scale=1 / 255,
+                          progress=lambda *_: alive.append(live()))
+    assert res.n_iter == 6 and len(states) == 4 * 7  # 4 chunks, 6 passes and the evaluation pass
+    assert alive[:-1] == [4] * 6, alive  # one state per chunk while the run goes on
+    assert live() == 0
+
+
 def da_chunks(x: np.ndarray):
     import dask.array as da
 
