@@ -550,7 +550,8 @@ def lloyd(
     uint8 data stay uint8 in memory (a quarter of float32's bytes), the
     kernels convert a cache-sized block of rows at a time.
     ``prune`` (integer data) skips rows whose label provably cannot change
-    (Hamerly-style bounds, the runner-up tracked apart); results are bit-identical to the unpruned
+    (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid, as Elkan's, for a batch
+    of one run or of runs of many centroids); results are bit-identical to the unpruned
     computation because labels are the exact nearest centroid
     (:mod:`kmclust.nearest`). Runs needing many rows share one GEMM over
     their rows' union, the others a compiled per-pair step; ``prune=False``

@@ -5,6 +5,9 @@ A *stack* holds the centroids of R runs one above the other (ΣK × D) with
 chunk against the whole stack serves every run still moving; runs whose
 bounds clear most rows get compiled per-pair work instead; the rest is
 vectorised over runs or compiled (no Python loop over samples in the hot path).
+Bounds: two lower bounds per (row, run) (runner-up and the rest), or for a
+stack of one run or of large runs one per (row, centroid) (Elkan; see
+:func:`centroid_bounds`).
 
 Units: the kernel works in the data's own units (0–255 for uint8 images).
 uint8 rows stay uint8 and are converted to float32 ``BLOCK_ROWS`` at a time
@@ -109,7 +112,8 @@ def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = No
 
 
 def assign(
-    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, bounds: bool = False, xsq: np.ndarray | None = None
+    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, bounds: bool = False, xsq: np.ndarray | None = None,
+    cbound: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Nearest centroid of each run for each row.
 
@@ -119,29 +123,34 @@ def assign(
     used for relocation candidates and bounds, never for J). ``bounds=True``
     also returns ``upper`` = √dmin and the lower bounds ``lower`` (n, R, 2)
     and ``second`` (n, R) of :func:`kmclust.nearest.assign_rows`, which let
-    later passes skip rows. ``xsq``: the rows' ‖x‖² if known.
+    later passes skip rows. ``xsq``: the rows' ‖x‖² if known. ``cbound``
+    (n, ΣK) float32, if given, receives per-centroid lower bounds
+    (:func:`kmclust.nearest.moved_centroid_bounds`).
     """
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
         xsq = _nearest.row_norms(x, centroids.dtype)
     out = (np.empty((n, r), dtype=np.int32), np.empty((n, r)), np.empty((n, r)), np.empty((n, r, 2)),
            np.empty((n, r), dtype=np.int32))
-    place(x, centroids, offsets, None, np.arange(r), xsq, *out)
+    place(x, centroids, offsets, None, np.arange(r), xsq, *out, cbound=cbound, col0=offsets[:-1])
     return out if bounds else out[:2]
 
 
 def place(
     x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None, runs: np.ndarray,
     xsq: np.ndarray, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
+    cbound: np.ndarray | None = None, col0: np.ndarray | None = None,
 ) -> None:
-    """Assign rows ``rows`` (all if None) for a (sub)stack; results go to columns ``runs`` of the (n, R) outputs."""
+    """Assign rows ``rows`` (all if None) for a (sub)stack; results go to columns ``runs`` of the (n, R) outputs
+    (per-centroid bounds, if ``cbound``, to its columns from ``col0[p]`` on for sub-stack position p)."""
     dist = distances(x, centroids, rows)
     c64 = centroids.astype(np.float64)
     if rows is None:
         rows = np.arange(x.shape[0])
     xs = xsq[rows]
     window = 2.0 * _nearest.error_bound(xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype)
-    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower, second)
+    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower, second, cbound,
+                         col0)
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -288,6 +297,26 @@ def exact_errors(
 BUSY_SHARE = 0.15
 #: Cost of one (row, centroid) distance in the compiled per-pair step, in units of the same in a stacked GEMM.
 PAIR_COST = 3.0
+#: A stack of one run, or of runs that all have at least this many centroids, keeps a lower bound per (row,
+#: centroid) (Elkan) ...
+CENTROID_BOUNDS_MIN_K = 64
+#: ... while it has at most this many centroids: 4 bytes of state per row and centroid (2 KB a row at most).
+CENTROID_BOUNDS_MAX_K = 512
+
+
+def centroid_bounds(offsets: np.ndarray) -> bool:
+    """Whether a stack keeps per-centroid lower bounds (Elkan) rather than two per run.
+
+    Few of a run's centroids fail their own bound, so the per-pair step
+    computes a handful of distances per row instead of the run's k (k=256 on
+    Fashion-MNIST: 2-9 % of the pairs after the first pass). A stack of many
+    small runs (the k ≤ 20 grid) keeps two bounds per run: there the n × ΣK
+    upkeep cost more than it saved (BENCHMARKS.md).
+    """
+    ks = np.diff(offsets)
+    if not ks.size or int(offsets[-1]) > CENTROID_BOUNDS_MAX_K:
+        return False
+    return ks.size == 1 or int(ks.min()) >= CENTROID_BOUNDS_MIN_K
 
 
 @dataclass
@@ -300,6 +329,8 @@ class ChunkState:
     lower: np.ndarray | None  # (n, R, 2) float64 (see kmclust.nearest.moved_bounds)
     xsq: np.ndarray | None = None  # (n,) the rows' ‖x‖² in the compute dtype (they never change)
     second: np.ndarray | None = None  # (n, R) int32 second-nearest centroid of each run (−1: none known)
+    cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid lower bounds (then no lower, second)
+    offsets: np.ndarray | None = None  # (R + 1,) the stack's offsets (the runs' columns of ``cbound``)
 
 
 def lloyd_chunk(
@@ -344,12 +375,17 @@ def lloyd_chunk(
         xsq = exact.astype(centroids.dtype)
     else:
         xsq = _nearest.row_norms(x, centroids.dtype)
-    prior = _previous(prev, patches, run_ids, start, x.shape[0]) if integer else None
+    per_centroid = prune and integer and centroid_bounds(offsets)
+    prior = _previous(prev, patches, run_ids, per_centroid, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
-        labels, dmin, upper, lower, second = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior, drift)
+        labels, dmin, upper, lower, second, cbound = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior,
+                                                                    drift)
     else:
-        labels, dmin, upper, lower, second = assign(x, centroids, offsets, bounds=True, xsq=xsq)
+        cbound = np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
+        labels, dmin, upper, lower, second = assign(x, centroids, offsets, bounds=True, xsq=xsq, cbound=cbound)
+        if per_centroid:
+            lower = second = None
     sum_cols = None
     if prior is not None:
         sum_cols, sums, counts = delta_sums(x, labels, prior.labels, offsets)
@@ -375,7 +411,8 @@ def lloyd_chunk(
         out_labels.append((start, labels[:, cols]))
     keep_bounds = prune and integer
     state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
-                       lower if keep_bounds else None, xsq, second if keep_bounds else None) if integer else None
+                       lower if keep_bounds else None, xsq, second if keep_bounds else None,
+                       cbound if keep_bounds else None, np.asarray(offsets)) if integer else None
     part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
                    prior is not None, pruned, sum_cols)
     return part, state
@@ -396,6 +433,7 @@ class _Prior:
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning (read only)
     lower: np.ndarray | None  # (n, R, 2)
     second: np.ndarray | None  # (n, R)
+    cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid bounds (then no lower, second); lowered in place
 
 
 def _pruned_assign(
@@ -411,7 +449,10 @@ def _pruned_assign(
     over the rows whose pairs in those runs would cost more in the compiled
     per-pair step (:func:`kmclust.nearest.reassign`, ``PAIR_COST`` times a GEMM
     distance); every other pair goes through that step. (All rows needed by
-    a busy run in the GEMM: the 96-run bench grid took ~4 % longer.)
+    a busy run in the GEMM: the 96-run bench grid took ~4 % longer.) Stacks
+    with per-centroid bounds (:func:`centroid_bounds`) go to
+    :func:`_pruned_assign_centroids`. Returns labels, dmin, upper, lower,
+    second and the per-centroid bounds (None here).
     """
     n = x.shape[0]
     labels = prior.labels.copy()
@@ -422,8 +463,11 @@ def _pruned_assign(
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     # the bounds started from computed squared distances, each off by at most error_bound
     slack = 2.0 * _nearest.error_bound(1.0, 0.0, x.shape[1], centroids.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
+    row_slack, run_slack = slack * xsq.astype(np.float64), slack * 2.0 * csq_max
+    if prior.cbound is not None:
+        return _pruned_assign_centroids(x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack)
     upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, prior.second, moved, offsets,
-                                               slack * xsq.astype(np.float64), slack * 2.0 * csq_max)
+                                               row_slack, run_slack)
     second = prior.second.copy()
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need many rows: one fat GEMM over the rows that many of them need. Settled
@@ -447,53 +491,107 @@ def _pruned_assign(
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
         _nearest.reassign(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second)
-    return labels, dmin, upper, lower, second
+    return labels, dmin, upper, lower, second, None
+
+
+def _pruned_assign_centroids(
+    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, labels: np.ndarray, prior: _Prior,
+    moved: np.ndarray, slack: float, row_slack: np.ndarray, run_slack: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_pruned_assign` with a lower bound per (row, centroid) (Elkan; ``labels`` are written in place).
+
+    A row whose pairs would need more distances in the per-pair step
+    (:func:`kmclust.nearest.reassign_centroids`: the assigned centroid's and
+    those whose bound failed, ``PAIR_COST`` times a GEMM distance each) than
+    the stack's ΣK joins one GEMM over the whole stack (the first passes,
+    when every centroid moves far); every other pair goes through that step.
+    """
+    n, r = labels.shape
+    cbound = prior.cbound  # lowered in place (see kmclust.nearest.moved_centroid_bounds)
+    upper, need, fails = _nearest.moved_centroid_bounds(labels, prior.upper, cbound, moved, offsets, row_slack,
+                                                        run_slack)
+    dmin = np.square(upper)  # upper bounds for rows that keep their label
+    rows = np.flatnonzero(((fails + 2) * need).sum(axis=1) * PAIR_COST >= offsets[-1])
+    pairs = need
+    if rows.size:
+        scratch = np.empty((n, r, 2)), np.empty((n, r), dtype=np.int32)  # two-bound outputs this stack does not keep
+        place(x, centroids, offsets, None if rows.size > 0.9 * n else rows, np.arange(r), xsq, labels, dmin, upper,
+              *scratch, cbound=cbound, col0=offsets[:-1])
+        pairs = need.copy()
+        pairs[rows] = False
+        if rows.size > 0.9 * n:
+            pairs[:] = False
+    rest = np.flatnonzero(pairs.any(axis=0))
+    if rest.size:
+        _nearest.reassign_centroids(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound)
+    return labels, dmin, upper, None, None, cbound
 
 
 def _previous(
     prev: list[ChunkState] | None,
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None,
     run_ids: np.ndarray,
+    per_centroid: bool,
     start: int,
     n: int,
 ) -> _Prior | None:
-    """Every run's previous labels (and bounds) with relocation patches applied; None if any is missing."""
+    """Every run's previous labels with relocation patches applied; None if any is missing.
+
+    Also the bounds, when every run kept those the stack uses now (two per
+    run, or per centroid: ``per_centroid``); otherwise none (a full pass renews them).
+    """
     if not prev:
         return None
     where = {int(rid): (st, col) for st in prev for col, rid in enumerate(st.run_ids)}
     if any(int(rid) not in where for rid in run_ids):
         return None
-    has_bounds = all(where[int(rid)][0].upper is not None for rid in run_ids)
+    held = [where[int(rid)] for rid in run_ids]
+    kind = "cbound" if per_centroid else "lower"
+    has_bounds = all(st.upper is not None and getattr(st, kind) is not None for st, _ in held)
+    names = ("upper", "cbound") if per_centroid else ("upper", "lower", "second")
+    bounds: dict[str, np.ndarray] = {}
     if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: the same stack
         st = prev[0]
-        labels, upper, lower, second = st.labels, st.upper, st.lower, st.second
-    elif len({id(where[int(rid)][0]) for rid in run_ids}) == 1:  # runs left the stack: one gather of columns
-        st = where[int(run_ids[0])][0]
-        cols = np.array([where[int(rid)][1] for rid in run_ids])
+        labels = st.labels
+        if has_bounds:
+            bounds = {name: getattr(st, name) for name in names}
+    elif len({id(st) for st, _ in held}) == 1:  # runs left the stack: one gather of columns
+        st = held[0][0]
+        cols = np.array([col for _, col in held])
         labels = np.take(st.labels, cols, axis=1)  # np.take: 2-9x numpy's fancy indexing of columns here
-        upper, lower, second = ([np.take(a, cols, axis=1) for a in (st.upper, st.lower, st.second)] if has_bounds
-                                else (None, None, None))
+        if has_bounds:
+            bounds = {name: np.take(getattr(st, name), _columns(st.offsets, cols) if name == "cbound" else cols,
+                                    axis=1) for name in names}
     else:
-        def column(name: str) -> np.ndarray:
-            return np.stack([getattr(where[int(rid)][0], name)[:, where[int(rid)][1]] for rid in run_ids], axis=1)
+        def column(st: ChunkState, col: int, name: str) -> np.ndarray:
+            if name == "cbound":
+                return st.cbound[:, st.offsets[col] : st.offsets[col + 1]]
+            return getattr(st, name)[:, col]
 
-        labels = column("labels")
-        upper, lower, second = (column("upper"), column("lower"), column("second")) if has_bounds else (
-            None, None, None)
+        labels = np.stack([column(st, col, "labels") for st, col in held], axis=1)
+        if has_bounds:
+            bounds = {name: (np.concatenate if name == "cbound" else np.stack)(
+                [column(st, col, name) for st, col in held], axis=1) for name in names}
     touched = [(p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches]
     if touched:  # the states are shared (threaded scheduler, retries): patch copies
         labels = labels.copy()
-        if has_bounds:
-            upper, lower, second = upper.copy(), lower.copy(), second.copy()
+        bounds = {name: a if name == "cbound" else a.copy() for name, a in bounds.items()}
     for p, (idx, lab) in touched:
         inside = (idx >= start) & (idx < start + n)
         rows = idx[inside] - start
         labels[rows, p] = lab[inside]
-        if has_bounds:  # moved by the driver: its old nearest is now another centroid, below any bound kept
-            upper[rows, p] = np.inf
-            lower[rows, p] = 0.0
-            second[rows, p] = -1
-    return _Prior(labels, upper, lower, second)
+        if bounds:  # moved by the driver to another centroid: no bound on that distance
+            bounds["upper"][rows, p] = np.inf
+            if not per_centroid:  # and the old nearest, now one of the others, is below any bound kept
+                bounds["lower"][rows, p] = 0.0
+                bounds["second"][rows, p] = -1
+            # (per-centroid bounds hold whatever the label: the relocated centroid's jump is in its move)
+    return _Prior(labels, bounds.get("upper"), bounds.get("lower"), bounds.get("second"), bounds.get("cbound"))
+
+
+def _columns(offsets: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """The stacked centroid columns of stack positions ``runs``, in that order."""
+    return np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in runs])
 
 
 def combine(parts: list[Partial]) -> Partial:

@@ -12,7 +12,9 @@ distance bounds skip rows without changing a result.
 
 The same rules serve Hamerly's second step (:func:`reassign`): for a (row,
 run) pair whose bounds failed, the distance to its centroid first, then the
-runner-up's or the whole run's, pair by pair with no GEMM. Also here: the
+runner-up's or the whole run's, pair by pair with no GEMM; with a lower bound
+per centroid (Elkan, :func:`reassign_centroids`), only those of the
+centroids whose bound failed. Also here: the
 other compiled loops of a chunk (row norms, row gathers, exact squared errors,
 bound updates, adding partial sums).
 
@@ -45,6 +47,7 @@ def assign_rows(
     dist: np.ndarray, offsets: np.ndarray, x: np.ndarray, rows: np.ndarray, runs: np.ndarray,
     c64: np.ndarray, window: np.ndarray, xsq: np.ndarray,
     labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
+    cbound: np.ndarray | None = None, col0: np.ndarray | None = None,
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
@@ -60,9 +63,22 @@ def assign_rows(
     (below every centroid but those two). When a near tie was settled,
     ``second`` is −1 and both hold the nearest computed distance (below
     every other centroid). inf where the run has no such centroid.
+    With ``cbound`` (n, ΣK) float32, stack position p's centroids also get
+    per-centroid lower bounds (the roots of their computed distances, rounded
+    down) in the columns from ``col0[p]`` on (:func:`moved_centroid_bounds`).
     """
+    if cbound is None:
+        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
     _assign_rows(dist, np.asarray(offsets, dtype=np.int64), x, np.asarray(rows, dtype=np.int64),
-                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower, second)
+                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower, second, cbound,
+                 np.asarray(col0, dtype=np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _down32(v):  # pragma: no cover - compiled
+    """A float32 at most max(v, 0): a lower bound stays a lower bound in half the bytes."""
+    f = np.float32(max(v, 0.0) * (1.0 - 2.0**-22))
+    return f if np.float64(f) <= v else np.float32(0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -142,7 +158,7 @@ def _exact_nearest(xrow, c64, row, lo, hi, limit, buf):  # pragma: no cover - co
 
 @numba.njit(cache=True, nogil=True)
 def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower,  # pragma: no cover
-                 second):
+                 second, cbound, col0):
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
     for i in range(dist.shape[0]):
@@ -157,6 +173,10 @@ def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, u
                 sec = third = best
             _set_bounds(labels, dmin, upper, lower, second, r, runs[p], arg, lo, max(row[arg] + xsq[i], zero),
                         sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
+            if cbound.shape[0] > 0:
+                c0 = col0[p] - lo
+                for j in range(lo, hi):
+                    cbound[r, c0 + j] = _down32(np.sqrt(max(np.float64(row[j]) + np.float64(xsq[i]), 0.0)))
 
 
 def reassign(
@@ -280,6 +300,125 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
                 sec = third = best
             _set_bounds(labels, dmin, upper, lower, second, i, p, arg, lo, max(dots[arg - lo] + xsq[i], zero),
                         sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
+
+
+def reassign_centroids(
+    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, runs: np.ndarray,
+    need: np.ndarray, coef: float, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, cbound: np.ndarray,
+) -> None:
+    """Elkan's second step for the (row, run) pairs of ``need``, with per-centroid lower bounds, in place.
+
+    The distance to the assigned centroid comes first (one dot product, as
+    in :func:`reassign`); then only the run's centroids whose bound in
+    ``cbound`` (n, ΣK) does not clear it by the error window get theirs, which
+    also renews their bound. The label is the nearest of those computed,
+    near ties settled exactly (lowest index first), as in
+    :func:`assign_rows`. With many centroids per run few of them fail their
+    bound: the cost follows those, not the run's k.
+    """
+    c64 = centroids.astype(np.float64)
+    csq = np.einsum("ij,ij->i", centroids, centroids)
+    csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
+    _reassign_centroids(x, xsq, centroids, csq, c64, np.asarray(offsets, dtype=np.int64),
+                        np.asarray(runs, dtype=np.int64), need, coef, csq_max, labels, dmin, upper, cbound)
+
+
+@numba.njit(cache=True, nogil=True)
+def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
+                        labels, dmin, upper, cbound):
+    n, d = x.shape
+    buf = np.empty(d, dtype=cent.dtype)
+    buf64 = np.empty(d)
+    vals = np.empty(cent.shape[0])  # computed squared distances of the checked centroids (inf: proven farther)
+    cand = np.empty(cent.shape[0], dtype=np.int64)  # the centroids to check
+    dots = np.empty(cent.shape[0], dtype=cent.dtype)
+    zero = cent.dtype.type(0)
+    two = cent.dtype.type(2)
+    for i in range(n):
+        converted = False  # the row in the centroids' dtype, once for all its runs
+        for p in runs:
+            if not need[i, p]:
+                continue
+            if not converted:
+                for q in range(d):
+                    buf[q] = x[i, q]
+                converted = True
+            lo, hi = offsets[p], offsets[p + 1]
+            window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
+            a = lo + labels[i, p]
+            e = np.float64(max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero))
+            best = e
+            # centroid j is proven farther than the assigned one when its bound exceeds √(e + window) (then
+            # bound² − e > window): compared in float32 with that limit rounded up, branch-free
+            lim = np.sqrt(e + window)
+            limit = np.float32(lim) if lim < 3.0e38 else np.float32(np.inf)
+            if np.float64(limit) < lim:
+                limit = np.nextafter(limit, np.float32(np.inf))
+            m = 0
+            for j in range(lo, hi):
+                vals[j] = np.inf
+                cand[m] = j
+                m += cbound[i, j] <= limit
+            if m > 0 and cand[m - 1] == a:  # the assigned centroid is not a candidate (at most once, in order)
+                m -= 1
+            else:
+                for t in range(m):
+                    if cand[t] == a:
+                        cand[t:m - 1] = cand[t + 1:m]
+                        m -= 1
+                        break
+            _dots_at(buf, cent, cand, m, dots)
+            for t in range(m):
+                j = cand[t]
+                v = np.float64(max(csq[j] - two * dots[t] + xsq[i], zero))
+                vals[j] = v
+                cbound[i, j] = _down32(np.sqrt(v))
+                best = min(best, v)
+            vals[a] = e
+            cbound[i, a] = _down32(np.sqrt(e))
+            limit = best + window
+            arg = -1
+            ties = 0
+            for j in range(lo, hi):
+                if vals[j] <= limit:
+                    ties += 1
+                    if arg < 0 or vals[j] < vals[arg]:
+                        arg = j
+            if ties > 1:  # near tie: settle exactly, the lowest index first
+                top = np.inf
+                for j in range(lo, hi):
+                    if vals[j] <= limit:
+                        t = _exact_sq(x[i], c64[j], buf64)
+                        if t < top:
+                            top = t
+                            arg = j
+            labels[i, p] = arg - lo
+            dmin[i, p] = vals[arg]
+            upper[i, p] = np.sqrt(vals[arg])
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dots_at(buf, cent, idx, m, out):  # pragma: no cover - compiled
+    """out[t] = buf · cent[idx[t]] for t < m, four centroids per sweep over ``buf`` (as :func:`_dots`)."""
+    d = buf.size
+    t = 0
+    while t + 4 <= m:
+        c0, c1, c2, c3 = cent[idx[t]], cent[idx[t + 1]], cent[idx[t + 2]], cent[idx[t + 3]]
+        s0 = s1 = s2 = s3 = cent.dtype.type(0)
+        for q in range(d):
+            v = buf[q]
+            s0 += v * c0[q]
+            s1 += v * c1[q]
+            s2 += v * c2[q]
+            s3 += v * c3[q]
+        out[t] = s0
+        out[t + 1] = s1
+        out[t + 2] = s2
+        out[t + 3] = s3
+        t += 4
+    while t < m:
+        out[t] = _dot(buf, cent[idx[t]])
+        t += 1
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -425,6 +564,62 @@ def _moved_bounds(labels, upper, lower, second, moved, offsets, row_slack, run_s
             low = min(l0, l1)
             need[i, p] = not (np.isfinite(u) and low > u and low * low - u * u > row_slack[i] + run_slack[p])
     return new_upper, new_lower, need
+
+
+def moved_centroid_bounds(
+    labels: np.ndarray, upper: np.ndarray, cbound: np.ndarray, moved: np.ndarray, offsets: np.ndarray,
+    row_slack: np.ndarray, run_slack: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Elkan's bounds after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
+
+    The assigned centroid got farther by at most its own move (``upper`` (n,
+    R) grows by it: returned new); every centroid j came closer by at most
+    its own move (``cbound`` (n, ΣK) float32 shrinks by it *in place*,
+    rounded down: a bound lowered twice, as by a retried task, is still a
+    bound). A label is kept when every other centroid's bound² − upper²
+    exceeds ``row_slack[i] + run_slack[p]``, as in :func:`moved_bounds`.
+    Returns the new upper bounds, ``need`` (n, R) and per pair how many
+    centroids failed (what :func:`reassign_centroids` would compute besides
+    the assigned one).
+    """
+    return _moved_centroid_bounds(labels, upper, cbound, moved, np.asarray(offsets, dtype=np.int64), row_slack,
+                                  run_slack)
+
+
+@numba.njit(cache=True, nogil=True)
+def _moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack, run_slack):  # pragma: no cover
+    n, r = labels.shape
+    new_upper = np.empty((n, r))
+    need = np.empty((n, r), dtype=np.bool_)
+    fails = np.empty((n, r), dtype=np.int32)
+    shift = moved.astype(np.float32)
+    for j in range(shift.size):  # float32 moves rounded up: the float32 difference below only rounds down more
+        if np.float64(shift[j]) < moved[j]:
+            shift[j] = np.nextafter(shift[j], np.float32(np.inf))
+    down = np.float32(1.0 - 2.0**-22)
+    zero = np.float32(0)
+    for i in range(n):
+        row = cbound[i]
+        for p in range(r):
+            lo, hi = offsets[p], offsets[p + 1]
+            a = lo + labels[i, p]
+            u = upper[i, p] + moved[a]
+            new_upper[i, p] = u
+            # a bound clears when it exceeds √(u² + slack) (then it exceeds u and its square clears u² by the
+            # slack), compared in float32 with that limit rounded up
+            lim = np.sqrt(u * u + row_slack[i] + run_slack[p])
+            limit = np.float32(lim) if lim < 3.0e38 else np.float32(np.inf)
+            if np.float64(limit) < lim:
+                limit = np.nextafter(limit, np.float32(np.inf))
+            bad = 0
+            for j in range(lo, hi):
+                low = max((row[j] - shift[j]) * down, zero)  # float32, rounded down by the factor
+                row[j] = low
+                bad += low <= limit
+            bad -= row[a] <= limit
+            fails[i, p] = bad
+            need[i, p] = bad > 0 or not np.isfinite(u)
+    return new_upper, need, fails
 
 
 def signed_row_sums(x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: np.ndarray, n_slots: int) -> np.ndarray:

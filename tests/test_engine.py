@@ -193,6 +193,39 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         assert sum(r.n_relocated for r in plain) > 0
 
 
+def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> None:
+    """Stacks that keep a bound per centroid (one run; runs of 64+ centroids): the same labels, centroids, J and
+    iterations as with no bounds, through relocations and runs leaving the stack."""
+    from kmclust import kernels
+
+    x, _ = digits
+    rng = np.random.default_rng(9)
+    xs = x / 255.0
+    batches = [[x[rng.choice(len(x), 20, replace=False)] / 255.0],  # one run
+               [x[rng.choice(len(x), 64, replace=False)] / 255.0,
+                xs.mean(0) + xs.std(0) * rng.standard_normal((80, 784))]]  # Gaussian: empty clusters to relocate
+    pairs: list[int] = []
+    real = kernels._nearest.reassign_centroids
+
+    def counting(*args):
+        pairs.append(int(args[5][:, args[4]].sum()))
+        return real(*args)
+
+    monkeypatch.setattr(kernels._nearest, "reassign_centroids", counting)
+    for inits in batches:
+        assert kernels.centroid_bounds(np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])]))
+        pairs.clear()
+        pruned = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True)
+        assert sum(pairs) > 0  # the per-centroid step ran
+        plain = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True,
+                             prune=False)
+        for a, b in zip(pruned, plain):
+            np.testing.assert_array_equal(a.centroids, b.centroids)
+            np.testing.assert_array_equal(a.labels, b.labels)
+            assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust, b.history)
+    assert pruned[1].n_relocated > 0 and pruned[0].n_iter != pruned[1].n_iter and all(r.converged for r in pruned)
+
+
 def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
     """Each chunk's state (labels, bounds) lives until the next pass replaces it, never longer."""
     import gc

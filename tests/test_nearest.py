@@ -254,3 +254,107 @@ def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails
     loser = exact[np.arange(300), 1 - near]
     assert np.all(np.abs(lower[named, 0, 0] ** 2 - loser[named]) <= window[named] / 2)
     assert np.all(np.abs(upper[:, 0] ** 2 - exact[np.arange(300), near]) <= window / 2)
+
+
+def _with_centroid_bounds(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A first pass keeping per-centroid bounds: labels, dmin, upper, cbound (one run)."""
+    cbound = np.empty((x.shape[0], c.shape[0]), dtype=np.float32)
+    labels, dmin, upper, _, _ = kernels.assign(x, c, np.array([0, c.shape[0]]), bounds=True,
+                                               xsq=nearest.row_norms(x, np.float32), cbound=cbound)
+    return labels, dmin, upper, cbound
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(seed: int) -> None:
+    """Elkan's step with no knowledge (all bounds 0): exact nearest (near ties settled), each checked centroid's
+    bound at most its distance (up to the computed distances' error), the upper bound its computed distance."""
+    x, runs = _problem(seed)
+    stack = np.concatenate(runs).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
+    ref = _brute(x, runs)
+    n, r = ref.shape
+    rng = np.random.default_rng(seed)
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
+    need = rng.random((n, r)) < 0.8
+    wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
+    labels, dmin, upper = wrong.copy(), np.zeros((n, r)), np.zeros((n, r))
+    cbound = np.zeros((n, offsets[-1]), dtype=np.float32)
+    nearest.reassign_centroids(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, cbound)
+    np.testing.assert_array_equal(labels[need], ref[need])
+    np.testing.assert_array_equal(labels[~need], wrong[~need])  # pairs not asked for are left alone
+    for p, c in enumerate(runs):
+        exact = ((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1)  # integers: exact
+        err = coef / 2 * (xsq.astype(np.float64) + 2 * (c**2).sum(1).max())
+        rows = need[:, p]
+        own = exact[np.arange(n), ref[:, p]]
+        assert np.all(np.abs(upper[rows, p] ** 2 - own[rows]) <= err[rows])
+        cb = cbound[:, offsets[p] : offsets[p + 1]].astype(np.float64)
+        assert np.all(cb[rows] ** 2 <= exact[rows] + err[rows, None])
+        assert np.all(cb[rows] > 0.99 * np.sqrt(exact[rows]) - 1)  # and computed: every bound was 0, none proven
+        assert np.all(cb[~rows] == 0)
+
+
+def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
+    """Valid bounds just below the distances: a centroid whose bound clears the assigned one's distance keeps
+    its bound (no distance computed); the rest get theirs, and labels are the exact nearest."""
+    rng = np.random.default_rng(8)
+    c = rng.uniform(0, 255, (40, 784)).astype(np.float32)
+    x = np.clip(np.rint(c[rng.integers(0, 40, 500)] + rng.normal(0, 60, (500, 784))), 0, 255).astype(np.uint8)
+    exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    ref = exact.argmin(1)
+    xsq = nearest.row_norms(x, np.float32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    window = coef * (xsq.astype(np.float64) + 2 * (c.astype(np.float64) ** 2).sum(1).max())
+    given = (0.999 * np.sqrt(exact)).astype(np.float32)
+    labels = rng.integers(0, 40, (500, 1)).astype(np.int32)  # mostly wrong
+    start = labels[:, 0].copy()
+    assigned = exact[np.arange(500), start]
+    cbound = given.copy()
+    dmin, upper = np.zeros((500, 1)), np.full((500, 1), np.inf)
+    nearest.reassign_centroids(x, xsq, c, np.array([0, 40]), np.array([0]), np.ones((500, 1), bool), coef, labels,
+                               dmin, upper, cbound)
+    np.testing.assert_array_equal(labels[:, 0], ref)
+    # the assigned distance is computed (off by at most window / 2): beyond 1.5 windows a bound clears it for
+    # sure, below 0.5 windows it fails for sure
+    margin = given.astype(np.float64) ** 2 - assigned[:, None]
+    proven, failed = margin > 1.5 * window[:, None], margin < 0.5 * window[:, None]
+    proven[np.arange(500), start] = False
+    assert 0.2 < proven.mean() < 0.95 and failed.mean() > 0.05  # both kinds occur
+    np.testing.assert_array_equal(cbound[proven], given[proven])  # not recomputed
+    assert np.all(cbound[failed] != given[failed])  # recomputed: the computed distance, not 0.999 of it
+
+
+def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances() -> None:
+    """After moves, the per-centroid bounds (lowered in place) stay below the moved centroids' distances, kept
+    labels are the exact nearest, ``fails`` counts the other centroids whose bound does not clear; a far move
+    of one centroid costs only its own bound (one bound per run shrinks by it for every row)."""
+    rng = np.random.default_rng(4)
+    c = rng.uniform(0, 255, (6, 784))
+    c[1] = c[0] + rng.normal(0, 18, 784)
+    c = c.astype(np.float32)
+    x = np.clip(np.rint(c[0] + rng.normal(0, 10, (400, 784))), 0, 255).astype(np.uint8)
+    offsets = np.array([0, 6])
+    xsq = nearest.row_norms(x, np.float32)
+    labels, _, upper, cbound = _with_centroid_bounds(x, c)
+    step = rng.normal(0, 1, c.shape) * np.array([0.2, 0.2, 0.2, 0.2, 0.2, 36.0])[:, None]
+    moved_c = (c + step).astype(np.float32)
+    moved = np.sqrt(((moved_c.astype(np.float64) - c) ** 2).sum(1))
+    slack = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
+    before = cbound.copy()
+    row_slack, run_slack = slack * xsq.astype(np.float64), np.array([slack * 2 * csq_max])
+    new_upper, need, fails = nearest.moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack,
+                                                           run_slack)
+    exact = ((x.astype(np.float64)[:, None] - moved_c.astype(np.float64)[None]) ** 2).sum(-1)
+    err = slack / 2 * (xsq.astype(np.float64) + 2 * csq_max)
+    assert np.all(cbound <= np.maximum(before - moved[None].astype(np.float32), 0))  # lowered in place
+    assert np.all(cbound.astype(np.float64) ** 2 <= exact + err[:, None])
+    assert np.all(new_upper[:, 0] ** 2 >= exact[:, 0] - err)
+    limit = np.sqrt(new_upper[:, 0] ** 2 + row_slack + run_slack[0])
+    clears = cbound.astype(np.float64) > limit[:, None]
+    clears[np.arange(400), labels[:, 0]] = True
+    np.testing.assert_array_equal(fails[:, 0], (~clears).sum(1))
+    np.testing.assert_array_equal(need[:, 0], fails[:, 0] > 0)
+    assert need[:, 0].mean() < 0.1
+    np.testing.assert_array_equal(exact.argmin(1)[~need[:, 0]], labels[~need[:, 0], 0])  # kept: the nearest
