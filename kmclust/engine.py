@@ -30,6 +30,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import dask
@@ -325,7 +326,10 @@ class _Pass:
 
     Each pass is one plain task graph (dask's custom-graph dicts) computed in
     one call: building it through ``dask.delayed`` cost ~5 ms per pass in
-    expression handling, more than a settled pass's kernels take.
+    expression handling, more than a settled pass's kernels take. On dask's
+    threaded scheduler with in-memory chunks the chunk tasks skip the graph
+    and go to a thread pool (:meth:`_pool`); the partials are added in the
+    same order either way, so the bits do not depend on the scheduler.
     """
 
     def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False):
@@ -387,6 +391,8 @@ class _Pass:
         patches_ref = self._share(dsk, f"kmclust-patches-{token}", patches,
                                   sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
         drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
+        pool = self._pool()
+        pending: list[list] = []  # per group, the pool's futures of its chunk tasks
         for g, group in enumerate(groups):
             stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
@@ -400,6 +406,12 @@ class _Pass:
                 args = ((stack_ref, offsets, run_ids, evals_ref, m, self.integer, want_labels, want_errors),
                         (patches_ref, drift, self.prune))
                 slot_parts.append(self._slot_graph(dsk, token, g, args, state_keys))
+                continue
+            if pool is not None:
+                pending.append([pool.submit(_chunk_task, blk, start, stack, offsets, run_ids, evals, m, self.integer,
+                                            want_labels, want_errors, self.states[c] if self.states else None,
+                                            patches, drift, self.prune)
+                                for c, (blk, start) in enumerate(zip(self.chunks, self.starts))])
                 continue
             parts = []
             for c, (blk, start) in enumerate(zip(self.chunks, self.starts)):
@@ -415,6 +427,8 @@ class _Pass:
             roots.append(_tree(dsk, parts, f"kmclust-combine-{token}-{g}"))
         if self.slots is not None:
             return self._run_slots(dsk, groups, eval_pos, slot_parts, state_keys)
+        if pool is not None:
+            return self._finish_pool(groups, eval_pos, pending)
         flat = [k for per_chunk in state_keys for k in per_chunk]
         if self.client is not None:  # one submission: states stay on the workers as futures
             futures = self._submit(dsk, roots + flat)
@@ -436,6 +450,27 @@ class _Pass:
                 self._held.append(self.states)
             self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
         return list(zip(groups, eval_pos, results))
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        """Threads for this pass's chunk tasks, when dask's threaded scheduler would run them on in-memory chunks.
+
+        The tasks then go straight to a pool of as many threads as dask's
+        (``num_workers``), no graph: dask's local scheduler spent ~4 ms a
+        pass converting, ordering and tracking the ~25 tasks of a pass (one
+        k=20 run: more than a settled pass's kernels). Any other scheduler
+        (``sync``, ``processes``, a client) and chunks that must be read
+        (streaming) keep the dask graph.
+        """
+        if self.client is not None or self.source or dask.base.get_scheduler() not in (None, dask.threaded.get):
+            return None
+        return _thread_pool(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+    def _finish_pool(self, groups: list, eval_pos: list, pending: list[list]) -> list:
+        """Wait for a pool pass; reduce each group's partials in chunk order (as :func:`_tree`); keep the states."""
+        done = [[f.result() for f in per_group] for per_group in pending]
+        if self.stateful:
+            self.states = [[done[g][c][1] for g in range(len(groups))] for c in range(len(self.chunks))]
+        return list(zip(groups, eval_pos, [_reduce([part for part, _ in per_group]) for per_group in done]))
 
     def _submit(self, dsk: dict, keys: list) -> list:
         """Submit a pass's graph; only then drop the futures of earlier passes (held until now).
@@ -501,6 +536,12 @@ class _Pass:
             at += len(keys)
             results.append(_reduce(by_chunk))
         return list(zip(groups, eval_pos, results))
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(n: int) -> ThreadPoolExecutor:
+    """One pool of ``n`` threads per process, kept for later passes and calls."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="kmclust-chunk")
 
 
 def _one_blas_thread(fn: Callable) -> Callable:

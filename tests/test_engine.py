@@ -226,6 +226,40 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
     assert pruned[1].n_relocated > 0 and pruned[0].n_iter != pruned[1].n_iter and all(r.converged for r in pruned)
 
 
+def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(digits, monkeypatch) -> None:
+    """On dask's threaded scheduler (the default) in-memory chunks go straight to a thread pool; the results are
+    bit for bit those of a dask graph on the synchronous scheduler, relocations included."""
+    import threading
+
+    import dask
+
+    x, _ = digits
+    rng = np.random.default_rng(12)
+    inits = [x[rng.choice(len(x), 12, replace=False)] / 255.0, rng.normal(0.13, 0.3, (30, 784))]  # the second: empty clusters
+    where: list[str] = []
+    real = engine._chunk_task
+
+    def recording(*args):
+        where.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_chunk_task", recording)
+    got = {}
+    for name in ("threads", None, "sync"):
+        where.clear()
+        with dask.config.set(scheduler=name) if name else dask.config.set({}):
+            got[name] = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=60, scale=1 / 255, return_labels=True)
+        pooled = {w.startswith("kmclust-chunk") for w in where}
+        assert pooled == ({False} if name == "sync" else {True}), (name, set(where))
+    assert sum(r.n_relocated for r in got["sync"]) > 0
+    for name in ("threads", None):
+        for a, b in zip(got[name], got["sync"]):
+            np.testing.assert_array_equal(a.centroids, b.centroids)
+            np.testing.assert_array_equal(a.labels, b.labels)
+            assert (a.n_iter, a.n_relocated, a.jclust, a.mean_distance, a.history) == (
+                b.n_iter, b.n_relocated, b.jclust, b.mean_distance, b.history)
+
+
 def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
     """Each chunk's state (labels, bounds) lives until the next pass replaces it, never longer."""
     import gc
