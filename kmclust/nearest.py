@@ -233,6 +233,22 @@ def _dots(buf, cent, lo, hi, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _load_row(x, i, buf, loaded):  # pragma: no cover - compiled
+    """Row i of x into ``buf`` in its dtype unless ``loaded`` (once for all the row's runs); returns True."""
+    if not loaded:
+        for q in range(x.shape[1]):
+            buf[q] = x[i, q]
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _computed_sq(buf, cent, csq, xsq_i, j):  # pragma: no cover - compiled
+    """‖x − c_j‖² as a GEMM entry computes it (one dot product in the centroids' dtype), clipped at 0: off by at
+    most :func:`error_bound`, as the distances the bounds came from."""
+    return max(csq[j] - cent.dtype.type(2) * _dot(buf, cent[j]) + xsq_i, cent.dtype.type(0))
+
+
+@numba.njit(cache=True, nogil=True)
 def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
               labels, dmin, upper, lower, second):
     n, d = x.shape
@@ -242,19 +258,15 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
     zero = cent.dtype.type(0)
     two = cent.dtype.type(2)
     for i in range(n):
-        converted = False  # the row in the centroids' dtype, once for all its runs
+        loaded = False
         for p in runs:
             if not need[i, p]:
                 continue
-            if not converted:
-                for q in range(d):
-                    buf[q] = x[i, q]
-                converted = True
+            loaded = _load_row(x, i, buf, loaded)
             lo, hi = offsets[p], offsets[p + 1]
             window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
             a = lo + labels[i, p]
-            # computed like a GEMM entry (one dot product): off by at most the error bound, as the lower bound
-            e = max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero)
+            e = _computed_sq(buf, cent, csq, xsq[i], a)
             l0, l1 = lower[i, p, 0], lower[i, p, 1]
             rest_clear = l1 > 0 and l1 * l1 - e > window
             if rest_clear and l0 > 0 and l0 * l0 - e > window:  # the label stays: tighten the upper bound
@@ -263,7 +275,7 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
                 continue
             if rest_clear and second[i, p] >= 0:  # only the runner-up may be nearer: one more distance
                 b = lo + second[i, p]
-                v = max(csq[b] - two * _dot(buf, cent[b]) + xsq[i], zero)
+                v = _computed_sq(buf, cent, csq, xsq[i], b)
                 tie = abs(np.float64(v) - np.float64(e)) <= window
                 if tie:  # settle exactly, the lower index first
                     ta, tb = _exact_sq(x[i], c64[a], buf64), _exact_sq(x[i], c64[b], buf64)
@@ -335,18 +347,15 @@ def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_m
     zero = cent.dtype.type(0)
     two = cent.dtype.type(2)
     for i in range(n):
-        converted = False  # the row in the centroids' dtype, once for all its runs
+        loaded = False
         for p in runs:
             if not need[i, p]:
                 continue
-            if not converted:
-                for q in range(d):
-                    buf[q] = x[i, q]
-                converted = True
+            loaded = _load_row(x, i, buf, loaded)
             lo, hi = offsets[p], offsets[p + 1]
             window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
             a = lo + labels[i, p]
-            e = np.float64(max(csq[a] - two * _dot(buf, cent[a]) + xsq[i], zero))
+            e = np.float64(_computed_sq(buf, cent, csq, xsq[i], a))
             best = e
             # centroid j is proven farther than the assigned one when its bound exceeds √(e + window) (then
             # bound² − e > window): compared in float32 with that limit rounded up, branch-free

@@ -81,20 +81,26 @@ def test_error_bound_covers_float32_gemm_error() -> None:
     assert np.all(bound < 1e-3 * (x * x).sum(1))  # and is not vacuous
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) -> None:
-    """The compiled per-pair step: wrong labels without a lower bound are replaced by the exact nearest
-    (near ties settled); right labels with a valid lower bound are kept and their upper bound tightened."""
+def _reassign_case(seed: int) -> tuple:
+    """A per-pair step's inputs on :func:`_problem`: 80 % of the pairs asked for, labels drawn at random."""
     x, runs = _problem(seed)
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
     ref = _brute(x, runs)
     n, r = ref.shape
     rng = np.random.default_rng(seed)
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
     need = rng.random((n, r)) < 0.8
     wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
+    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
+    return x, runs, stack, offsets, ref, nearest.row_norms(x, np.float32), coef, need, wrong
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) -> None:
+    """The compiled per-pair step: wrong labels without a lower bound are replaced by the exact nearest
+    (near ties settled); right labels with a valid lower bound are kept and their upper bound tightened."""
+    x, runs, stack, offsets, ref, xsq, coef, need, wrong = _reassign_case(seed)
+    n, r = ref.shape
     labels, dmin, upper, lower = wrong.copy(), np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, r, 2))
     second = np.full((n, r), -1, dtype=np.int32)
     nearest.reassign(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower, second)
@@ -268,16 +274,8 @@ def _with_centroid_bounds(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...
 def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(seed: int) -> None:
     """Elkan's step with no knowledge (all bounds 0): exact nearest (near ties settled), each checked centroid's
     bound at most its distance (up to the computed distances' error), the upper bound its computed distance."""
-    x, runs = _problem(seed)
-    stack = np.concatenate(runs).astype(np.float32)
-    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
-    ref = _brute(x, runs)
+    x, runs, stack, offsets, ref, xsq, coef, need, wrong = _reassign_case(seed)
     n, r = ref.shape
-    rng = np.random.default_rng(seed)
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
-    need = rng.random((n, r)) < 0.8
-    wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
     labels, dmin, upper = wrong.copy(), np.zeros((n, r)), np.zeros((n, r))
     cbound = np.zeros((n, offsets[-1]), dtype=np.float32)
     nearest.reassign_centroids(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, cbound)
