@@ -517,10 +517,8 @@ def _pruned_assign_centroids(
         scratch = np.empty((n, r, 2)), np.empty((n, r), dtype=np.int32)  # two-bound outputs this stack does not keep
         place(x, centroids, offsets, None if rows.size > 0.9 * n else rows, np.arange(r), xsq, labels, dmin, upper,
               *scratch, cbound=cbound, col0=offsets[:-1])
-        pairs = need.copy()
+        pairs = np.zeros_like(need) if rows.size > 0.9 * n else need.copy()  # > 0.9 n: the GEMM took every row
         pairs[rows] = False
-        if rows.size > 0.9 * n:
-            pairs[:] = False
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
         _nearest.reassign_centroids(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound)

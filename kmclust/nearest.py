@@ -82,6 +82,13 @@ def _down32(v):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _up32(v):  # pragma: no cover - compiled
+    """The smallest float32 at least v (inf beyond float32's range): a limit compared with float32 bounds."""
+    f = np.float32(v) if v < 3.0e38 else np.float32(np.inf)
+    return np.nextafter(f, np.float32(np.inf)) if np.float64(f) < v else f
+
+
+@numba.njit(cache=True, nogil=True)
 def _best_three(row, lo, hi):  # pragma: no cover - compiled
     """In row[lo:hi]: the index of the smallest entry (the first of equals), its value, the index and value of
     the second smallest, and the third smallest value (index −1, value inf where there is none). Branch-free
@@ -359,23 +366,12 @@ def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_m
             best = e
             # centroid j is proven farther than the assigned one when its bound exceeds √(e + window) (then
             # bound² − e > window): compared in float32 with that limit rounded up, branch-free
-            lim = np.sqrt(e + window)
-            limit = np.float32(lim) if lim < 3.0e38 else np.float32(np.inf)
-            if np.float64(limit) < lim:
-                limit = np.nextafter(limit, np.float32(np.inf))
+            limit = _up32(np.sqrt(e + window))
             m = 0
-            for j in range(lo, hi):
+            for j in range(lo, hi):  # the others than the assigned one whose bound does not clear the limit
                 vals[j] = np.inf
                 cand[m] = j
-                m += cbound[i, j] <= limit
-            if m > 0 and cand[m - 1] == a:  # the assigned centroid is not a candidate (at most once, in order)
-                m -= 1
-            else:
-                for t in range(m):
-                    if cand[t] == a:
-                        cand[t:m - 1] = cand[t + 1:m]
-                        m -= 1
-                        break
+                m += (cbound[i, j] <= limit) & (j != a)
             _dots_at(buf, cent, cand, m, dots)
             for t in range(m):
                 j = cand[t]
@@ -616,10 +612,7 @@ def _moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack, run
             new_upper[i, p] = u
             # a bound clears when it exceeds √(u² + slack) (then it exceeds u and its square clears u² by the
             # slack), compared in float32 with that limit rounded up
-            lim = np.sqrt(u * u + row_slack[i] + run_slack[p])
-            limit = np.float32(lim) if lim < 3.0e38 else np.float32(np.inf)
-            if np.float64(limit) < lim:
-                limit = np.nextafter(limit, np.float32(np.inf))
+            limit = _up32(np.sqrt(u * u + row_slack[i] + run_slack[p]))
             bad = 0
             for j in range(lo, hi):
                 low = max((row[j] - shift[j]) * down, zero)  # float32, rounded down by the factor
