@@ -435,6 +435,86 @@ def _dot(buf, c):  # pragma: no cover - compiled
     return s
 
 
+def pixel_distances(x: np.ndarray, rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(m, KT) ‖c‖² − 2x·c of uint8 rows ``x[rows]`` against ``centroids``, in the centroids' dtype.
+
+    What a GEMM of the converted rows gives, off by at most :func:`error_bound`
+    as well (sums in any order), from a compiled kernel: six rows converted
+    into a small buffer, then four centroids at a time, 24 sums held in
+    registers. For thin stacks (a run of k=20) it does 1.4× the flops of
+    OpenBLAS's product of converted blocks (which packs the whole block for
+    20 columns); fat stacks are on a par.
+    """
+    kt = centroids.shape[0]
+    ct2 = np.zeros((-(-kt // 4) * 4, x.shape[1]), dtype=centroids.dtype)
+    ct2[:kt] = centroids * -2.0  # exact
+    csq = np.einsum("ij,ij->i", centroids, centroids)
+    out = np.empty((rows.size, kt), dtype=centroids.dtype)
+    _pixel_distances(x, np.asarray(rows, dtype=np.int64), ct2, csq, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _pixel_distances(x, rows, ct2, csq, out):  # pragma: no cover - compiled
+    m, kt = out.shape
+    d = x.shape[1]
+    zero = ct2.dtype.type(0)
+    buf = np.zeros((6, d), dtype=ct2.dtype)
+    tile = np.empty((6, 4), dtype=ct2.dtype)
+    for i0 in range(0, m, 6):
+        h = min(6, m - i0)
+        for r in range(h):
+            src = x[rows[i0 + r]]  # one row index, not one per element: the copy then vectorises
+            for q in range(d):
+                buf[r, q] = src[q]
+        for r in range(h, 6):  # the last rows: zeros, not written out
+            buf[r, :] = zero
+        b0, b1, b2, b3, b4, b5 = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]
+        for j0 in range(0, ct2.shape[0], 4):
+            c0, c1, c2, c3 = ct2[j0], ct2[j0 + 1], ct2[j0 + 2], ct2[j0 + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = s20 = s21 = s22 = s23 = zero
+            s30 = s31 = s32 = s33 = s40 = s41 = s42 = s43 = s50 = s51 = s52 = s53 = zero
+            for q in range(d):
+                w0, w1, w2, w3 = c0[q], c1[q], c2[q], c3[q]
+                v = b0[q]
+                s00 += v * w0; s01 += v * w1; s02 += v * w2; s03 += v * w3  # noqa: E702
+                v = b1[q]
+                s10 += v * w0; s11 += v * w1; s12 += v * w2; s13 += v * w3  # noqa: E702
+                v = b2[q]
+                s20 += v * w0; s21 += v * w1; s22 += v * w2; s23 += v * w3  # noqa: E702
+                v = b3[q]
+                s30 += v * w0; s31 += v * w1; s32 += v * w2; s33 += v * w3  # noqa: E702
+                v = b4[q]
+                s40 += v * w0; s41 += v * w1; s42 += v * w2; s43 += v * w3  # noqa: E702
+                v = b5[q]
+                s50 += v * w0; s51 += v * w1; s52 += v * w2; s53 += v * w3  # noqa: E702
+            if h == 6 and j0 + 4 <= kt:
+                _put4(out, i0, j0, csq, s00, s01, s02, s03)
+                _put4(out, i0 + 1, j0, csq, s10, s11, s12, s13)
+                _put4(out, i0 + 2, j0, csq, s20, s21, s22, s23)
+                _put4(out, i0 + 3, j0, csq, s30, s31, s32, s33)
+                _put4(out, i0 + 4, j0, csq, s40, s41, s42, s43)
+                _put4(out, i0 + 5, j0, csq, s50, s51, s52, s53)
+                continue
+            tile[0, 0], tile[0, 1], tile[0, 2], tile[0, 3] = s00, s01, s02, s03
+            tile[1, 0], tile[1, 1], tile[1, 2], tile[1, 3] = s10, s11, s12, s13
+            tile[2, 0], tile[2, 1], tile[2, 2], tile[2, 3] = s20, s21, s22, s23
+            tile[3, 0], tile[3, 1], tile[3, 2], tile[3, 3] = s30, s31, s32, s33
+            tile[4, 0], tile[4, 1], tile[4, 2], tile[4, 3] = s40, s41, s42, s43
+            tile[5, 0], tile[5, 1], tile[5, 2], tile[5, 3] = s50, s51, s52, s53
+            for r in range(h):  # the last rows or centroids
+                for j in range(j0, min(j0 + 4, kt)):
+                    out[i0 + r, j] = tile[r, j - j0] + csq[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _put4(out, i, j0, csq, s0, s1, s2, s3):  # pragma: no cover - compiled
+    out[i, j0] = s0 + csq[j0]
+    out[i, j0 + 1] = s1 + csq[j0 + 1]
+    out[i, j0 + 2] = s2 + csq[j0 + 2]
+    out[i, j0 + 3] = s3 + csq[j0 + 3]
+
+
 def take_rows(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """out[t] = x[rows[t]] converted to out's dtype, in one compiled pass (numpy gathers, then converts)."""
     _take_rows(x, rows, out)

@@ -66,19 +66,42 @@ def test_labels_do_not_depend_on_rows_or_stack_seen(seed: int) -> None:
         np.testing.assert_array_equal(alone[:, 0], whole[:, p])
 
 
-def test_error_bound_covers_float32_gemm_error() -> None:
-    """The bound exceeds the measured error of float32 ‖c‖² − 2x·c against exact integers."""
+@pytest.mark.parametrize("pixels", [False, True], ids=["float32-gemm", "uint8-kernel"])
+def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
+    """The bound exceeds the measured error of float32 ‖c‖² − 2x·c against exact integers, from the GEMM of
+    float32 rows and from the compiled kernel of uint8 rows (odd row and centroid counts, a row subset)."""
     rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, (500, 784))
-    c = rng.integers(0, 256, (40, 784))
+    x = rng.integers(0, 256, (503, 784))
+    c = rng.integers(0, 256, (41, 784))
+    rows = np.sort(rng.choice(503, 301, replace=False))
     exact = (c * c).sum(1)[None, :] - 2 * x @ c.T
     xf, cf = x.astype(np.float32), c.astype(np.float32)
-    got = kernels.distances(xf, cf).astype(np.float64)
+    if pixels:
+        got = kernels.distances(x.astype(np.uint8), cf).astype(np.float64)
+        sub = kernels.distances(x.astype(np.uint8), cf, rows).astype(np.float64)
+        assert np.abs(sub - exact[rows]).max() <= np.abs(got - exact).max()  # the same rows, the same sums
+    else:
+        got = kernels.distances(xf, cf).astype(np.float64)
     err = np.abs(got - exact).max(axis=1)
     bound = nearest.error_bound(np.einsum("ij,ij->i", xf, xf), float((cf.astype(np.float64) ** 2).sum(1).max()),
                                 784, np.float32)
     assert np.all(err <= bound)
     assert np.all(bound < 1e-3 * (x * x).sum(1))  # and is not vacuous
+
+
+def test_pixel_kernel_matches_the_gemm_and_gives_the_same_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uint8 rows: the compiled kernel and OpenBLAS's GEMM differ only by rounding, and labels not at all."""
+    x, runs = _problem(0)
+    stack = np.concatenate(runs).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
+    rows = np.arange(5, 293, 3)
+    kernel, kernel_labels = kernels.distances(x, stack, rows), kernels.assign(x, stack, offsets)[0]
+    monkeypatch.setattr(kernels, "PIXEL_KERNEL_MAX_K", 0)  # every stack to the GEMM
+    gemm, gemm_labels = kernels.distances(x, stack, rows), kernels.assign(x, stack, offsets)[0]
+    assert kernel.shape == gemm.shape == (rows.size, stack.shape[0]) and kernel.dtype == np.float32
+    np.testing.assert_allclose(kernel, gemm, rtol=0, atol=64.0)  # values ~4e7: float32 spacing 4
+    np.testing.assert_array_equal(kernel_labels, gemm_labels)
+    np.testing.assert_array_equal(kernel_labels, _brute(x, runs))
 
 
 def _reassign_case(seed: int) -> tuple:
