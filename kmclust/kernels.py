@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import scipy.sparse
@@ -43,8 +44,10 @@ class Partial:
 
     ``cand_*`` hold, per run, the ``m`` points farthest from their assigned
     centroid in decreasing distance (ties by global index): the candidates
-    for relocating empty clusters. ``eval_*`` are exact float64 sums for the
-    runs flagged for evaluation, and ``labels`` their labels by chunk start.
+    for relocating empty clusters. ``eval_*`` are, for the runs flagged for
+    evaluation, the exact sums (Fractions, :func:`kmclust.nearest.exact_sum`)
+    of the rows' float64 distances: the same however the rows are chunked.
+    ``labels`` are those runs' labels by chunk start.
     """
 
     sums: np.ndarray  # (KT, D) float64; int32 (exact) from uint8 chunks, int64 once those are added up
@@ -53,8 +56,8 @@ class Partial:
     cand_d: np.ndarray  # (R, m) float64
     cand_i: np.ndarray  # (R, m) int64, global row index (-1: none)
     cand_l: np.ndarray  # (R, m) int64, local label of the candidate
-    eval_sse: np.ndarray  # (R,) float64
-    eval_dist: np.ndarray  # (R,) float64, Σ‖x − z‖
+    eval_sse: np.ndarray  # (R,) object: Fraction, Σ‖x − z‖²
+    eval_dist: np.ndarray  # (R,) object: Fraction, Σ‖x − z‖
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
@@ -289,16 +292,18 @@ def _pad(a: np.ndarray, m: int, fill: float) -> np.ndarray:
 
 def exact_errors(
     x: np.ndarray, evals: dict[int, np.ndarray], labels: np.ndarray
-) -> dict[int, tuple[float, float]]:
-    """Σ‖x − z‖² and Σ‖x − z‖ in float64 for the runs at stack positions ``evals``.
+) -> dict[int, tuple[Fraction, Fraction]]:
+    """Σ‖x − z‖² and Σ‖x − z‖ for the runs at stack positions ``evals``, each summed exactly.
 
     Each row's distance to its own centroid is summed directly in float64
-    (compiled loop): no float32 cancellation, no float64 copy of the chunk.
+    (compiled loop): no float32 cancellation, no float64 copy of the chunk;
+    the rows' values are then added without rounding
+    (:func:`kmclust.nearest.exact_sum`).
     """
     out = {}
     for p in sorted(evals):
         sq = _nearest.squared_errors(x, evals[p], labels[:, p])
-        out[p] = (float(sq.sum()), float(np.sqrt(sq).sum()))
+        out[p] = (_nearest.exact_sum(sq), _nearest.exact_sum(np.sqrt(sq)))
     return out
 
 
@@ -409,8 +414,8 @@ def lloyd_chunk(
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
         cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin[:, needy], labels[:, needy], start, m)
-    eval_sse = np.zeros(r)
-    eval_dist = np.zeros(r)
+    eval_sse = np.full(r, Fraction(0), dtype=object)
+    eval_dist = np.full(r, Fraction(0), dtype=object)
     out_labels: list[tuple[int, np.ndarray]] = []
     if want_errors and eval_centroids:
         for pos, (sse, dist) in exact_errors(x, eval_centroids, labels).items():

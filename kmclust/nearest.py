@@ -25,6 +25,9 @@ parallel threads.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numba
 import numpy as np
 
@@ -588,6 +591,42 @@ def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
     for i in range(x.shape[0]):
         out[i] = _exact_sq(x[i], c64[labels[i]], buf)
     return out
+
+
+def exact_sum(v: np.ndarray) -> Fraction:
+    """The exact sum of float64 values, as a Fraction (no rounding: the same whatever the order or grouping).
+
+    Each value is an integer mantissa times a power of two; mantissas are
+    added in int64 per exponent (split in two halves: no overflow below 2**36
+    values), then joined exactly. Sums of chunks add up to the sum of the
+    whole whatever the chunking, which lets chunk sizes follow the thread
+    count without changing a bit of J. Non-finite values give their float sum.
+    """
+    v = np.ascontiguousarray(v, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(v)):
+        return float(v.sum())
+    hi, lo = _exact_sum(v)
+    used = np.flatnonzero(hi | lo)
+    if not used.size:
+        return Fraction(0)
+    low = int(used[0]) - _EXP_OFFSET - 53  # every touched bucket is a multiple of 2**low
+    total = sum(((int(hi[b]) << 26) + int(lo[b])) << (int(b) - int(used[0])) for b in used)
+    return Fraction(total << low) if low >= 0 else Fraction(total, 1 << -low)
+
+
+_EXP_OFFSET = 1100  # frexp's exponents of finite float64 lie in [-1073, 1024]
+
+
+@numba.njit(cache=True, nogil=True)
+def _exact_sum(v):  # pragma: no cover - compiled
+    hi = np.zeros(2 * _EXP_OFFSET, dtype=np.int64)
+    lo = np.zeros(2 * _EXP_OFFSET, dtype=np.int64)
+    for t in range(v.size):
+        m, e = math.frexp(v[t])
+        q = np.int64(m * 9007199254740992.0)  # m · 2**53: exact, |q| < 2**53
+        hi[e + _EXP_OFFSET] += q >> 26
+        lo[e + _EXP_OFFSET] += q & 67108863  # q = hi · 2**26 + lo, lo ≥ 0
+    return hi, lo
 
 
 def moved_bounds(

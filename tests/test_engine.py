@@ -120,15 +120,22 @@ def test_batch_equals_each_run_alone(digits) -> None:
 
 
 def test_chunked_and_grouped_runs_agree(digits) -> None:
+    """Integer pixels: any chunking and grouping gives the same bits, J and mean distance included (exact sums)."""
     import dask.array as da
 
     x, _ = digits
-    inits = [x[:8] / 255.0, x[100:111] / 255.0]
-    one = engine.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1)
-    many = engine.lloyd(da.from_array(x, chunks=(700, 784)), inits, tol=0, scale=1 / 255, n_groups=2, persist=False)
-    for a, b in zip(one, many):
-        np.testing.assert_array_equal(a.centroids, b.centroids)
-        assert a.jclust == pytest.approx(b.jclust, rel=1e-12)
+    rng = np.random.default_rng(5)
+    inits = [x[:8] / 255.0, x[100:111] / 255.0, rng.normal(0.13, 0.3, (25, 784))]  # the last: relocations
+    one = engine.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1, return_labels=True)
+    assert one[2].n_relocated > 0
+    for rows, groups in ((700, 2), (1234, 1), (4999, 3)):
+        many = engine.lloyd(da.from_array(x, chunks=(rows, 784)), inits, tol=0, scale=1 / 255, n_groups=groups,
+                            persist=False, return_labels=True)
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a.centroids, b.centroids)
+            np.testing.assert_array_equal(a.labels, b.labels)
+            assert (a.n_iter, a.n_relocated, a.jclust, a.mean_distance, a.history) == (
+                b.n_iter, b.n_relocated, b.jclust, b.mean_distance, b.history), rows
 
 
 def test_k_above_distinct_points_fails_that_run_only() -> None:

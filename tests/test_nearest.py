@@ -379,3 +379,18 @@ def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances()
     np.testing.assert_array_equal(need[:, 0], fails[:, 0] > 0)
     assert need[:, 0].mean() < 0.1
     np.testing.assert_array_equal(exact.argmin(1)[~need[:, 0]], labels[~need[:, 0], 0])  # kept: the nearest
+
+
+def test_exact_sum_is_the_exact_sum_in_any_grouping() -> None:
+    """Against Fraction arithmetic: no rounding at any magnitude, so chunks' sums add up to the whole's."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(4)
+    v = np.concatenate([rng.random(3000) * 5e7, rng.standard_normal(500) * 10.0 ** rng.integers(-300, 300, 500),
+                        [0.0, 5e-324, -5e-324, 1e308, -1e308, 2.0**-1074 * 3]])
+    ref = sum((Fraction(float(a)) for a in v), Fraction(0))
+    assert nearest.exact_sum(v) == ref
+    assert sum(nearest.exact_sum(part) for part in np.array_split(rng.permutation(v), 7)) == ref
+    assert nearest.exact_sum(np.zeros(0)) == 0
+    assert float(nearest.exact_sum(np.full(10, 0.1))) == 1.0 and sum([0.1] * 10) != 1.0  # float sums round
+    assert np.isnan(nearest.exact_sum(np.array([1.0, np.nan])))
