@@ -262,12 +262,8 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
 
 
 def _persist(x, client):
-    """Persist ``x`` and wait, so loading is not timed; under a Client placed evenly over the workers'
-    threads, as the sweep loads its data (else every fit would place it again)."""
-    if client is None:
-        import dask
-
-        return dask.persist(x)[0]
+    """Persist ``x`` and wait, so loading is not timed: as the sweep loads its data, in evenly many chunks and
+    under a Client placed evenly over the workers' threads (else every fit would do that again)."""
     return engine.persist_balanced(x)
 
 
@@ -567,7 +563,7 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
 
             measure(_kmclust_name(name, cfg.prune), km, lambda: km(inits[cfg.ks[0]]))
             if has_dask_ml:
-                xfd = _persist(x.astype(np.float32) / np.float32(255), client)
+                xfd = _persist(xp.astype(np.float32) / np.float32(255), client)  # the same chunks as kmclust
                 measure(f"dask-ml[{name}]", lambda c: _dask_ml_fit(xfd, c, cfg.iterations).n_iter_,
                         lambda: _dask_ml_fit(xfd, inits[cfg.ks[0]], 1))
     tools = list(per_iter)

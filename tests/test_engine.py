@@ -138,6 +138,24 @@ def test_chunked_and_grouped_runs_agree(digits) -> None:
                 b.n_iter, b.n_relocated, b.jclust, b.mean_distance, b.history), rows
 
 
+def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
+    """7 uint8 chunks on 2 threads become 8 equal ones (the same rows); float data and even counts stay as they are."""
+    import dask
+    import dask.array as da
+
+    x = np.random.default_rng(0).integers(0, 256, (7000, 16), dtype=np.uint8)
+    seven = da.from_array(x, chunks=(1000, 16))
+    with dask.config.set(scheduler="threads", num_workers=2):
+        got = engine.persist_balanced(seven)
+        assert got.chunks[0] == (875,) * 8
+        np.testing.assert_array_equal(got.compute(), x)
+        assert engine.persist_balanced(da.from_array(x, chunks=(3500, 16))).chunks[0] == (3500, 3500)
+        assert engine.persist_balanced(seven.astype(np.float32)).chunks[0] == (1000,) * 7
+    with dask.config.set(scheduler="threads", num_workers=3):
+        assert engine.persist_balanced(seven).chunks[0] == (778,) * 8 + (776,)
+    assert engine.even_chunks(seven, 7) is seven
+
+
 def test_k_above_distinct_points_fails_that_run_only() -> None:
     x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
     good, bad, too_many = engine.lloyd(
