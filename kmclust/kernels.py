@@ -100,19 +100,16 @@ def blocks(x: np.ndarray, rows: np.ndarray | None, dtype: np.dtype):
         yield lo, hi, blk
 
 
-#: Stacks of at most this many centroids get uint8 rows' distances from the compiled kernel: k=20 takes 0.75 of
-#: OpenBLAS's time (rows converted and packed for 20 columns), k=256 as much, 1,200 a little more.
-PIXEL_KERNEL_MAX_K = 256
-
-
 def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """(m, KT) ‖c‖² − 2x·c of rows ``rows`` (default all) against the stack, in the centroids' dtype.
 
     The one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out.
-    uint8 rows against stacks of up to ``PIXEL_KERNEL_MAX_K`` centroids go to
-    a compiled kernel (:func:`kmclust.nearest.pixel_distances`) instead.
+    uint8 rows go to a compiled kernel instead
+    (:func:`kmclust.nearest.pixel_distances`: faster for thin stacks, and
+    each row's distances are the same bits wherever the row sits, so chunk
+    sizes cannot change a relocation candidate).
     """
-    if x.dtype == np.uint8 and centroids.shape[0] <= PIXEL_KERNEL_MAX_K:
+    if x.dtype == np.uint8:
         return _nearest.pixel_distances(x, np.arange(x.shape[0]) if rows is None else rows, centroids)
     ct = (centroids * -2.0).T
     m = x.shape[0] if rows is None else rows.size

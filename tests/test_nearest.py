@@ -89,19 +89,24 @@ def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
     assert np.all(bound < 1e-3 * (x * x).sum(1))  # and is not vacuous
 
 
-def test_pixel_kernel_matches_the_gemm_and_gives_the_same_labels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """uint8 rows: the compiled kernel and OpenBLAS's GEMM differ only by rounding, and labels not at all."""
+def test_pixel_kernel_matches_the_gemm_and_gives_the_same_labels() -> None:
+    """uint8 rows (compiled kernel) and the same rows in float32 (OpenBLAS's GEMM) differ only by rounding; labels
+    not at all; a row's distances are the same bits whichever rows come with it."""
     x, runs = _problem(0)
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
     rows = np.arange(5, 293, 3)
     kernel, kernel_labels = kernels.distances(x, stack, rows), kernels.assign(x, stack, offsets)[0]
-    monkeypatch.setattr(kernels, "PIXEL_KERNEL_MAX_K", 0)  # every stack to the GEMM
-    gemm, gemm_labels = kernels.distances(x, stack, rows), kernels.assign(x, stack, offsets)[0]
+    xf = x.astype(np.float32)
+    gemm, gemm_labels = kernels.distances(xf, stack, rows), kernels.assign(xf, stack, offsets)[0]
     assert kernel.shape == gemm.shape == (rows.size, stack.shape[0]) and kernel.dtype == np.float32
     np.testing.assert_allclose(kernel, gemm, rtol=0, atol=64.0)  # values ~4e7: float32 spacing 4
+    assert not np.array_equal(kernel, gemm)  # two computations indeed
     np.testing.assert_array_equal(kernel_labels, gemm_labels)
     np.testing.assert_array_equal(kernel_labels, _brute(x, runs))
+    for sub in (rows[::-1][:7], rows[1:2], np.sort(np.concatenate([rows[:20], [0, 299]]))):
+        got = kernels.distances(x, stack, sub)
+        np.testing.assert_array_equal(got, kernels.distances(x, stack)[sub])
 
 
 def _reassign_case(seed: int) -> tuple:
