@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import dask
 import dask.array as da
@@ -77,8 +78,8 @@ class _Run:
     history: list[float] = field(default_factory=list)
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     error: str = ""
-    sse: float = math.nan
-    dist: float = math.nan
+    sse: Fraction | float = math.nan  # exact sums of the final pass (kmclust.nearest.exact_sum)
+    dist: Fraction | float = math.nan
     sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
     counts: np.ndarray | None = None
     drift: np.ndarray | None = None  # how far each centroid moved in the last update (raw units)
@@ -780,8 +781,8 @@ def _result(run: _Run, n: int, scale: float) -> RunResult:
         labels = np.concatenate([lab for _, lab in sorted(run.labels, key=lambda t: t[0])])
     return RunResult(
         centroids=run.c64 * scale,
-        jclust=run.sse / n * scale**2 if not run.error else math.nan,
-        mean_distance=run.dist / n * scale if not run.error else math.nan,
+        jclust=float(run.sse / n * scale**2) if not run.error else math.nan,  # exact sums (Fractions) → float
+        mean_distance=float(run.dist / n * scale) if not run.error else math.nan,
         n_iter=run.n_iter,
         converged=run.converged,
         n_relocated=run.n_relocated,
@@ -813,6 +814,7 @@ def predict(
     for group, evals, part in _Pass(x, client, n_groups, integer, stateful=False).run(runs, True, errors):
         for pos, run in enumerate(group):
             labels = np.concatenate([lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])])
-            j, md = (part.eval_sse[pos] / n * scale**2, part.eval_dist[pos] / n * scale) if errors else (nan, nan)
+            j, md = (float(part.eval_sse[pos] / n * scale**2), float(part.eval_dist[pos] / n * scale)) if errors \
+                else (nan, nan)
             out[run.index] = (labels, j, md)
     return [out[i] for i in range(len(runs))]

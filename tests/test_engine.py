@@ -156,6 +156,16 @@ def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
     assert engine.even_chunks(seven, 7) is seven
 
 
+def test_exact_sums_come_out_as_floats_equal_to_a_float64_reference() -> None:
+    """J and the mean distance (exact sums inside) are plain floats, with an int ``scale`` too, for fit and predict."""
+    x = np.random.default_rng(0).integers(0, 256, (500, 16), dtype=np.uint8)
+    (r,) = engine.lloyd(x, [x[:3].astype(np.float64)], scale=1, tol=0)
+    ((labels, j, md),) = engine.predict(x, [r.centroids], scale=1)
+    d = np.sqrt(((x.astype(np.float64) - r.centroids[labels]) ** 2).sum(1))
+    for value, ref in ((r.jclust, (d**2).mean()), (j, (d**2).mean()), (r.mean_distance, d.mean()), (md, d.mean())):
+        assert type(value) is float and value == pytest.approx(ref, rel=1e-13)
+
+
 def test_k_above_distinct_points_fails_that_run_only() -> None:
     x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
     good, bad, too_many = engine.lloyd(
