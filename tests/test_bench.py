@@ -31,7 +31,15 @@ def _job_module():
     return module
 
 
+#: Set in this process by distributed's nanny once any test has started a LocalCluster: inherited, they would run
+#: the job's scikit-learn single-threaded (its float32 inertia then rounds differently: 1.26e-6 off, not ≤ 1e-6).
+LEAKED_BY_NANNY = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _run_job(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The job as a user runs it (a given ``env`` as is; else this process's, without the nanny's thread caps)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in LEAKED_BY_NANNY}
     return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=timeout)
 
