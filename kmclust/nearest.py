@@ -15,8 +15,9 @@ run) pair whose bounds failed, the distance to its centroid first, then the
 runner-up's or the whole run's, pair by pair with no GEMM; with a lower bound
 per centroid (Elkan, :func:`reassign_centroids`), only those of the
 centroids whose bound failed. Also here: the
-other compiled loops of a chunk (row norms, row gathers, exact squared errors,
-bound updates, adding partial sums).
+other compiled loops of a chunk (uint8 rows' distances in place of the GEMM,
+row norms, row gathers, exact squared errors and their exact sums, bound
+updates, adding partial sums).
 
 Compiled with numba (one pass over the (n, ΣK) matrix instead of numpy's
 argmin and partition over small axes); ``nogil`` so chunk tasks run in
