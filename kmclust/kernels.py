@@ -56,8 +56,8 @@ class Partial:
     cand_d: np.ndarray  # (R, m) float64
     cand_i: np.ndarray  # (R, m) int64, global row index (-1: none)
     cand_l: np.ndarray  # (R, m) int64, local label of the candidate
-    eval_sse: np.ndarray  # (R,) object: Fraction, Σ‖x − z‖²
-    eval_dist: np.ndarray  # (R,) object: Fraction, Σ‖x − z‖
+    eval_sse: np.ndarray  # (R,) object: Fraction Σ‖x − z‖² (int 0 where not evaluated)
+    eval_dist: np.ndarray  # (R,) object: Fraction Σ‖x − z‖
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
@@ -411,8 +411,8 @@ def lloyd_chunk(
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
         cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin[:, needy], labels[:, needy], start, m)
-    eval_sse = np.full(r, Fraction(0), dtype=object)
-    eval_dist = np.full(r, Fraction(0), dtype=object)
+    eval_sse = np.full(r, 0, dtype=object)  # exact: int 0, Fractions where evaluated (int + int is 50× faster)
+    eval_dist = np.full(r, 0, dtype=object)
     out_labels: list[tuple[int, np.ndarray]] = []
     if want_errors and eval_centroids:
         for pos, (sse, dist) in exact_errors(x, eval_centroids, labels).items():
