@@ -38,6 +38,7 @@ import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
+from dask.utils import parse_bytes
 from threadpoolctl import threadpool_limits
 
 from kmclust import kernels
@@ -213,6 +214,9 @@ def _n_threads(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
+#: distributed's size above which the client warns that it sends a large graph.
+_LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
+
 #: Driver-side objects above this size get a graph key of their own under a distributed Client.
 SHARE_BYTES = 64 * 2**10
 
@@ -366,6 +370,7 @@ class _Pass:
         self.cdtype = kernels.compute_dtype(x.dtype)
         self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
         self._held: list = []  # futures no longer needed, dropped only after the next submission (see _submit)
+        self._carried = 0  # bytes of centroids the pass being built carries (see _submit)
         self.slots = self._slots()
 
     def _slots(self) -> list[list[int]] | None:
@@ -405,6 +410,7 @@ class _Pass:
             patches: dict | None = None) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
         """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
         groups = _groups(runs, self.n_groups)
+        self._carried = 0
         token = uuid.uuid4().hex  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
         dsk = dict(self.source)
         roots, eval_pos, slot_parts = [], [], []
@@ -420,6 +426,7 @@ class _Pass:
             offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
             run_ids = np.array([r.index for r in group], dtype=np.int64)
             evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
+            self._carried += stack.nbytes + sum(c.nbytes for c in evals.values())
             eval_pos.append(sorted(evals))
             m = max(r.k for r in group)
             stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
@@ -505,7 +512,12 @@ class _Pass:
         ~9 ms of a 20-35 ms pass; see BENCHMARKS.md). Sent after the graph,
         the releases delay nothing.
         """
-        futures = self.client.get(dsk, keys, sync=False)
+        # The graph carries the pass's centroids (inline once per slot task): by design, so distributed's
+        # "Sending large graph" warning (10 MB by default; 12 MB a pass in `make sweep`) is raised above that.
+        copies = len(self.slots) if self.slots is not None else 1
+        limit = max(parse_bytes(dask.config.get(_LARGE_GRAPH, "10MB")), 2 * copies * self._carried)
+        with dask.config.set({_LARGE_GRAPH: limit}):
+            futures = self.client.get(dsk, keys, sync=False)
         self._held = [futures]
         return futures
 
