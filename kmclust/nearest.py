@@ -260,6 +260,15 @@ def _computed_sq(buf, cent, csq, xsq_i, j):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _pair_start(buf, cent, csq, xsq_i, csq_max_p, coef, offsets, p, label):  # pragma: no cover - compiled
+    """What both per-pair steps start from for row ``buf`` in stack position p: its columns ``lo, hi``, the error
+    ``window``, the assigned column ``a`` and the computed distance ``e`` to it (as :func:`_computed_sq`)."""
+    lo, hi = offsets[p], offsets[p + 1]
+    a = lo + label
+    return lo, hi, coef * (np.float64(xsq_i) + 2.0 * csq_max_p), a, _computed_sq(buf, cent, csq, xsq_i, a)
+
+
+@numba.njit(cache=True, nogil=True)
 def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
               labels, dmin, upper, lower, second):
     n, d = x.shape
@@ -274,10 +283,7 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             if not need[i, p]:
                 continue
             loaded = _load_row(x, i, buf, loaded)
-            lo, hi = offsets[p], offsets[p + 1]
-            window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
-            a = lo + labels[i, p]
-            e = _computed_sq(buf, cent, csq, xsq[i], a)
+            lo, hi, window, a, e = _pair_start(buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p])
             l0, l1 = lower[i, p, 0], lower[i, p, 1]
             rest_clear = l1 > 0 and l1 * l1 - e > window
             if rest_clear and l0 > 0 and l0 * l0 - e > window:  # the label stays: tighten the upper bound
@@ -363,10 +369,8 @@ def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_m
             if not need[i, p]:
                 continue
             loaded = _load_row(x, i, buf, loaded)
-            lo, hi = offsets[p], offsets[p + 1]
-            window = coef * (np.float64(xsq[i]) + 2.0 * csq_max[p])
-            a = lo + labels[i, p]
-            e = np.float64(_computed_sq(buf, cent, csq, xsq[i], a))
+            lo, hi, window, a, e = _pair_start(buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p])
+            e = np.float64(e)
             best = e
             # centroid j is proven farther than the assigned one when its bound exceeds √(e + window) (then
             # bound² − e > window): compared in float32 with that limit rounded up, branch-free
