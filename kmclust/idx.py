@@ -8,8 +8,10 @@ files have magic 2049 (0x00000801), image files 2051 (0x00000803).
 Every problem raises IDXError with one message naming the file. Sizes are
 checked before anything large is allocated: a raw file's declared payload is
 compared with its size on disk, a gzip file's with the most its compressed
-size could expand to, and a gzip stream is read with a bound so a lying header
-can never make us allocate more than it declares (itself capped).
+size could expand to. A gzip stream is then decompressed in small chunks into
+an array that grows (by realloc) only as data arrives, never past the declared
+size: a lying header costs at most about twice what the stream really holds,
+and an honest file exactly its payload, never an extra whole-payload copy.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ MAX_PAYLOAD = 2**33  # bytes; far above any MNIST-like set, far below "absurd"
 # Deflate expands at most ~1032:1; anything claiming more cannot be honest.
 _MAX_DEFLATE_RATIO = 1032
 _GZIP_MAGIC = b"\x1f\x8b"
+# Decompression chunk and the first size of the growing output: big enough to be fast, small
+# enough that gzip's own buffers plus one chunk stay far below a MiB.
+_CHUNK = 1 << 16
 _TYPE_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 
 Kind = Literal["images", "labels"]
@@ -92,6 +97,12 @@ def _check_dims(name: str, dims: tuple[int, ...], kind: Kind, expect_shape: tupl
 
 
 def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] | None) -> np.ndarray:
+    """Decompress and validate `path`, holding at most ~2x the bytes the stream really has.
+
+    Reads go through GzipFile.read in _CHUNK pieces: one big read or readinto would make
+    gzip/io/zlib allocate payload-sized temporaries (about 3 copies besides the array).
+    The array doubles by ndarray.resize (realloc), so no old and new buffer are both kept.
+    """
     csize = path.stat().st_size
     try:
         with gzip.open(path, "rb") as f:
@@ -104,19 +115,22 @@ def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] 
             payload = _check_dims(name, dims, kind, expect_shape)
             if payload > _MAX_DEFLATE_RATIO * csize + 1024:
                 raise IDXError(f"{name}: declares {payload:,} bytes of data, more than a {csize:,}-byte gzip file can hold")
-            out = np.empty(payload, dtype=np.uint8)
             have = min(len(head) - hlen, payload)
+            out = np.empty(min(payload, _CHUNK), dtype=np.uint8)  # room for the header's leftover
             out[:have] = np.frombuffer(head, dtype=np.uint8, count=have, offset=hlen)
             extra = len(head) - hlen - have
-            view = memoryview(out)
             while have < payload:
-                n = f.readinto(view[have:])
-                if not n:
+                block = f.read(min(_CHUNK, payload - have))
+                if not block:
                     break
-                have += n
+                need = have + len(block)
+                if need > out.size:  # grow only for data that has arrived; no view of out exists
+                    out.resize(min(payload, max(2 * out.size, need)), refcheck=False)
+                out[have:need] = np.frombuffer(block, dtype=np.uint8)
+                have = need
             if have < payload:
                 raise IDXError(f"{name}: truncated: declares {payload:,} bytes of data but the stream holds {have:,}")
-            extra += len(f.read(1 << 16))
+            extra += len(f.read(1))  # b"" only at the end of the stream, after gzip checked the CRC
             if extra:
                 raise IDXError(f"{name}: longer than declared: data continues after the declared {payload:,} bytes")
     except EOFError:
@@ -147,6 +161,19 @@ def _read_raw(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] |
     return data.reshape(dims)
 
 
+def _first_above(data: np.ndarray, limit: int) -> int:
+    """Index of the first element over `limit` (there must be one), a chunk at a time.
+
+    `np.argmax(data > limit)` would allocate a mask as large as the data itself.
+    """
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        block = flat[start:start + _CHUNK]
+        if int(block.max()) > limit:
+            return start + int(np.argmax(block > limit))
+    raise ValueError(f"no element exceeds {limit}")
+
+
 def read_idx(path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None = (28, 28)) -> np.ndarray:
     """Read one uint8 IDX file (`.gz` if so named) of `kind` "images" (N, *expect_shape) or "labels" (N,).
 
@@ -175,7 +202,7 @@ def read_idx(path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None 
     else:
         data = _read_raw(path, name, kind, expect_shape)
     if kind == "labels" and data.size and int(data.max()) > 9:
-        bad = int(np.argmax(data > 9))
+        bad = _first_above(data, 9)
         raise IDXError(f"{name}: label {int(data[bad])} at index {bad} is outside 0-9")
     log.debug("read %s: %s %s", name, kind, data.shape)
     return data

@@ -8,7 +8,15 @@ highly compressible payloads:
 - a raw file can justify at most its own size;
 - a gzip file at most what its compressed bytes can expand to: deflate's
   maximum ratio is 1032:1 (zlib technical details, "Maximum compression
-  factor"), plus gzip's own header/trailer bytes.
+  factor"), plus gzip's own header/trailer bytes;
+- and, whatever its header claims, at most about twice what the file really
+  holds (its size, or what its gzip stream decompresses to before it ends or
+  breaks): the reader grows its array by doubling as data arrives, so a lying
+  header cannot make it allocate the claim up front.
+
+Both bounds allow one copy of the data plus SLACK, no more: a reader that
+decompresses whole and copies (the bug this file first caught: a 382-byte
+gzip labels file peaking at 1.5 MB, four copies of its 0.39 MB claim) fails.
 
 Memory is measured with tracemalloc, which sees numpy's buffers (numpy
 reports its data allocations to it).
@@ -20,10 +28,12 @@ import gzip
 import struct
 import tempfile
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kmclust.errors import IDXError
@@ -64,25 +74,85 @@ def justified(size: int, compressed: bool) -> int:
     return DEFLATE_MAX_RATIO * size + GZIP_OVERHEAD if compressed else size
 
 
+def held(data: bytes, compressed: bool) -> int:
+    """What a file really holds: its size, or what its gzip stream yields till it ends or breaks.
+
+    Fed 16 bytes at a time so a cut or corrupt stream still counts what came out before the damage.
+    """
+    if not compressed:
+        return len(data)
+    inflater = zlib.decompressobj(wbits=31)  # gzip framing, one member (gzip.compress writes one)
+    total = 0
+    try:
+        for i in range(0, len(data), 16):
+            total += len(inflater.decompress(data[i:i + 16]))
+    except zlib.error:
+        pass
+    return total
+
+
+def _peak_of_read(path: Path, kind: str) -> tuple[int, np.ndarray | None]:
+    """(peak traced bytes, array or None on IDXError) of one read_idx call."""
+    tracemalloc.start()
+    try:
+        try:
+            arr = read_idx(path, kind)
+        except IDXError:
+            arr = None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, arr
+
+
+def _gz_labels(claimed: int, body: bytes) -> tuple[bytes, str, bool]:
+    return gzip.compress(struct.pack(">II", 0x801, claimed) + body, compresslevel=9), "labels", True
+
+
 @settings(max_examples=200, deadline=None)
 @given(idx_files())
+# the reported failure: a 382-byte gzip file claiming 392,500 labels and holding 348,500 zeros
+# (old reader: peak 1,542,621 bytes, ~4 copies of the claim, against a bound of 1,443,824)
+@example(_gz_labels(392_500, bytes(348_500)))
+@example(_gz_labels(348_500, bytes(348_500)))  # the same, honest: 382 bytes, peak was 1,427,979
+# 2 kB of incompressible gzip may claim 2 MB (under 1032:1) but holds 2 kB: no 2 MB allocation
+@example(_gz_labels(2_000_000, np.random.default_rng(0).bytes(2000)))
 def test_fuzz_allocation_is_bounded_by_what_the_file_can_hold(case: tuple[bytes, str, bool]) -> None:
     data, kind, compressed = case
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / ("f.gz" if compressed else "f")
         path.write_bytes(data)
-        tracemalloc.start()
-        try:
-            try:
-                arr = read_idx(path, kind)
-            except IDXError:
-                arr = None
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        peak, arr = _peak_of_read(path, kind)
     assert peak <= justified(len(data), compressed) + SLACK, (peak, len(data), compressed)
+    assert peak <= 2 * held(data, compressed) + SLACK, (peak, held(data, compressed), compressed)
     if arr is not None:
         assert arr.dtype == np.uint8 and arr.nbytes <= justified(len(data), compressed)
+        assert arr.nbytes <= held(data, compressed)
+
+
+def test_honest_gzip_costs_one_copy_of_its_data(tmp_path: Path) -> None:
+    """A valid 2 MB labels file in 2 kB of gzip costs the array plus buffers, not copies of it."""
+    path = tmp_path / "f.gz"
+    data = _gz_labels(2_000_000, bytes(2_000_000))[0]
+    path.write_bytes(data)
+    peak, arr = _peak_of_read(path, "labels")
+    assert arr is not None and arr.shape == (2_000_000,) and not arr.any()
+    assert peak <= arr.nbytes + SLACK, peak
+
+
+def test_out_of_range_label_is_found_without_a_full_size_mask(tmp_path: Path) -> None:
+    """The 0-9 check names the first bad label and costs no second copy of a large labels file."""
+    n = 3_000_000
+    path = tmp_path / "f"
+    path.write_bytes(struct.pack(">II", 0x801, n) + bytes(n - 1) + b"\x0c")
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXError, match=f"label 12 at index {n - 1:d} is outside 0-9"):
+            read_idx(path, "labels")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= n + SLACK, peak
 
 
 def test_measurement_sees_the_array(tmp_path: Path) -> None:
