@@ -8,22 +8,15 @@ fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), synthetic
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from kmclust.cli import run_main, setup_logging
+from kmclust.cli import ArgumentParser, run_main, setup_logging
 from kmclust.datasets import SOURCES, open_images, stage
-from kmclust.errors import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line via run_main instead of usage + exit
-        raise ConfigError(message)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", choices=SOURCES)
     p.add_argument("--from", dest="from_dir", metavar="DIR",
                    help="input directory (mnist, fashion-mnist) or parent store (synthetic)")

@@ -14,16 +14,17 @@ import logging
 import sys
 from pathlib import Path
 
-from kmclust.cli import run_main, setup_logging
+from kmclust.cli import ArgumentParser, run_main, setup_logging
 from kmclust.errors import ConfigError
+from kmclust.options import MAX_INT32, MAX_SEED, integer
 
 log = logging.getLogger("kmclust.jobs.report")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("store", type=Path, help="results store written by jobs/sweep.py (a .zarr folder)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", default=None,
                    help="output folder (default: NAME-report/ beside the store)")
     p.add_argument("--k", type=int, default=None, help="k of the cell whose centroids are drawn")
     p.add_argument("--init", default=None, help="init of that cell")
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(v is not None for v in cell) and any(v is None for v in cell):
         raise ConfigError("--k, --init and --seed choose one cell together: give all three or none")
     representative = cell if args.k is not None else None
-    out = args.out if args.out is not None else default_out_dir(args.store)
+    if representative is not None:
+        integer("--k", args.k, 1, MAX_INT32)
+        integer("--seed", args.seed, 0, MAX_SEED)
+    out = Path(args.out) if args.out is not None else default_out_dir(args.store)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: name the report's folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     path = write_report(args.store, out, representative=representative)
     print(path)
     return 0

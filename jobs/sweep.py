@@ -13,14 +13,15 @@ import logging
 import sys
 from pathlib import Path
 
-from kmclust.cli import Progress, run_main, setup_logging
+from kmclust import options
+from kmclust.cli import ArgumentParser, Progress, run_main, setup_logging
 from kmclust.errors import ConfigError
 
 log = logging.getLogger("kmclust.jobs.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist-subset",
                    help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); default %(default)s")
     p.add_argument("--k", default="5:20", help="k values: inclusive range 5:20 or list 5,10,20 (default %(default)s)")
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-6, help="stop when every centroid moved ≤ tol (L2; default %(default)g)")
     p.add_argument("--max-iter", type=int, default=100, help="at most this many Lloyd iterations (default %(default)s)")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per data chunk (default: the store's)")
-    p.add_argument("--out", type=Path, default=None, help="results store (default results/<dataset>.zarr)")
-    p.add_argument("--resume", action="store_true", help="complete an existing results store of the same config")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results store")
+    p.add_argument("--out", default=None, help="results store (default results/<dataset>.zarr)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="complete an existing results store of the same config")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an existing kmclust results store (only those: see README, Reliability)")
     p.add_argument("--scheduler", default="local",
                    help="'local' (LocalCluster), 'threads' (no cluster), tcp://HOST:PORT / tls://…, "
                         "or a profile name in --cluster-config (default %(default)s)")
@@ -49,23 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Every option checked as a value, and --out as a place, before any heavy import or write."""
+    train_per_class = None
+    if args.train != "all":
+        train_per_class = options.integer("--train-per-class", args.train_per_class, 1)
+    config = dict(
+        dataset=args.dataset, ks=options.parse_ks(args.k), inits=options.parse_inits(args.init),
+        seeds=options.parse_seeds(args.seeds), train_per_class=train_per_class,
+        data_seed=options.integer("--data-seed", args.data_seed, 0, options.MAX_SEED),
+        tol=options.number("--tol", args.tol), max_iter=options.integer("--max-iter", args.max_iter, 1),
+        chunk_rows=None if args.chunk_rows is None else options.integer("--chunk-rows", args.chunk_rows, 1),
+    )
+    options.number("--timeout", args.timeout, above=True)
+    if not args.dataset.strip():
+        raise ConfigError("--dataset is empty: give a staged store or a source name")
+    inputs = [args.dataset]
+    if "/" not in args.dataset and not args.dataset.endswith(".zarr"):  # a source staged into data/
+        inputs.append(str(Path("data") / f"{args.dataset}.zarr"))
+    out = args.out if args.out is not None else str(Path("results") / f"{Path(args.dataset).stem}.zarr")
+    return config, options.check_out(out, inputs=tuple(inputs), replace=args.overwrite, resume=args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    values, out = check_args(args)
     from kmclust import sweep
 
-    if args.tol < 0 or args.max_iter < 1:
-        raise ConfigError("--tol must be ≥ 0 and --max-iter ≥ 1")
-    if args.train_per_class is not None and args.train_per_class < 1:
-        raise ConfigError("--train-per-class must be ≥ 1")
-    if args.chunk_rows is not None and args.chunk_rows < 1:
-        raise ConfigError("--chunk-rows must be ≥ 1")
-    config = sweep.SweepConfig(
-        dataset=args.dataset, ks=sweep.parse_ks(args.k), inits=sweep.parse_inits(args.init),
-        seeds=sweep.parse_seeds(args.seeds), train_per_class=None if args.train == "all" else args.train_per_class,
-        data_seed=args.data_seed, tol=args.tol, max_iter=args.max_iter, chunk_rows=args.chunk_rows,
-    )
-    out = args.out or Path("results") / f"{Path(args.dataset).stem}.zarr"
+    config = sweep.SweepConfig(**values)
     print(sweep.estimate_runs(config))
     if args.dry_run:
         print(f"would write {out} (resume={args.resume}) using scheduler {args.scheduler!r}")

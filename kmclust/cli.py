@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
-from kmclust.errors import KmclustError
+from kmclust.errors import ConfigError, KmclustError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors end, after the usage, as run_main's one ``error:`` line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ConfigError(message)
 
 
 def setup_logging(verbose: bool = False) -> None:

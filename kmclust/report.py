@@ -448,7 +448,10 @@ def write_report(results: xr.Dataset | str | Path, out_dir: Path, *,
     vals, summary, inits = metric_values(ds), summary_table(ds), init_names(ds)
     reps = choose_representatives(ds, vals, representative)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the report folder {out_dir}: {exc.strerror or exc}") from None
     comps = {(inits[0], other): compare_inits(vals, inits[0], other) for other in inits[1:]}
     knees = {}
     for init in inits:

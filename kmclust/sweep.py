@@ -12,10 +12,12 @@ failing cells are isolated; corrupt data or a lost scheduler end the job.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -33,10 +35,28 @@ import xarray as xr
 from kmclust import datasets, engine, metrics
 from kmclust.errors import ConfigError, DataError, KmclustError, SchedulerError
 from kmclust.init import INITS, init_centroids
+from kmclust.options import (  # parse_* re-exported for the entry points
+    MAX_INT32,
+    MAX_SEED,
+    RESULTS_MARK,
+    check_inits,
+    check_ks,
+    check_out,
+    check_seeds,
+    integer,
+    number,
+    parse_inits,
+    parse_ks,
+    parse_seeds,
+)
 
 log = logging.getLogger(__name__)
 
 SCALE = 1.0 / 255.0
+#: the results template is built in memory: a larger grid is refused before anything is written
+RESULTS_LIMIT = 4 * 2**30
+#: version of the results layout, stored as the store's RESULTS_MARK attribute
+SCHEMA_VERSION = 1
 CELL_DIMS = ("k", "init", "seed")
 
 
@@ -53,6 +73,19 @@ class SweepConfig:
     tol: float = 1e-6
     max_iter: int = 100
     chunk_rows: int | None = None  # None: the store's chunking
+
+    def __post_init__(self) -> None:
+        """Refuse values no sweep can run (the CLI checks the same values before any import)."""
+        check_ks(self.ks)
+        check_inits(self.inits)
+        check_seeds(self.seeds)
+        if self.train_per_class is not None:
+            integer("--train-per-class", self.train_per_class, 1)
+        integer("--data-seed", self.data_seed, 0, MAX_SEED)
+        number("--tol", self.tol)
+        integer("--max-iter", self.max_iter, 1)
+        if self.chunk_rows is not None:
+            integer("--chunk-rows", self.chunk_rows, 1)
 
     def identity(self) -> dict:
         """The JSON-able fields a resumed store must match."""
@@ -98,47 +131,6 @@ class SweepOutcome:
 
 
 # ---------------------------------------------------------------- options
-
-
-def parse_ks(text: str) -> tuple[int, ...]:
-    """``"5:20"`` (inclusive range) or ``"5,10,20"``; ConfigError on anything else."""
-    try:
-        if ":" in text:
-            lo, hi = (int(p) for p in text.split(":"))
-            if lo > hi:
-                raise ConfigError(f"--k {text}: empty range (start {lo} > end {hi})")
-            ks = tuple(range(lo, hi + 1))
-        else:
-            ks = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"--k {text!r}: expected a range like 5:20 or a list like 5,10,20") from None
-    if not ks or min(ks) < 1:
-        raise ConfigError(f"--k {text}: every k must be at least 1")
-    if len(set(ks)) != len(ks):
-        raise ConfigError(f"--k {text}: repeated values")
-    return tuple(sorted(ks))
-
-
-def parse_inits(text: str) -> tuple[str, ...]:
-    inits = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [i for i in inits if i not in INITS]
-    if bad or not inits:
-        raise ConfigError(f"--init: unknown initialisation {', '.join(bad) or text!r}; choose from {', '.join(INITS)}")
-    return inits
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"10"`` means seeds 0…9; ``"3,7,11"`` lists them."""
-    try:
-        if "," in text:
-            seeds = tuple(int(p) for p in text.split(","))
-        else:
-            seeds = tuple(range(int(text)))
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected a count like 10 or a list like 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: need at least one distinct non-negative seed")
-    return seeds
 
 
 def cell_seed(seed: int, k: int, init: str) -> int:
@@ -275,6 +267,7 @@ def template(config: SweepConfig, data: DataSplit) -> xr.Dataset:
         },
     )
     ds.attrs = {
+        RESULTS_MARK: SCHEMA_VERSION,
         "config": json.dumps(config.identity()),
         "dataset": data.name,
         "fingerprint": data.fingerprint,
@@ -306,8 +299,11 @@ def _quiet() -> Iterator[None]:
 
 def create_store(out: Path, ds: xr.Dataset) -> None:
     """Write the template beside ``out`` and move it into place (never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ConfigError(f"cannot create results store {out}: {exc.strerror or exc}") from None
     try:
         with _quiet():
             ds.to_zarr(tmp / "store.zarr", mode="w", encoding=_encoding(ds), consolidated=True)
@@ -316,12 +312,8 @@ def create_store(out: Path, ds: xr.Dataset) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: bool, overwrite: bool) -> xr.Dataset:
-    """Create the results store, or reopen it for ``--resume`` after checking it matches."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a results store")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
+def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: bool) -> xr.Dataset:
+    """Create the results store at a new ``out``, or reopen one for ``--resume`` after checking it matches."""
     if not out.exists():
         create_store(out, template(config, data))
     elif not resume:
@@ -341,6 +333,32 @@ def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: boo
     if ds.attrs.get("fingerprint") != data.fingerprint:
         raise ConfigError(f"results store {out} was made from different data (fingerprint differs); use another --out")
     return ds
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_store(new: Path, target: Path) -> None:
+    """Put the complete store ``new`` at ``target`` and delete the store it replaces.
+
+    The two are exchanged in one atomic rename where the system allows it, so
+    at every instant ``target`` holds either the old results or the new.
+    Elsewhere the old store is moved aside first and deleted last.
+    """
+    if _exchange(new, target):
+        shutil.rmtree(new)
+        return
+    aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(aside)
+    new.rename(target)
+    shutil.rmtree(aside)
 
 
 def write_slab(out: Path, ki: int, slab: xr.Dataset) -> None:
@@ -542,8 +560,44 @@ def run_sweep(
     reports progress each time a k's cells are written.
     """
     t0 = time.perf_counter()
+    target = check_out(out, replace=overwrite, resume=resume)
     data = split_data(config)
-    results = open_results(out, config, data, resume=resume, overwrite=overwrite)
+    check_out(target, inputs=(data.store,), replace=overwrite, resume=resume)
+    _check_size(config, data)
+    out = target
+    if overwrite and target.exists():  # built beside the old store, swapped in once complete
+        out = target.with_name(f".{target.stem}.overwrite-{uuid.uuid4().hex[:8]}.zarr")
+    try:
+        outcome = _sweep(config, data, out, resume=resume and out == target, parallel=parallel,
+                         on_batch=on_batch)
+    except BaseException:
+        if out != target:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if out != target:
+        replace_store(out, target)
+    outcome.path, outcome.seconds = target, time.perf_counter() - t0
+    return outcome
+
+
+def _check_size(config: SweepConfig, data: DataSplit) -> None:
+    """Refuse a grid whose results would not fit in memory (the template is built there)."""
+    d = int(np.prod(data.x_train.shape[1:]))
+    per_cell = max(config.ks) * (d * 4 + 16) + config.max_iter * 8 + 64
+    nbytes = grid_size(config) * per_cell
+    if nbytes > RESULTS_LIMIT:
+        raise ConfigError(
+            f"the results of this grid would take {nbytes / 2**30:,.1f} GiB (per cell: centroids of up to "
+            f"k={max(config.ks)} clusters and --max-iter {config.max_iter} J values); at most "
+            f"{RESULTS_LIMIT / 2**30:g} GiB: use fewer k values or seeds, or a smaller --max-iter"
+        )
+
+
+def _sweep(config: SweepConfig, data: DataSplit, out: Path, *, resume: bool, parallel: int,
+           on_batch: Callable[[int, int, int], None] | None) -> SweepOutcome:
+    """Run the pending cells of the results store ``out`` (created here unless resumed)."""
+    t0 = time.perf_counter()
+    results = open_results(out, config, data, resume=resume)
     status = _strings(results["status"])
     cells: list[Cell] = [tuple(int(i) for i in c) for c in zip(*np.nonzero(status != "done"))]
     sink = _Collector(config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size)

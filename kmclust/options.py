@@ -1,0 +1,201 @@
+"""Option values and output places of the jobs, checked before any heavy import or write.
+
+Why: bad input must end as one ``error:`` line with nothing written, in
+bounded time. Every check here needs only the standard library and numpy, so the thin
+entry points run them before dask, xarray or the data are touched, and
+``SweepConfig`` repeats the value checks so that the library refuses the same
+values. The output checks are the rule for ``--overwrite``: only a store that
+kmclust itself wrote as results is ever replaced — never the input data, a
+plain directory, a file, or the working directory or one of its parents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+
+from kmclust.errors import ConfigError
+from kmclust.init import INITS  # numpy only
+#: seeds are int64 coordinates of the results store
+MAX_SEED = 2**63 - 1
+#: iteration counts and sizes are stored as int32
+MAX_INT32 = 2**31 - 1
+#: values on one grid axis: a bound that keeps a typo like 1:1000000000 from building a huge list
+MAX_AXIS = 100_000
+#: attribute that marks a store as kmclust results (its value is the results schema version)
+RESULTS_MARK = "kmclust_results"
+
+
+def _whole(value: object) -> bool:
+    """A whole number (Python or numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(name: str, value: int, lo: int = 0, hi: int = MAX_INT32) -> int:
+    """``value`` if it is an int in [lo, hi], else ConfigError naming the option."""
+    if not _whole(value) or not lo <= value <= hi:
+        raise ConfigError(f"{name} {value!r}: expected a whole number from {lo} to {hi}")
+    return value
+
+
+def number(name: str, value: float, lo: float = 0.0, *, above: bool = False) -> float:
+    """``value`` if finite and ≥ lo (> lo with ``above``), else ConfigError naming the option."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < lo or (above and value == lo):
+        raise ConfigError(f"{name} {value!r}: expected a finite number {'>' if above else '≥'} {lo:g}")
+    return float(value)
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``"5:20"`` (inclusive range) or ``"5,10,20"``; ConfigError on anything else."""
+    try:
+        if ":" in text:
+            lo, hi = (int(p) for p in text.split(":"))
+            if lo > hi:
+                raise ConfigError(f"--k {text}: empty range (start {lo} > end {hi})")
+            if hi - lo + 1 > MAX_AXIS:
+                raise ConfigError(f"--k {text}: {hi - lo + 1:,} values; at most {MAX_AXIS:,}")
+            ks = tuple(range(lo, hi + 1))
+        else:
+            ks = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--k {text!r}: expected a range like 5:20 or a list like 5,10,20") from None
+    return tuple(sorted(check_ks(ks, text)))
+
+
+def check_ks(ks: tuple[int, ...], text: str | None = None) -> tuple[int, ...]:
+    """Distinct whole k values from 1 to 2**31 - 1."""
+    text = text if text is not None else ",".join(map(str, ks))
+    if not ks or any(not _whole(k) or k < 1 for k in ks):
+        raise ConfigError(f"--k {text}: every k must be a whole number of at least 1")
+    if max(ks) > MAX_INT32:
+        raise ConfigError(f"--k {text}: k must be at most {MAX_INT32}")
+    if len(set(ks)) != len(ks):
+        raise ConfigError(f"--k {text}: repeated values")
+    return ks
+
+
+def parse_inits(text: str) -> tuple[str, ...]:
+    """``"random,data"``: known, distinct init names in the order given."""
+    return check_inits(tuple(p.strip() for p in text.split(",") if p.strip()), text)
+
+
+def check_inits(inits: tuple[str, ...], text: str | None = None) -> tuple[str, ...]:
+    """Known, distinct init names."""
+    text = text if text is not None else ",".join(inits)
+    bad = [i for i in inits if i not in INITS]
+    if bad or not inits:
+        raise ConfigError(f"--init: unknown initialisation {', '.join(map(str, bad)) or repr(text)}; "
+                          f"choose from {', '.join(INITS)}")
+    if len(set(inits)) != len(inits):
+        raise ConfigError(f"--init {text}: repeated values")
+    return inits
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"10"`` means seeds 0…9; ``"3,7,11"`` lists them."""
+    try:
+        if "," in text:
+            seeds = tuple(int(p) for p in text.split(","))
+        else:
+            count = int(text)
+            if count > MAX_AXIS:
+                raise ConfigError(f"--seeds {text}: at most {MAX_AXIS:,} seeds")
+            seeds = tuple(range(count))
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a count like 10 or a list like 0,1,2") from None
+    return check_seeds(seeds, text)
+
+
+def check_seeds(seeds: tuple[int, ...], text: str | None = None) -> tuple[int, ...]:
+    """At least one seed; distinct whole numbers from 0 to 2**63 - 1."""
+    text = text if text is not None else ",".join(map(str, seeds))
+    if not seeds or any(not _whole(s) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: need at least one distinct non-negative seed")
+    if max(seeds) > MAX_SEED:
+        raise ConfigError(f"--seeds {text}: a seed must be at most {MAX_SEED}")
+    return seeds
+
+
+def _attrs(path: Path) -> dict:
+    """The group attributes of a zarr store (v3 ``zarr.json`` or v2 ``.zattrs``), or {}."""
+    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        try:
+            doc = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        attrs = doc.get(key, {}) if key else doc
+        return attrs if isinstance(attrs, dict) else {}
+    return {}
+
+
+def is_results_store(path: Path) -> bool:
+    """Whether ``path`` is a results store that kmclust wrote (recognised by its attributes).
+
+    Stores written before the ``kmclust_results`` mark carry the sweep's
+    config and the kmclust version among their package versions.
+    """
+    attrs = _attrs(path)
+    if RESULTS_MARK in attrs:
+        return True
+    try:
+        return "kmclust" in json.loads(attrs.get("versions", "{}")) and "config" in attrs
+    except (TypeError, ValueError):
+        return False
+
+
+def _within(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies inside it."""
+    return a == b or b in a.parents
+
+
+def check_out(out: str | Path, *, inputs: tuple[str | Path, ...] = (), replace: bool = False,
+              resume: bool = False) -> Path:
+    """The results store path ``out``, refused unless it is safe to create, resume or replace.
+
+    Creating needs a place where a directory can be made; resuming or
+    replacing needs an existing kmclust results store. ``inputs`` (the data
+    store) may neither be ``out`` nor lie inside it or contain it.
+    """
+    if not str(out).strip():
+        raise ConfigError("--out is empty: name a results store such as results/NAME.zarr")
+    path = Path(out).expanduser()
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    if _within(cwd, real):
+        raise ConfigError(f"--out {out} is the working directory or one of its parents; "
+                          "refusing to use it as a results store")
+    for given in inputs:
+        other = Path(given).expanduser().resolve()
+        if _within(real, other) or _within(other, real):
+            raise ConfigError(f"--out {out} is the input data store {given} or overlaps it; "
+                              "choose another --out")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a results store")
+    if path.exists():
+        if not is_results_store(path):
+            raise ConfigError(f"--out {out} exists and is not a kmclust results store; "
+                              "refusing to replace or resume it (choose another --out)")
+        if not (replace or resume):
+            raise ConfigError(f"results store {out} exists: use --resume to complete it "
+                              "or --overwrite to start again")
+    _check_writable(path, str(out))
+    return path
+
+
+def _check_writable(path: Path, given: str) -> None:
+    """ConfigError unless a directory can be made in the nearest existing ancestor of ``path``."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {given}: {parent} is a file, not a directory")
+    try:  # a real probe: permission bits do not tell root about read-only file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".kmclust-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"--out {given}: cannot write in {parent} ({exc.strerror or exc})") from None
