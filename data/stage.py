@@ -12,7 +12,7 @@ import sys
 import time
 
 from kmclust.cli import ArgumentParser, run_main, setup_logging
-from kmclust.datasets import SOURCES, open_images, stage
+from kmclust.data.stores import SOURCES, open_images, stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from kmclust.errors import ConfigError
 
 log = logging.getLogger("kmclust.jobs.bench")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the benchmark harness (benchmarks/) lives beside the library, not in it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def _positive(**values: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kmclust import bench
+    from benchmarks import harness as bench
 
     if args.unset_openblas_env:
         env = bench.clean_env(dict(os.environ))
@@ -88,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"re-running without {env[bench.UNSET_MARK]}", file=sys.stderr, flush=True)
             os.execve(sys.executable, sys.orig_argv, env)
     setup_logging(args.verbose)
+    import kmclust
+
     here = Path(__file__).resolve().parents[1]
-    if Path(bench.__file__).resolve().parents[1] != here:  # a stale editable install measures other code
-        print(f"warning: kmclust is imported from {Path(bench.__file__).resolve().parent}, not from {here}; "
+    if Path(kmclust.__file__).resolve().parents[1] != here:  # a stale editable install measures other code
+        print(f"warning: kmclust is imported from {Path(kmclust.__file__).resolve().parent}, not from {here}; "
               f"run `pip install -e {here}` to measure this checkout", file=sys.stderr)
     import distributed  # noqa: F401 - sets its own logger levels on import; override them below
 
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cluster=bench.ClusterSpec(("local",), memory_limit=args.memory_limit, **kw))
         outcome = bench.run_scale(cfg)
     else:
-        from kmclust import sweep
+        from kmclust.sweep import run as sweep
 
         scheds = tuple(t.strip() for t in args.schedulers.split(",") if t.strip())
         if not scheds or set(scheds) - set(bench.SCHEDULERS):

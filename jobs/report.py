@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kmclust.cli import ArgumentParser, run_main, setup_logging
 from kmclust.errors import ConfigError
-from kmclust.options import MAX_INT32, MAX_SEED, integer
+from kmclust.sweep.config import MAX_INT32, MAX_SEED, integer
 
 log = logging.getLogger("kmclust.jobs.report")
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from kmclust.report import default_out_dir, write_report  # after arg parsing: --help stays fast
+    from kmclust.report.document import default_out_dir, write_report  # after arg parsing: --help stays fast
 
     cell = (args.k, args.init, args.seed)
     if any(v is not None for v in cell) and any(v is None for v in cell):

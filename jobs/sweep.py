@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kmclust import options
+from kmclust.sweep import config as options
 from kmclust.cli import ArgumentParser, Progress, run_main, setup_logging
 from kmclust.errors import ConfigError
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     values, out = check_args(args)
-    from kmclust import sweep
+    from kmclust.sweep import run as sweep
 
     config = sweep.SweepConfig(**values)
     print(sweep.estimate_runs(config))
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = sweep.run_sweep(config, out, resume=args.resume, overwrite=args.overwrite,
                                   parallel=sweep.worker_threads(client),
                                   on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"))
-    from kmclust import report
+    from kmclust.report import document as report
     import xarray as xr
 
     results = xr.open_zarr(out)

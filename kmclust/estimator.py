@@ -3,8 +3,8 @@
 The estimator is a thin public boundary: it validates parameters and data
 (every user error is a :class:`KMeansError`, both a ``ValueError`` as
 scikit-learn expects and a :class:`~kmclust.errors.KmclustError` for the CLI),
-draws the initial centroids with :mod:`kmclust.init`, runs all ``n_init``
-initialisations as ONE :func:`kmclust.engine.lloyd` batch and keeps the run
+draws the initial centroids with :mod:`kmclust.lloyd.init`, runs all ``n_init``
+initialisations as ONE :func:`kmclust.lloyd.engine.lloyd` batch and keeps the run
 with the lowest inertia. It works in the input's own units (no rescaling).
 """
 
@@ -23,9 +23,9 @@ from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from kmclust import engine
+from kmclust.lloyd import engine
 from kmclust.errors import KmclustError
-from kmclust.init import INITS, data_stats, init_centroids, random_from_stats
+from kmclust.lloyd.init import INITS, data_stats, init_centroids, random_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         ``random``: Gaussian draws with each feature's mean and standard deviation
         (NOT scikit-learn's "random", which picks rows: that is ``data`` here,
         k distinct rows drawn uniformly). ``k-means++`` greedy as scikit-learn,
-        ``k-means||`` as Bahmani et al. 2012. See :mod:`kmclust.init`.
+        ``k-means||`` as Bahmani et al. 2012. See :mod:`kmclust.lloyd.init`.
     n_init : int or "auto", default 1
         Initialisations, all run in one engine batch; the lowest inertia wins.
         ``"auto"`` means 1 for k-means++, k-means|| and an array, 10 for random
@@ -72,7 +72,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
     random_state : int, RandomState or None
         One seed per initialisation is derived as
         ``check_random_state(random_state).randint(2**31 - 1, size=n_init)``;
-        init ``i`` is ``kmclust.init.init_centroids(X, k, init, seeds[i])``.
+        init ``i`` is ``kmclust.lloyd.init.init_centroids(X, k, init, seeds[i])``.
         For a large dask array a further ``randint(2**31 - 1)`` seeds the row sample.
 
     Attributes

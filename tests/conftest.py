@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kmclust.datasets import FASHION_DIR, stage
+from kmclust.data.stores import FASHION_DIR, stage
 
 FASHION_SKIP = f"{FASHION_DIR} absent: apt-get install dataset-fashion-mnist"
 

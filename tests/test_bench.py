@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmclust import bench, datasets
+from benchmarks import harness as bench
+from kmclust.data import stores as datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "jobs" / "bench.py"
@@ -84,7 +85,7 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
     """Iteration totals reported for sklearn equal a loop run here, from centroids drawn here."""
     from sklearn.cluster import KMeans
 
-    from kmclust.init import init_centroids
+    from kmclust.lloyd.init import init_centroids
 
     cfg = bench.GridConfig(store_dir=fashion_store.parent, ks=(5,), inits=("data",), seeds=(0, 1), rows=1500,
                            prune=prune, cluster=bench.ClusterSpec(("threads",)))

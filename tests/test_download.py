@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kmclust.download as download
-from kmclust.datasets import IDX_FILES, open_images, stage
-from kmclust.download import download_files
+import kmclust.data.download as download
+from kmclust.data.stores import IDX_FILES, open_images, stage
+from kmclust.data.download import download_files
 from kmclust.errors import DataError
-from kmclust.idx import write_idx
+from kmclust.data.idx import write_idx
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -71,7 +71,7 @@ def _closed_port_url() -> str:
 
 def test_garbage_mirror_is_rejected_and_the_next_one_used(tmp_path: Path, mirrors: dict, caplog) -> None:
     dest = tmp_path / "dl"
-    with caplog.at_level(logging.WARNING, logger="kmclust.download"):
+    with caplog.at_level(logging.WARNING, logger="kmclust.data.download"):
         paths = download_files(dest, mirrors["checksums"], [mirrors["bad"], _closed_port_url(), mirrors["good"]])
     assert sorted(paths) == sorted(mirrors["checksums"])
     for name in mirrors["checksums"]:

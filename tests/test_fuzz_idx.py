@@ -37,7 +37,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kmclust.errors import IDXError
-from kmclust.idx import read_idx
+from kmclust.data.idx import read_idx
 
 DEFLATE_MAX_RATIO = 1032
 GZIP_OVERHEAD = 1024  # gzip header, trailer and block headers, generously

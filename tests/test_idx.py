@@ -1,4 +1,4 @@
-"""kmclust.idx against hand-built bytes, every malformed-file case, and a fuzzer."""
+"""kmclust.data.idx against hand-built bytes, every malformed-file case, and a fuzzer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kmclust.errors import IDXError
-from kmclust.idx import read_idx, read_idx_pair, write_idx
+from kmclust.data.idx import read_idx, read_idx_pair, write_idx
 
 RNG = np.random.default_rng(1234)
 

@@ -1,4 +1,4 @@
-"""Tests of kmclust.init: determinism, each method's law, quality on real MNIST digits."""
+"""Tests of kmclust.lloyd.init: determinism, each method's law, quality on real MNIST digits."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import kmeans_plusplus
 from sklearn.metrics.pairwise import euclidean_distances
 
-from kmclust import init as km_init
+from kmclust.lloyd import init as km_init
 from kmclust.errors import KmclustError
-from kmclust.init import (
+from kmclust.lloyd.init import (
     INITS,
     data_stats,
     init_centroids,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kmclust import kernels
+from kmclust.lloyd import chunk as kernels
 
 
 chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
@@ -96,7 +96,7 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
 @given(x=hnp.arrays(np.uint8, st.tuples(st.integers(6, 60), st.integers(1, 5))), k=st.integers(1, 4),
        seed=st.integers(0, 2**16))
 def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> None:
-    from kmclust import engine
+    from kmclust.lloyd import engine
 
     rng = np.random.default_rng(seed)
     init = x[rng.choice(x.shape[0], k, replace=False)].astype(np.float64)

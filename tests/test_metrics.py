@@ -1,4 +1,4 @@
-"""Tests of kmclust.metrics: hand-computed toy cases and independent cross-checks."""
+"""Tests of kmclust.sweep.metrics: hand-computed toy cases and independent cross-checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmclust.metrics import (
+from kmclust.sweep.metrics import (
     ari,
     evaluate,
     hungarian_acc,

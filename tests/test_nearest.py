@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kmclust import kernels, nearest
+from kmclust.lloyd import chunk as kernels
+from kmclust.lloyd import nearest
 
 
 def _brute(x: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:

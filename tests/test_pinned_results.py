@@ -42,8 +42,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kmclust.engine import lloyd
-from kmclust.sweep import SweepConfig, run_sweep
+from kmclust.lloyd.engine import lloyd
+from kmclust.sweep.run import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).resolve().parent / "pinned"
@@ -294,5 +294,5 @@ def test_engine_lloyd_matches_pins(mnist_subset_store: Path) -> None:
                              "return_labels=True), defaults otherwise, threaded scheduler, "
                              f"num_workers={ENGINE_THREADS}"},
            "cells": cells}
-    _check_or_repin(ENGINE_PINS, got, "kmclust.engine.lloyd on the sweep's training rows of "
+    _check_or_repin(ENGINE_PINS, got, "kmclust.lloyd.engine.lloyd on the sweep's training rows of "
                     "the mnist_subset_store fixture; see tests/test_pinned_results.py")

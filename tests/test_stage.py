@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import kmclust.datasets as datasets
-from kmclust.datasets import (FASHION_DIR, as_float, default_store_path, fingerprint, flat_images,
+import kmclust.data.stores as datasets
+from kmclust.data.stores import (FASHION_DIR, as_float, default_store_path, fingerprint, flat_images,
                               load_images, open_images, stage, verify_store)
 from kmclust.errors import ConfigError, DataError
-from kmclust.idx import write_idx
+from kmclust.data.idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "data" / "stage.py"
@@ -433,7 +433,7 @@ def test_synthetic_keeps_the_parent_split(tmp_path: Path) -> None:
 
 MEMORY_SCRIPT = """
 import resource, sys
-from kmclust.datasets import open_images, stage
+from kmclust.data.stores import open_images, stage
 open_images(sys.argv[1]).images.values  # warm up: imports and first reads
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 stage("synthetic", sys.argv[2], from_dir=sys.argv[1], rows=200_000, seed=3)

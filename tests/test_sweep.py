@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kmclust import sweep
+from kmclust.sweep import run as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "jobs" / "sweep.py"
@@ -190,7 +190,8 @@ def test_unreachable_scheduler_clear_error(mnist_subset_store: Path, tmp_path: P
 
 def test_failed_cell_is_recorded_and_rest_completes(tmp_path: Path) -> None:
     """A k above the number of distinct images fails its cells only; exit code 1 names them."""
-    from kmclust import datasets, idx
+    from kmclust.data import stores as datasets
+    from kmclust.data import idx
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (3, 28, 28), dtype=np.uint8)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kmclust.errors import ConfigError
-from kmclust.init import INITS  # numpy only
+from kmclust.lloyd.init import INITS  # numpy only
 #: seeds are int64 coordinates of the results store
 MAX_SEED = 2**63 - 1
 #: iteration counts and sizes are stored as int32

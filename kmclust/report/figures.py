@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kmclust.report import COMPARED, attr_json, class_names, init_names, slug, summary_inits
+from kmclust.report.document import COMPARED, attr_json, class_names, init_names, slug, summary_inits
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kmclust import __version__
-from kmclust.download import fetch_mnist, file_sha256
+from kmclust.data.download import fetch_mnist, file_sha256
 from kmclust.errors import ConfigError, DataError
-from kmclust.idx import read_idx_pair
+from kmclust.data.idx import read_idx_pair
 
 # xarray, zarr and dask are imported where they are used, so that a CLI run failing on
 # bad input exits in ~0.2 s instead of ~1.5 s of imports.

@@ -1,4 +1,4 @@
-"""Per-chunk Lloyd work for a stack of runs: numpy and the compiled loops of :mod:`kmclust.nearest`, no dask.
+"""Per-chunk Lloyd work for a stack of runs: numpy and the compiled loops of :mod:`kmclust.lloyd.nearest`, no dask.
 
 A *stack* holds the centroids of R runs one above the other (ΣK × D) with
 ``offsets`` (R + 1,) marking where each run's block starts. One GEMM of the
@@ -27,7 +27,7 @@ from fractions import Fraction
 import numpy as np
 import scipy.sparse
 
-from kmclust import nearest as _nearest
+from kmclust.lloyd import nearest as _nearest
 
 #: Largest chunk whose uint8 per-cluster sums stay exact in float32.
 EXACT_UINT8_ROWS = (2**24 - 1) // 255
@@ -45,7 +45,7 @@ class Partial:
     ``cand_*`` hold, per run, the ``m`` points farthest from their assigned
     centroid in decreasing distance (ties by global index): the candidates
     for relocating empty clusters. ``eval_*`` are, for the runs flagged for
-    evaluation, the exact sums (Fractions, :func:`kmclust.nearest.exact_sum`)
+    evaluation, the exact sums (Fractions, :func:`kmclust.lloyd.nearest.exact_sum`)
     of the rows' float64 distances: the same however the rows are chunked.
     ``labels`` are those runs' labels by chunk start.
     """
@@ -105,7 +105,7 @@ def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = No
 
     The one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out.
     uint8 rows go to a compiled kernel instead
-    (:func:`kmclust.nearest.pixel_distances`: faster for thin stacks, and
+    (:func:`kmclust.lloyd.nearest.pixel_distances`: faster for thin stacks, and
     each row's distances are the same bits wherever the row sits, so chunk
     sizes cannot change a relocation candidate).
     """
@@ -127,14 +127,14 @@ def assign(
     """Nearest centroid of each run for each row.
 
     Returns ``labels`` (n, R) int32 local to each run's block, the exact
-    nearest (:mod:`kmclust.nearest`), and ``dmin`` (n, R) float64 the
+    nearest (:mod:`kmclust.lloyd.nearest`), and ``dmin`` (n, R) float64 the
     computed squared distance ‖x‖² + ‖c‖² − 2x·c, clipped at 0 (approximate:
     used for relocation candidates and bounds, never for J). ``bounds=True``
     also returns ``upper`` = √dmin and the lower bounds ``lower`` (n, R, 2)
-    and ``second`` (n, R) of :func:`kmclust.nearest.assign_rows`, which let
+    and ``second`` (n, R) of :func:`kmclust.lloyd.nearest.assign_rows`, which let
     later passes skip rows. ``xsq``: the rows' ‖x‖² if known. ``cbound``
     (n, ΣK) float32, if given, receives per-centroid lower bounds
-    (:func:`kmclust.nearest.moved_centroid_bounds`).
+    (:func:`kmclust.lloyd.nearest.moved_centroid_bounds`).
     """
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
@@ -295,7 +295,7 @@ def exact_errors(
     Each row's distance to its own centroid is summed directly in float64
     (compiled loop): no float32 cancellation, no float64 copy of the chunk;
     the rows' values are then added without rounding
-    (:func:`kmclust.nearest.exact_sum`).
+    (:func:`kmclust.lloyd.nearest.exact_sum`).
     """
     out = {}
     for p in sorted(evals):
@@ -337,7 +337,7 @@ class ChunkState:
     run_ids: np.ndarray  # (R,)
     labels: np.ndarray  # (n, R) int32
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
-    lower: np.ndarray | None  # (n, R, 2) float64 (see kmclust.nearest.moved_bounds)
+    lower: np.ndarray | None  # (n, R, 2) float64 (see kmclust.lloyd.nearest.moved_bounds)
     xsq: np.ndarray | None = None  # (n,) the rows' ‖x‖² in the compute dtype (they never change)
     second: np.ndarray | None = None  # (n, R) int32 second-nearest centroid of each run (−1: none known)
     cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid lower bounds (then no lower, second)
@@ -455,10 +455,10 @@ def _pruned_assign(
 
     After the centroids moved by ``drift`` (per cluster), a row keeps its
     label in run r if lower² − upper² clears twice the distances' error bound
-    (:func:`kmclust.nearest.moved_bounds`). Runs
+    (:func:`kmclust.lloyd.nearest.moved_bounds`). Runs
     needing more than ``BUSY_SHARE`` of the rows share one GEMM (:func:`place`)
     over the rows whose pairs in those runs would cost more in the compiled
-    per-pair step (:func:`kmclust.nearest.reassign`, ``PAIR_COST`` times a GEMM
+    per-pair step (:func:`kmclust.lloyd.nearest.reassign`, ``PAIR_COST`` times a GEMM
     distance); every other pair goes through that step. (All rows needed by
     a busy run in the GEMM: the 96-run bench grid took ~4 % longer.) Stacks
     with per-centroid bounds (:func:`centroid_bounds`) go to
@@ -512,13 +512,13 @@ def _pruned_assign_centroids(
     """:func:`_pruned_assign` with a lower bound per (row, centroid) (Elkan; ``labels`` are written in place).
 
     A row whose pairs would need more distances in the per-pair step
-    (:func:`kmclust.nearest.reassign_centroids`: the assigned centroid's and
+    (:func:`kmclust.lloyd.nearest.reassign_centroids`: the assigned centroid's and
     those whose bound failed, ``PAIR_COST`` times a GEMM distance each) than
     the stack's ΣK joins one GEMM over the whole stack (the first passes,
     when every centroid moves far); every other pair goes through that step.
     """
     n, r = labels.shape
-    cbound = prior.cbound  # lowered in place (see kmclust.nearest.moved_centroid_bounds)
+    cbound = prior.cbound  # lowered in place (see kmclust.lloyd.nearest.moved_centroid_bounds)
     upper, need, fails = _nearest.moved_centroid_bounds(labels, prior.upper, cbound, moved, offsets, row_slack,
                                                         run_slack)
     dmin = np.square(upper)  # upper bounds for rows that keep their label

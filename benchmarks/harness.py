@@ -35,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kmclust import cluster, datasets, engine
+from kmclust import cluster
+from kmclust.data import stores as datasets
+from kmclust.lloyd import engine
 from kmclust.errors import ConfigError, DataError
-from kmclust.init import init_centroids
+from kmclust.lloyd.init import init_centroids
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +156,12 @@ def code_state() -> str:
     head = git("rev-parse", "--short", "HEAD")
     if not head:
         return "not a git checkout"
-    changed = [f for f in ("kmclust/engine.py", "kmclust/kernels.py")
+    changed = [str(f.relative_to(root)) for f in sorted((root / "kmclust" / "lloyd").glob("*.py"))]
+    changed = [f for f in changed
                if git("hash-object", f) != git("rev-parse", f"HEAD:{f}")]
     mods = [f"{f} (blob {git('hash-object', f)[:10]})" for f in changed]
     return (f"git {head} in {root}, "
-            + (f"modified: {', '.join(mods)}" if mods else "engine and kernels as committed"))
+            + (f"modified: {', '.join(mods)}" if mods else "the engine (kmclust/lloyd) as committed"))
 
 
 def machine_info() -> dict:

@@ -1,6 +1,6 @@
 """The k × init × seed sweep: data split, batches of runs, results Dataset in zarr, resume.
 
-All pending cells run as one engine batch (see kmclust.engine): they share
+All pending cells run as one engine batch (see kmclust.lloyd.engine): they share
 every data pass, split into one group per worker thread. As soon as every
 cell of a k has finished, that k's slab of the results store (chunked by k)
 is written with ``status`` last, so a cell reads ``done`` only once all its
@@ -32,10 +32,12 @@ import numpy as np
 import sklearn
 import xarray as xr
 
-from kmclust import datasets, engine, metrics
+from kmclust.data import stores as datasets
+from kmclust.lloyd import engine
+from kmclust.sweep import metrics
 from kmclust.errors import ConfigError, DataError, KmclustError, SchedulerError
-from kmclust.init import INITS, init_centroids
-from kmclust.options import (  # parse_* re-exported for the entry points
+from kmclust.lloyd.init import INITS, init_centroids
+from kmclust.sweep.config import (  # parse_* re-exported for the entry points
     MAX_INT32,
     MAX_SEED,
     RESULTS_MARK,

@@ -1,7 +1,7 @@
 """Report of a sweep: summary tables, paired init comparison, elbow and REPORT.md.
 
 Reads the results Dataset written by the sweep (dims k × init × seed), ignores
-every cell whose status is not "done", and writes figures (kmclust.plot) and a
+every cell whose status is not "done", and writes figures (kmclust.report.figures) and a
 Markdown report whose sentences are generated from the numbers it shows.
 """
 
@@ -439,7 +439,7 @@ def _markdown(ds, vals, summary, comps, knees, counts, reps, figs, chosen: bool)
 def write_report(results: xr.Dataset | str | Path, out_dir: Path, *,
                  representative: tuple[int, str, int] | None = None) -> Path:
     """Write the figures and REPORT.md for a results store into out_dir; return REPORT.md."""
-    from kmclust import plot  # lazy: summary_table users need no matplotlib
+    from kmclust.report import figures as plot  # lazy: summary_table users need no matplotlib
 
     ds = open_results(results)
     counts = status_counts(ds)

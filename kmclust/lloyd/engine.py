@@ -1,6 +1,6 @@
 """Batched Lloyd iterations as Dask map-reduce: the only module building Lloyd graphs.
 
-Every iteration maps :func:`kmclust.kernels.lloyd_chunk` over the data's row
+Every iteration maps :func:`kmclust.lloyd.chunk.lloyd_chunk` over the data's row
 chunks (× a few groups of runs, so that small data still keeps every worker
 busy), combines the partials with a fixed-order tree reduction and computes
 all groups in one round trip. On a cluster, with the chunks persisted, one
@@ -41,7 +41,7 @@ import numpy as np
 from dask.utils import parse_bytes
 from threadpoolctl import threadpool_limits
 
-from kmclust import kernels
+from kmclust.lloyd import chunk as kernels
 
 #: Partials combined per reduction task.
 FAN_IN = 8
@@ -79,7 +79,7 @@ class _Run:
     history: list[float] = field(default_factory=list)
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     error: str = ""
-    sse: Fraction | float = math.nan  # exact sums of the final pass (kmclust.nearest.exact_sum)
+    sse: Fraction | float = math.nan  # exact sums of the final pass (kmclust.lloyd.nearest.exact_sum)
     dist: Fraction | float = math.nan
     sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
     counts: np.ndarray | None = None
@@ -105,7 +105,7 @@ def even_chunks(x: da.Array, threads: int) -> da.Array:
     vs 17.8 ms an iteration with 8 chunks; 14 chunks of 5,000 rows cost more
     per chunk than they balance). Results do not depend on the chunking:
     labels are exact, integer sums and the eval sums are exact
-    (:func:`kmclust.nearest.exact_sum`). Float data keep their chunks (their
+    (:func:`kmclust.lloyd.nearest.exact_sum`). Float data keep their chunks (their
     float sums would round differently). A single chunk stays one: runs are
     then split into groups instead (``n_groups``).
     """
@@ -628,7 +628,7 @@ def lloyd(
     (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid, as Elkan's, for a batch
     of one run or of runs of many centroids); results are bit-identical to the unpruned
     computation because labels are the exact nearest centroid
-    (:mod:`kmclust.nearest`). Runs needing many rows share one GEMM over
+    (:mod:`kmclust.lloyd.nearest`). Runs needing many rows share one GEMM over
     their rows' union, the others a compiled per-pair step; ``prune=False``
     keeps one GEMM over all rows (the reference the bench compares with).
     ``stream=True`` reads the chunks from their source every pass and keeps

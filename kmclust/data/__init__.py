@@ -1,0 +1,1 @@
+"""Data in: IDX parsing, sources, staging into zarr stores, opening a store and selecting rows."""

@@ -1,0 +1,1 @@
+"""Tables, figures and REPORT.md drawn from a results store (imports nothing above it)."""
