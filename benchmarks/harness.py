@@ -30,15 +30,15 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from kmclust import cluster
 from kmclust.data import stores as datasets
-from kmclust.lloyd import engine
 from kmclust.errors import ConfigError, DataError
+from kmclust.lloyd import engine
 from kmclust.lloyd.init import init_centroids
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,17 @@ SCHEDULERS = ("local", "threads")
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: set by jobs/bench.py after re-executing without OPENBLAS_VARS: what was removed
 UNSET_MARK = "KMCLUST_BENCH_UNSET_OPENBLAS"
-PACKAGES = ("kmclust", "numpy", "scipy", "dask", "distributed", "zarr", "scikit-learn", "dask-ml", "threadpoolctl")
+PACKAGES = (
+    "kmclust",
+    "numpy",
+    "scipy",
+    "dask",
+    "distributed",
+    "zarr",
+    "scikit-learn",
+    "dask-ml",
+    "threadpoolctl",
+)
 INSTALL_FASHION = "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
 
 
@@ -115,6 +125,7 @@ class Outcome:
 
 # ---------------------------------------------------------------- machine, environment, output
 
+
 def clean_env(environ: dict[str, str]) -> dict[str, str] | None:
     """``environ`` without OPENBLAS_VARS (and a mark of what was removed), or None if none is set."""
     removed = {k: environ[k] for k in OPENBLAS_VARS if k in environ}
@@ -129,8 +140,11 @@ def blas_kernels() -> list[str]:
     """BLAS libraries loaded in this process as 'api version kernel ×threads' (threadpoolctl)."""
     from threadpoolctl import threadpool_info
 
-    return [f"{i['internal_api']} {i.get('version')} {i.get('architecture', '?')} x{i['num_threads']}"
-            for i in threadpool_info() if i["user_api"] == "blas"]
+    return [
+        f"{i['internal_api']} {i.get('version')} {i.get('architecture', '?')} x{i['num_threads']}"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
 
 
 def _version(name: str) -> str:
@@ -148,8 +162,9 @@ def code_state() -> str:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -157,11 +172,11 @@ def code_state() -> str:
     if not head:
         return "not a git checkout"
     changed = [str(f.relative_to(root)) for f in sorted((root / "kmclust" / "lloyd").glob("*.py"))]
-    changed = [f for f in changed
-               if git("hash-object", f) != git("rev-parse", f"HEAD:{f}")]
+    changed = [f for f in changed if git("hash-object", f) != git("rev-parse", f"HEAD:{f}")]
     mods = [f"{f} (blob {git('hash-object', f)[:10]})" for f in changed]
-    return (f"git {head} in {root}, "
-            + (f"modified: {', '.join(mods)}" if mods else "the engine (kmclust/lloyd) as committed"))
+    return f"git {head} in {root}, " + (
+        f"modified: {', '.join(mods)}" if mods else "the engine (kmclust/lloyd) as committed"
+    )
 
 
 def machine_info() -> dict:
@@ -170,17 +185,31 @@ def machine_info() -> dict:
 
     model = "?"
     with contextlib.suppress(OSError):
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), "?")
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "?",
+        )
     env = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "blas": blas_kernels(),
-            "python": platform.python_version(), "versions": {p: _version(p) for p in PACKAGES},
-            "openblas_env": env or (f"unset (was {os.environ[UNSET_MARK]})" if UNSET_MARK in os.environ else "unset"),
-            "code": code_state(), "loadavg": os.getloadavg()}
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "blas": blas_kernels(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "openblas_env": env
+        or (f"unset (was {os.environ[UNSET_MARK]})" if UNSET_MARK in os.environ else "unset"),
+        "code": code_state(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; floats keep 3 significant digits (4 above 1000)."""
+
     def cell(v: object) -> str:
         if isinstance(v, float):
             return "–" if np.isnan(v) else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
@@ -198,23 +227,41 @@ def record(path: str | Path, outcome: Outcome, command: str) -> None:
     la0, la1 = m.get("loadavg", (0, 0, 0)), os.getloadavg()
     v = m.get("versions", {})
     head = "" if path.exists() else "# Benchmarks\n\nAppended by `jobs/bench.py`; newest last.\n"
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     end_code = code_state()
-    warn = [f"- WARNING: the engine's code changed during this run (at the end: {end_code}); driver and "
-            "workers may have run different versions"] if m.get("code") and end_code != m["code"] else []
-    lines = [head, f"## {stamp} — {outcome.title}", "",
-             f"- command: `{command}`",
-             f"- machine: {m.get('nproc')} cores, {m.get('cpu')}; BLAS (driver): {'; '.join(m.get('blas', []))}; "
-             f"OPENBLAS_* env: {m.get('openblas_env')}",
-             f"- load average (1/5/15 min) before: {la0[0]:.2f} / {la0[1]:.2f} / {la0[2]:.2f}, "
-             f"after: {la1[0]:.2f} / {la1[1]:.2f} / {la1[2]:.2f} (shared machine: other jobs ran too)",
-             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; code: {m.get('code')}", *warn, "",
-             outcome.table, "", *[f"- {n}" for n in outcome.notes], ""]
+    warn = (
+        [
+            f"- WARNING: the engine's code changed during this run (at the end: {end_code}); driver and "
+            "workers may have run different versions"
+        ]
+        if m.get("code") and end_code != m["code"]
+        else []
+    )
+    lines = [
+        head,
+        f"## {stamp} — {outcome.title}",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {m.get('nproc')} cores, {m.get('cpu')}; BLAS (driver): {'; '.join(m.get('blas', []))}; "
+        f"OPENBLAS_* env: {m.get('openblas_env')}",
+        f"- load average (1/5/15 min) before: {la0[0]:.2f} / {la0[1]:.2f} / {la0[2]:.2f}, "
+        f"after: {la1[0]:.2f} / {la1[1]:.2f} / {la1[2]:.2f} (shared machine: other jobs ran too)",
+        "- versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + f"; code: {m.get('code')}",
+        *warn,
+        "",
+        outcome.table,
+        "",
+        *[f"- {n}" for n in outcome.notes],
+        "",
+    ]
     with path.open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- data and schedulers
+
 
 def fashion_store(store_dir: str | Path) -> Path:
     """``store_dir``/fashion-mnist.zarr, staged from the Debian package if absent."""
@@ -257,10 +304,18 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
         raise ConfigError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     from distributed import Client, LocalCluster
 
-    with dask.config.set(cluster.local_config()), \
-            LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker, processes=True,
-                         host="127.0.0.1", dashboard_address=None, memory_limit=spec.memory_limit) as local, \
-            Client(local) as client:
+    with (
+        dask.config.set(cluster.local_config()),
+        LocalCluster(
+            n_workers=spec.n_workers,
+            threads_per_worker=spec.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=spec.memory_limit,
+        ) as local,
+        Client(local) as client,
+    ):
         yield client
 
 
@@ -332,7 +387,11 @@ def metered() -> Iterator[Meter]:
     m = Meter()
     load0, cpu0, t0 = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
     yield m
-    m.wall, m.cpu, m.load = time.perf_counter() - t0, _cpu_seconds() - cpu0, (load0, os.getloadavg()[0])
+    m.wall, m.cpu, m.load = (
+        time.perf_counter() - t0,
+        _cpu_seconds() - cpu0,
+        (load0, os.getloadavg()[0]),
+    )
 
 
 def _worker_blas(client, machine: dict) -> None:
@@ -344,10 +403,15 @@ def _worker_blas(client, machine: dict) -> None:
 def _cluster_note(spec: ClusterSpec, machine: dict) -> list[str]:
     if "local" not in spec.schedulers:
         return []
-    return [f"LocalCluster: {spec.n_workers} worker processes × {spec.threads_per_worker} thread, memory_limit="
-            f"{spec.memory_limit}; worker BLAS: {'; '.join(machine.get('worker_blas', ['?']))}"
-            + ("; threads: dask's threaded scheduler in the driver (BLAS threads as the driver's)"
-               if "threads" in spec.schedulers else "")]
+    return [
+        f"LocalCluster: {spec.n_workers} worker processes × {spec.threads_per_worker} thread, memory_limit="
+        f"{spec.memory_limit}; worker BLAS: {'; '.join(machine.get('worker_blas', ['?']))}"
+        + (
+            "; threads: dask's threaded scheduler in the driver (BLAS threads as the driver's)"
+            if "threads" in spec.schedulers
+            else ""
+        )
+    ]
 
 
 def sse64(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, block: int = 4096) -> float:
@@ -363,37 +427,63 @@ def sse64(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, block: int =
 def _sklearn_fit(xf: np.ndarray, init: np.ndarray, algorithm: str, max_iter: int):
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=init.shape[0], init=init.astype(xf.dtype), n_init=1, algorithm=algorithm,
-                tol=0.0, max_iter=max_iter)
+    km = KMeans(
+        n_clusters=init.shape[0],
+        init=init.astype(xf.dtype),
+        n_init=1,
+        algorithm=algorithm,
+        tol=0.0,
+        max_iter=max_iter,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter is expected here
         return km.fit(xf)
 
 
-def _vs(results: Sequence, j: Sequence[float], labels: Sequence[np.ndarray], ref: Sequence,
-        ref_j64: Sequence[float]) -> dict:
+def _vs(
+    results: Sequence,
+    j: Sequence[float],
+    labels: Sequence[np.ndarray],
+    ref: Sequence,
+    ref_j64: Sequence[float],
+) -> dict:
     """Final J and labels of one tool's runs against a scikit-learn loop's (``ref``) on the same inits."""
     signed = np.array([(a - m.inertia_) / m.inertia_ for a, m in zip(j, ref)])
     exact = np.array([(a - b) / b for a, b in zip(j, ref_j64)])
     same = np.array([np.array_equal(lab, m.labels_) for lab, m in zip(labels, ref)])
     n_iter = np.array([getattr(r, "n_iter", None) or getattr(r, "n_iter_", 0) for r in results])
     ref_iter = np.array([m.n_iter_ for m in ref])
-    return {"max_rel_j_diff": float(np.abs(signed).max()),
-            "max_rel_j64_diff_same_labels": float(np.abs(exact[same]).max()) if same.any() else float("nan"),
-            "runs_labels_differ": int((~same).sum()), "runs_n_iter_differ": int((n_iter != ref_iter).sum()),
-            "other_fixed_points": {"kmclust_lower_j": int((signed[~same] < 0).sum()),
-                                   "kmclust_higher_j": int((signed[~same] > 0).sum()),
-                                   "median_rel_j_diff": float(np.median(signed[~same])) if (~same).any() else 0.0},
-            "per_run": {"n_iter": n_iter.tolist(), "sklearn_n_iter": ref_iter.tolist(),
-                        "rel_j_diff": signed.tolist(), "same_labels": same.tolist()}}
+    return {
+        "max_rel_j_diff": float(np.abs(signed).max()),
+        "max_rel_j64_diff_same_labels": float(np.abs(exact[same]).max())
+        if same.any()
+        else float("nan"),
+        "runs_labels_differ": int((~same).sum()),
+        "runs_n_iter_differ": int((n_iter != ref_iter).sum()),
+        "other_fixed_points": {
+            "kmclust_lower_j": int((signed[~same] < 0).sum()),
+            "kmclust_higher_j": int((signed[~same] > 0).sum()),
+            "median_rel_j_diff": float(np.median(signed[~same])) if (~same).any() else 0.0,
+        },
+        "per_run": {
+            "n_iter": n_iter.tolist(),
+            "sklearn_n_iter": ref_iter.tolist(),
+            "rel_j_diff": signed.tolist(),
+            "same_labels": same.tolist(),
+        },
+    }
 
 
 def _cell_seed(seed: int, k: int, init: str) -> int:
-    return int(np.random.SeedSequence([seed, k, ("random", "data", "k-means++", "k-means||").index(init)])
-               .generate_state(1)[0])
+    return int(
+        np.random.SeedSequence(
+            [seed, k, ("random", "data", "k-means++", "k-means||").index(init)]
+        ).generate_state(1)[0]
+    )
 
 
 # ---------------------------------------------------------------- grid
+
 
 def run_grid(cfg: GridConfig) -> Outcome:
     """The grid as one kmclust batch (each scheduler) vs a loop of scikit-learn KMeans runs."""
@@ -414,7 +504,12 @@ def run_grid(cfg: GridConfig) -> Outcome:
     sk_wall = sk_m.wall
     sk_iter = np.array([m.n_iter_ for m in sk])
     sk_j64 = [sse64(x_np, m.cluster_centers_ / SCALE, m.labels_) * SCALE**2 for m in sk]
-    tools["sklearn"] = {"wall": sk_wall, "cpu": sk_m.cpu, "load": sk_m.load_text(), "iterations": int(sk_iter.sum())}
+    tools["sklearn"] = {
+        "wall": sk_wall,
+        "cpu": sk_m.cpu,
+        "load": sk_m.load_text(),
+        "iterations": int(sk_iter.sum()),
+    }
     sk64 = None
     if cfg.float64:
         log.info("scikit-learn float64: %d runs", len(cells))
@@ -423,10 +518,14 @@ def run_grid(cfg: GridConfig) -> Outcome:
             sk64 = [_sklearn_fit(x64, c, "lloyd", cfg.max_iter) for c in inits]
         del x64
         tools["sklearn float64"] = {
-            "wall": m64.wall, "cpu": m64.cpu, "load": m64.load_text(),
-            "iterations": int(sum(m.n_iter_ for m in sk64)), "speedup": sk_wall / m64.wall,
-            "cpu_speedup": sk_m.cpu / m64.cpu, **_vs(sk64, [m.inertia_ for m in sk64], [m.labels_ for m in sk64],
-                                                    sk, sk_j64)}
+            "wall": m64.wall,
+            "cpu": m64.cpu,
+            "load": m64.load_text(),
+            "iterations": int(sum(m.n_iter_ for m in sk64)),
+            "speedup": sk_wall / m64.wall,
+            "cpu_speedup": sk_m.cpu / m64.cpu,
+            **_vs(sk64, [m.inertia_ for m in sk64], [m.labels_ for m in sk64], sk, sk_j64),
+        }
 
     for name in cfg.cluster.schedulers:
         with scheduler(name, cfg.cluster) as client:
@@ -434,8 +533,15 @@ def run_grid(cfg: GridConfig) -> Outcome:
             xp = _persist(x, client)
             log.info("kmclust on %s: %d runs in one batch", name, len(cells))
             with metered() as meter:
-                res = engine.lloyd(xp, inits, tol=0.0, max_iter=cfg.max_iter, scale=SCALE, return_labels=True,
-                                   **_engine_kwargs(cfg.prune))
+                res = engine.lloyd(
+                    xp,
+                    inits,
+                    tol=0.0,
+                    max_iter=cfg.max_iter,
+                    scale=SCALE,
+                    return_labels=True,
+                    **_engine_kwargs(cfg.prune),
+                )
         wall = meter.wall
         bad = [r.error for r in res if r.error]
         if bad:
@@ -443,65 +549,125 @@ def run_grid(cfg: GridConfig) -> Outcome:
         km_iter = np.array([r.n_iter for r in res])
         j = [r.jclust * n for r in res]
         tools[_kmclust_name(name, cfg.prune)] = {
-            "wall": wall, "cpu": meter.cpu, "load": meter.load_text(), "iterations": int(km_iter.sum()),
-            "speedup": sk_wall / wall, "cpu_speedup": sk_m.cpu / meter.cpu,
+            "wall": wall,
+            "cpu": meter.cpu,
+            "load": meter.load_text(),
+            "iterations": int(km_iter.sum()),
+            "speedup": sk_wall / wall,
+            "cpu_speedup": sk_m.cpu / meter.cpu,
             **_vs(res, j, [r.labels for r in res], sk, sk_j64),
-            "gflops": float(km_iter @ flop_per_iter / wall / 1e9)}
+            "gflops": float(km_iter @ flop_per_iter / wall / 1e9),
+        }
         if sk64 is not None:
             vs64 = _vs(res, j, [r.labels for r in res], sk64, [m.inertia_ for m in sk64])
             tools[_kmclust_name(name, cfg.prune)].update(
-                {"max_rel_j_diff_vs_float64": vs64["max_rel_j_diff"],
-                 "runs_labels_differ_vs_float64": vs64["runs_labels_differ"]})
+                {
+                    "max_rel_j_diff_vs_float64": vs64["max_rel_j_diff"],
+                    "runs_labels_differ_vs_float64": vs64["runs_labels_differ"],
+                }
+            )
     tools["sklearn"]["gflops"] = float(sk_iter @ flop_per_iter / sk_wall / 1e9)
     if sk64 is not None:
         t64 = tools["sklearn float64"]
-        t64["gflops"] = float(np.array([m.n_iter_ for m in sk64]) @ flop_per_iter / t64["wall"] / 1e9)
+        t64["gflops"] = float(
+            np.array([m.n_iter_ for m in sk64]) @ flop_per_iter / t64["wall"] / 1e9
+        )
         t64["max_rel_j_diff_vs_float64"], t64["runs_labels_differ_vs_float64"] = 0.0, 0
-        vs32 = _vs(sk, [m.inertia_ for m in sk], [m.labels_ for m in sk], sk64, [m.inertia_ for m in sk64])
-        tools["sklearn"].update({"max_rel_j_diff_vs_float64": vs32["max_rel_j_diff"],
-                                 "runs_labels_differ_vs_float64": vs32["runs_labels_differ"]})
+        vs32 = _vs(
+            sk, [m.inertia_ for m in sk], [m.labels_ for m in sk], sk64, [m.inertia_ for m in sk64]
+        )
+        tools["sklearn"].update(
+            {
+                "max_rel_j_diff_vs_float64": vs32["max_rel_j_diff"],
+                "runs_labels_differ_vs_float64": vs32["runs_labels_differ"],
+            }
+        )
     for t in tools.values():
         t["roofline_share"] = t["gflops"] / gemm
         t["ms_per_iteration"] = 1e3 * t["wall"] / t["iterations"]
     for name, t in tools.items():
-        rows.append([name, t["wall"], t["cpu"], t["load"], t["iterations"], t["ms_per_iteration"],
-                     t.get("speedup", 1.0), t.get("cpu_speedup", 1.0),
-                     t.get("max_rel_j_diff", float("nan")), t.get("max_rel_j64_diff_same_labels", float("nan")),
-                     t.get("runs_labels_differ", "–"),
-                     t.get("runs_n_iter_differ", "–"), t.get("max_rel_j_diff_vs_float64", "–"),
-                     t.get("runs_labels_differ_vs_float64", "–"), t["gflops"], f"{100 * t['roofline_share']:.1f} %"])
-    table = markdown_table(["tool", "wall s", "CPU s", "load", "Lloyd iterations", "ms / iteration",
-                            "speed-up vs sklearn", "CPU-time ratio",
-                            "max rel. J diff", "same, vs float64 J, equal labels", "runs with other labels",
-                            "runs with other n_iter", "max rel. J diff vs sklearn float64",
-                            "runs with other labels than sklearn float64",
-                            "useful GFLOP/s", "of roofline"], rows)
-    notes = [f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
-             f"{len(cells)} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × {len(cfg.seeds)} seeds; "
-             f"tol=0 (strict convergence), max_iter={cfg.max_iter}; same initial centroids for every tool",
-             "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
-             "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
-             + ("; sklearn float64: the same loop on float64 data (distances free of float32 rounding: the "
-                "reference for fixed points; its ratio column compares its time with float32 sklearn's)"
-                if sk64 is not None else ""),
-             f"float32 GEMM roofline (8192×784 @ 784×2048, best of 5, driver BLAS threads): {gemm:.1f} GFLOP/s; "
-             "useful flops = Σ n_iter · 2·N·D·k (distance GEMM only) / wall",
-             *_cluster_note(cfg.cluster, machine),
-             "J diff: |kmclust jclust·N − sklearn inertia_| / inertia_, max over runs (sklearn's inertia_ is "
-             "accumulated in float32: ~2e-6 off on 60,000 rows); 'vs float64 J': against Σ‖x − z‖² of sklearn's "
-             "labels and centroids recomputed here in float64, over the runs whose final labels equal sklearn's; "
-             "CPU s: driver + worker "
-             "processes; load: 1-min load average before → after that tool; ratios: sklearn / kmclust",
-             *[f"{t}: of the runs that ended at another fixed point than sklearn (float32 near-ties decided "
-               f"differently on the way), its J is lower in {v['other_fixed_points']['kmclust_lower_j']} and "
-               f"higher in {v['other_fixed_points']['kmclust_higher_j']}, median relative difference "
-               f"{v['other_fixed_points']['median_rel_j_diff']:+.2e}" for t, v in tools.items()
-               if v.get("runs_labels_differ")]]
-    return Outcome("grid", f"grid — Fashion-MNIST, {len(cells)} runs", {"n": n, "runs": len(cells),
-                   "roofline_gflops": gemm, "tools": tools}, table, notes, machine)
+        rows.append(
+            [
+                name,
+                t["wall"],
+                t["cpu"],
+                t["load"],
+                t["iterations"],
+                t["ms_per_iteration"],
+                t.get("speedup", 1.0),
+                t.get("cpu_speedup", 1.0),
+                t.get("max_rel_j_diff", float("nan")),
+                t.get("max_rel_j64_diff_same_labels", float("nan")),
+                t.get("runs_labels_differ", "–"),
+                t.get("runs_n_iter_differ", "–"),
+                t.get("max_rel_j_diff_vs_float64", "–"),
+                t.get("runs_labels_differ_vs_float64", "–"),
+                t["gflops"],
+                f"{100 * t['roofline_share']:.1f} %",
+            ]
+        )
+    table = markdown_table(
+        [
+            "tool",
+            "wall s",
+            "CPU s",
+            "load",
+            "Lloyd iterations",
+            "ms / iteration",
+            "speed-up vs sklearn",
+            "CPU-time ratio",
+            "max rel. J diff",
+            "same, vs float64 J, equal labels",
+            "runs with other labels",
+            "runs with other n_iter",
+            "max rel. J diff vs sklearn float64",
+            "runs with other labels than sklearn float64",
+            "useful GFLOP/s",
+            "of roofline",
+        ],
+        rows,
+    )
+    notes = [
+        f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
+        f"{len(cells)} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × {len(cfg.seeds)} seeds; "
+        f"tol=0 (strict convergence), max_iter={cfg.max_iter}; same initial centroids for every tool",
+        "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
+        "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
+        + (
+            "; sklearn float64: the same loop on float64 data (distances free of float32 rounding: the "
+            "reference for fixed points; its ratio column compares its time with float32 sklearn's)"
+            if sk64 is not None
+            else ""
+        ),
+        f"float32 GEMM roofline (8192×784 @ 784×2048, best of 5, driver BLAS threads): {gemm:.1f} GFLOP/s; "
+        "useful flops = Σ n_iter · 2·N·D·k (distance GEMM only) / wall",
+        *_cluster_note(cfg.cluster, machine),
+        "J diff: |kmclust jclust·N − sklearn inertia_| / inertia_, max over runs (sklearn's inertia_ is "
+        "accumulated in float32: ~2e-6 off on 60,000 rows); 'vs float64 J': against Σ‖x − z‖² of sklearn's "
+        "labels and centroids recomputed here in float64, over the runs whose final labels equal sklearn's; "
+        "CPU s: driver + worker "
+        "processes; load: 1-min load average before → after that tool; ratios: sklearn / kmclust",
+        *[
+            f"{t}: of the runs that ended at another fixed point than sklearn (float32 near-ties decided "
+            f"differently on the way), its J is lower in {v['other_fixed_points']['kmclust_lower_j']} and "
+            f"higher in {v['other_fixed_points']['kmclust_higher_j']}, median relative difference "
+            f"{v['other_fixed_points']['median_rel_j_diff']:+.2e}"
+            for t, v in tools.items()
+            if v.get("runs_labels_differ")
+        ],
+    ]
+    return Outcome(
+        "grid",
+        f"grid — Fashion-MNIST, {len(cells)} runs",
+        {"n": n, "runs": len(cells), "roofline_gflops": gemm, "tools": tools},
+        table,
+        notes,
+        machine,
+    )
 
 
 # ---------------------------------------------------------------- iteration
+
 
 def _dask_ml_kmeans():
     """dask_ml.cluster.KMeans, or None when dask-ml is not installed."""
@@ -515,7 +681,9 @@ def _dask_ml_kmeans():
 
 
 def _dask_ml_fit(xf, init: np.ndarray, max_iter: int):
-    km = _dask_ml_kmeans()(n_clusters=init.shape[0], init=init.astype(np.float32), max_iter=max_iter, tol=0.0)
+    km = _dask_ml_kmeans()(
+        n_clusters=init.shape[0], init=init.astype(np.float32), max_iter=max_iter, tol=0.0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return km.fit(xf)
@@ -552,8 +720,11 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
         loads[tool] = f"{load0:.1f}→{os.getloadavg()[0]:.1f}"
 
     for alg in ("lloyd", "elkan"):
-        measure(f"sklearn {alg}", lambda c, a=alg: _sklearn_fit(xf, c, a, cfg.iterations).n_iter_,
-                lambda a=alg: _sklearn_fit(xf, inits[cfg.ks[0]], a, 1))
+        measure(
+            f"sklearn {alg}",
+            lambda c, a=alg: _sklearn_fit(xf, c, a, cfg.iterations).n_iter_,
+            lambda a=alg: _sklearn_fit(xf, inits[cfg.ks[0]], a, 1),
+        )
     has_dask_ml = _dask_ml_kmeans() is not None
     for name in cfg.cluster.schedulers:
         with scheduler(name, cfg.cluster) as client:
@@ -561,14 +732,25 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
             xp = _persist(x, client)
 
             def km(c, xp=xp):
-                return engine.lloyd(xp, [c], tol=0.0, max_iter=cfg.iterations, scale=SCALE,
-                                    **_engine_kwargs(cfg.prune))[0].n_iter
+                return engine.lloyd(
+                    xp,
+                    [c],
+                    tol=0.0,
+                    max_iter=cfg.iterations,
+                    scale=SCALE,
+                    **_engine_kwargs(cfg.prune),
+                )[0].n_iter
 
             measure(_kmclust_name(name, cfg.prune), km, lambda: km(inits[cfg.ks[0]]))
             if has_dask_ml:
-                xfd = _persist(xp.astype(np.float32) / np.float32(255), client)  # the same chunks as kmclust
-                measure(f"dask-ml[{name}]", lambda c: _dask_ml_fit(xfd, c, cfg.iterations).n_iter_,
-                        lambda: _dask_ml_fit(xfd, inits[cfg.ks[0]], 1))
+                xfd = _persist(
+                    xp.astype(np.float32) / np.float32(255), client
+                )  # the same chunks as kmclust
+                measure(
+                    f"dask-ml[{name}]",
+                    lambda c: _dask_ml_fit(xfd, c, cfg.iterations).n_iter_,
+                    lambda: _dask_ml_fit(xfd, inits[cfg.ks[0]], 1),
+                )
     tools = list(per_iter)
     best = {kind: [t for t in tools if t.startswith(kind)] for kind in ("kmclust", "dask-ml")}
     rows = []
@@ -576,27 +758,53 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
         ms = {t: 1e3 * per_iter[t][k] for t in tools}
         km_best = min(ms[t] for t in best["kmclust"])
         ratios = [ms["sklearn lloyd"] / km_best]
-        ratios.append(min(ms[t] for t in best["dask-ml"]) / km_best if best["dask-ml"] else float("nan"))
+        ratios.append(
+            min(ms[t] for t in best["dask-ml"]) / km_best if best["dask-ml"] else float("nan")
+        )
         rows.append([k, *[f"{ms[t]:.3g} ({1e3 * cpu_iter[t][k]:.3g})" for t in tools], *ratios])
-    table = markdown_table(["k", *[f"{t} ms/iter (CPU)" for t in tools], "sklearn lloyd / kmclust",
-                            "dask-ml / kmclust"], rows)
-    notes = [f"data: first {n:,} Fashion-MNIST images (train + test), one run per tool and k, "
-             f"init = k data rows (seed 0, the same array for every tool), tol=0, max_iter={cfg.iterations}; "
-             "ms/iter = fit wall time / iterations actually run, best of "
-             f"{cfg.repeats} fits after one warm-up fit (each fit's fixed costs — input checks, kmclust's final "
-             "exact-J pass, dask-ml's final labelling pass — are included); (CPU) = CPU ms of driver + workers "
-             "per iteration in that fit",
-             "ratios: wall time of sklearn lloyd and of the best dask-ml scheduler over the best kmclust scheduler",
-             "1-min load average before → after each tool: " + ", ".join(f"{t} {v}" for t, v in loads.items()),
-             f"iterations run: {n_iter}", *_cluster_note(cfg.cluster, machine)]
+    table = markdown_table(
+        [
+            "k",
+            *[f"{t} ms/iter (CPU)" for t in tools],
+            "sklearn lloyd / kmclust",
+            "dask-ml / kmclust",
+        ],
+        rows,
+    )
+    notes = [
+        f"data: first {n:,} Fashion-MNIST images (train + test), one run per tool and k, "
+        f"init = k data rows (seed 0, the same array for every tool), tol=0, max_iter={cfg.iterations}; "
+        "ms/iter = fit wall time / iterations actually run, best of "
+        f"{cfg.repeats} fits after one warm-up fit (each fit's fixed costs — input checks, kmclust's final "
+        "exact-J pass, dask-ml's final labelling pass — are included); (CPU) = CPU ms of driver + workers "
+        "per iteration in that fit",
+        "ratios: wall time of sklearn lloyd and of the best dask-ml scheduler over the best kmclust scheduler",
+        "1-min load average before → after each tool: "
+        + ", ".join(f"{t} {v}" for t, v in loads.items()),
+        f"iterations run: {n_iter}",
+        *_cluster_note(cfg.cluster, machine),
+    ]
     if not has_dask_ml:
         notes.append("dask-ml is not installed (pip install -e '.[bench]'): its column is skipped")
-    return Outcome("iteration", f"iteration — Fashion-MNIST {n:,} rows, k = {', '.join(map(str, cfg.ks))}",
-                   {"n": n, "per_iteration": per_iter, "cpu_per_iteration": cpu_iter, "n_iter": n_iter,
-                    "dask_ml": has_dask_ml, "loads": loads}, table, notes, machine)
+    return Outcome(
+        "iteration",
+        f"iteration — Fashion-MNIST {n:,} rows, k = {', '.join(map(str, cfg.ks))}",
+        {
+            "n": n,
+            "per_iteration": per_iter,
+            "cpu_per_iteration": cpu_iter,
+            "n_iter": n_iter,
+            "dask_ml": has_dask_ml,
+            "loads": loads,
+        },
+        table,
+        notes,
+        machine,
+    )
 
 
 # ---------------------------------------------------------------- scale
+
 
 class _PeakMemory:
     """Samples every worker's RSS in a background thread; ``peak`` is the largest seen (bytes)."""
@@ -637,19 +845,36 @@ def synthetic_store(cfg: ScaleConfig) -> Path:
             return path
         log.info("%s has another shape; restaging it", path)
     log.info("staging %s (%d rows, %d-row chunks)", path, cfg.rows, cfg.chunk_rows)
-    return datasets.stage("synthetic", path, from_dir=parent, rows=cfg.rows, seed=0,
-                          chunk_rows=cfg.chunk_rows, force=path.exists())
+    return datasets.stage(
+        "synthetic",
+        path,
+        from_dir=parent,
+        rows=cfg.rows,
+        seed=0,
+        chunk_rows=cfg.chunk_rows,
+        force=path.exists(),
+    )
 
 
-def _timed_passes(x, inits: list[np.ndarray], iterations: int, persist: bool) -> tuple[Meter, list[float]]:
+def _timed_passes(
+    x, inits: list[np.ndarray], iterations: int, persist: bool
+) -> tuple[Meter, list[float]]:
     """Meter and per-pass seconds of one engine batch (``progress`` marks the end of each pass).
 
     Not persisted means streamed: no per-row state stays on the workers.
     """
     marks = [time.perf_counter()]
     with metered() as meter:
-        engine.lloyd(x, inits, tol=0.0, max_iter=iterations, scale=SCALE, persist=persist, stream=not persist,
-                     progress=lambda done, total: marks.append(time.perf_counter()))
+        engine.lloyd(
+            x,
+            inits,
+            tol=0.0,
+            max_iter=iterations,
+            scale=SCALE,
+            persist=persist,
+            stream=not persist,
+            progress=lambda done, total: marks.append(time.perf_counter()),
+        )
     return meter, list(np.diff(marks))
 
 
@@ -666,26 +891,66 @@ def run_scale(cfg: ScaleConfig) -> Outcome:
     rows = []
     with scheduler("local", cfg.cluster) as client:
         _worker_blas(client, machine)
-        for label, data, persist, nrows in (("streamed from zarr", x, False, n),
-                                            ("persisted in memory", x[:sub], True, sub)):
+        for label, data, persist, nrows in (
+            ("streamed from zarr", x, False, n),
+            ("persisted in memory", x[:sub], True, sub),
+        ):
             if persist:
                 data = _persist(data, client)
             with _PeakMemory(client) as mem:
                 meter, passes = _timed_passes(data, inits, cfg.iterations, persist)
             sec = statistics.median(passes[: cfg.iterations])
-            figures[label] = {"wall": meter.wall, "cpu": meter.cpu, "passes": passes, "s_per_iteration": sec,
-                              "rows_runs_per_s": nrows * len(inits) / sec, "peak_worker_rss": mem.peak}
-            rows.append([label, nrows, len(inits), sec, nrows * len(inits) / sec,
-                         2.0 * nrows * d * cfg.k * len(inits) / sec / 1e9, f"{mem.peak / 2**30:.2f} GiB",
-                         meter.wall, meter.cpu, meter.load_text()])
+            figures[label] = {
+                "wall": meter.wall,
+                "cpu": meter.cpu,
+                "passes": passes,
+                "s_per_iteration": sec,
+                "rows_runs_per_s": nrows * len(inits) / sec,
+                "peak_worker_rss": mem.peak,
+            }
+            rows.append(
+                [
+                    label,
+                    nrows,
+                    len(inits),
+                    sec,
+                    nrows * len(inits) / sec,
+                    2.0 * nrows * d * cfg.k * len(inits) / sec / 1e9,
+                    f"{mem.peak / 2**30:.2f} GiB",
+                    meter.wall,
+                    meter.cpu,
+                    meter.load_text(),
+                ]
+            )
             del data
-    ratio = figures["streamed from zarr"]["rows_runs_per_s"] / figures["persisted in memory"]["rows_runs_per_s"]
+    ratio = (
+        figures["streamed from zarr"]["rows_runs_per_s"]
+        / figures["persisted in memory"]["rows_runs_per_s"]
+    )
     figures["ratio"] = ratio
-    table = markdown_table(["data", "rows", "runs", "s / iteration", "rows·runs / s", "useful GFLOP/s",
-                            "peak worker RSS", "wall s", "CPU s", "load"], rows)
-    notes = [f"synthetic store {path} ({n:,} rows made from Fashion-MNIST by 1–2 pixel shifts, "
-             f"{cfg.chunk_rows:,}-row chunks); {len(inits)} runs = k {cfg.k} × {cfg.seeds} seeds (data init) in one "
-             f"batch, tol=0, {cfg.iterations} iterations; s / iteration = median pass time",
-             f"streaming / in-memory throughput: {ratio:.2f}",
-             *_cluster_note(cfg.cluster, machine), "peak worker RSS: largest sample over workers, every 0.25 s"]
-    return Outcome("scale", f"scale — synthetic {n:,} rows, {len(inits)} runs", figures, table, notes, machine)
+    table = markdown_table(
+        [
+            "data",
+            "rows",
+            "runs",
+            "s / iteration",
+            "rows·runs / s",
+            "useful GFLOP/s",
+            "peak worker RSS",
+            "wall s",
+            "CPU s",
+            "load",
+        ],
+        rows,
+    )
+    notes = [
+        f"synthetic store {path} ({n:,} rows made from Fashion-MNIST by 1–2 pixel shifts, "
+        f"{cfg.chunk_rows:,}-row chunks); {len(inits)} runs = k {cfg.k} × {cfg.seeds} seeds (data init) in one "
+        f"batch, tol=0, {cfg.iterations} iterations; s / iteration = median pass time",
+        f"streaming / in-memory throughput: {ratio:.2f}",
+        *_cluster_note(cfg.cluster, machine),
+        "peak worker RSS: largest sample over workers, every 0.25 s",
+    ]
+    return Outcome(
+        "scale", f"scale — synthetic {n:,} rows, {len(inits)} runs", figures, table, notes, machine
+    )

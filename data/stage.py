@@ -18,25 +18,45 @@ from kmclust.data.stores import SOURCES, open_images, stage
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", choices=SOURCES)
-    p.add_argument("--from", dest="from_dir", metavar="DIR",
-                   help="input directory (mnist, fashion-mnist) or parent store (synthetic)")
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="DIR",
+        help="input directory (mnist, fashion-mnist) or parent store (synthetic)",
+    )
     p.add_argument("--out", metavar="PATH", help="store to write (default data/SOURCE.zarr)")
-    p.add_argument("--chunk-rows", type=int, default=10_000, metavar="N", help="rows per chunk (default 10000)")
+    p.add_argument(
+        "--chunk-rows", type=int, default=10_000, metavar="N", help="rows per chunk (default 10000)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing store")
-    p.add_argument("--download", action="store_true", help="mnist: fetch the IDX files from public mirrors")
+    p.add_argument(
+        "--download", action="store_true", help="mnist: fetch the IDX files from public mirrors"
+    )
     p.add_argument("--rows", type=int, metavar="N", help="synthetic: number of rows")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="synthetic: random seed (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="synthetic: random seed (default 0)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     t0 = time.perf_counter()
-    path = stage(args.source, args.out, from_dir=args.from_dir, chunk_rows=args.chunk_rows, force=args.force,
-                 download=args.download, rows=args.rows, seed=args.seed)
+    path = stage(
+        args.source,
+        args.out,
+        from_dir=args.from_dir,
+        chunk_rows=args.chunk_rows,
+        force=args.force,
+        download=args.download,
+        rows=args.rows,
+        seed=args.seed,
+    )
     seconds = time.perf_counter() - t0
     ds = open_images(path)
     n = ds.sizes["sample"]
-    print(f"{path}: {n:,} images ({ds.attrs['n_train']:,} train, {ds.attrs['n_test']:,} test), "
-          f"staged in {seconds:.1f} s")
+    print(
+        f"{path}: {n:,} images ({ds.attrs['n_train']:,} train, {ds.attrs['n_test']:,} test), "
+        f"staged in {seconds:.1f} s"
+    )
     return 0
 
 

@@ -25,23 +25,44 @@ from kmclust.errors import ConfigError
 
 log = logging.getLogger("kmclust.jobs.bench")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the benchmark harness (benchmarks/) lives beside the library, not in it
+sys.path.insert(
+    0, str(ROOT)
+)  # the benchmark harness (benchmarks/) lives beside the library, not in it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store-dir", type=Path, default=Path("data"),
-                        help="where fashion-mnist.zarr (and synthetic stores) live or are staged (default %(default)s)")
-    common.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md",
-                        help="file the results are appended to (default: BENCHMARKS.md at the repo root)")
+    common.add_argument(
+        "--store-dir",
+        type=Path,
+        default=Path("data"),
+        help="where fashion-mnist.zarr (and synthetic stores) live or are staged (default %(default)s)",
+    )
+    common.add_argument(
+        "--record",
+        type=Path,
+        default=ROOT / "BENCHMARKS.md",
+        help="file the results are appended to (default: BENCHMARKS.md at the repo root)",
+    )
     common.add_argument("--no-record", action="store_true", help="print only")
-    common.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default %(default)s)")
+    common.add_argument(
+        "--workers", type=int, default=2, help="LocalCluster worker processes (default %(default)s)"
+    )
     common.add_argument("--threads-per-worker", type=int, default=1, help="(default %(default)s)")
-    common.add_argument("--unset-openblas-env", action="store_true",
-                        help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (benchmarks only)")
-    common.add_argument("--no-prune", dest="prune", action="store_false",
-                        help="grid/iteration: run kmclust without its Hamerly-style bounds (engine.lloyd(prune=False))")
+    common.add_argument(
+        "--unset-openblas-env",
+        action="store_true",
+        help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (benchmarks only)",
+    )
+    common.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="grid/iteration: run kmclust without its Hamerly-style bounds (engine.lloyd(prune=False))",
+    )
     common.add_argument("-v", "--verbose", action="store_true")
     modes = p.add_subparsers(dest="mode", required=True)
     g = modes.add_parser("grid", parents=[common], help="whole grid: kmclust batch vs sklearn loop")
@@ -51,22 +72,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default="3", help="count or list (default %(default)s)")
     g.add_argument("--rows", type=int, default=None, help="first N training rows only (quick runs)")
     g.add_argument("--max-iter", type=int, default=100, help="(default %(default)s)")
-    g.add_argument("--schedulers", default="local,threads", help="kmclust schedulers (default %(default)s)")
-    g.add_argument("--no-float64", dest="float64", action="store_false",
-                   help="skip the float64 scikit-learn loop (the fixed-point reference; ~2x sklearn's time)")
+    g.add_argument(
+        "--schedulers", default="local,threads", help="kmclust schedulers (default %(default)s)"
+    )
+    g.add_argument(
+        "--no-float64",
+        dest="float64",
+        action="store_false",
+        help="skip the float64 scikit-learn loop (the fixed-point reference; ~2x sklearn's time)",
+    )
     i = modes.add_parser("iteration", parents=[common], help="seconds per Lloyd iteration per tool")
     i.add_argument("--k", default="10,20,256", help="(default %(default)s)")
-    i.add_argument("--iterations", type=int, default=10, help="fixed iterations per fit (default %(default)s)")
-    i.add_argument("--rows", type=int, default=None, help="first N rows of train + test (default all 70,000)")
-    i.add_argument("--repeats", type=int, default=3, help="fits per tool and k, the fastest counts (default %(default)s)")
-    i.add_argument("--schedulers", default="local,threads", help="for kmclust and dask-ml (default %(default)s)")
+    i.add_argument(
+        "--iterations", type=int, default=10, help="fixed iterations per fit (default %(default)s)"
+    )
+    i.add_argument(
+        "--rows", type=int, default=None, help="first N rows of train + test (default all 70,000)"
+    )
+    i.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="fits per tool and k, the fastest counts (default %(default)s)",
+    )
+    i.add_argument(
+        "--schedulers",
+        default="local,threads",
+        help="for kmclust and dask-ml (default %(default)s)",
+    )
     s = modes.add_parser("scale", parents=[common], help="streaming from zarr vs in memory")
-    s.add_argument("--rows", type=int, default=5_000_000, help="synthetic rows (default %(default)s)")
+    s.add_argument(
+        "--rows", type=int, default=5_000_000, help="synthetic rows (default %(default)s)"
+    )
     s.add_argument("--k", type=int, default=20)
     s.add_argument("--seeds", type=int, default=10)
     s.add_argument("--iterations", type=int, default=5)
     s.add_argument("--chunk-rows", type=int, default=50_000)
-    s.add_argument("--subset-rows", type=int, default=500_000, help="in-memory comparison rows (default %(default)s)")
+    s.add_argument(
+        "--subset-rows",
+        type=int,
+        default=500_000,
+        help="in-memory comparison rows (default %(default)s)",
+    )
     s.add_argument("--memory-limit", default="4GiB", help="per worker (default %(default)s)")
     return p
 
@@ -92,44 +139,91 @@ def main(argv: list[str] | None = None) -> int:
     import kmclust
 
     here = Path(__file__).resolve().parents[1]
-    if Path(kmclust.__file__).resolve().parents[1] != here:  # a stale editable install measures other code
-        print(f"warning: kmclust is imported from {Path(kmclust.__file__).resolve().parent}, not from {here}; "
-              f"run `pip install -e {here}` to measure this checkout", file=sys.stderr)
+    if (
+        Path(kmclust.__file__).resolve().parents[1] != here
+    ):  # a stale editable install measures other code
+        print(
+            f"warning: kmclust is imported from {Path(kmclust.__file__).resolve().parent}, not from {here}; "
+            f"run `pip install -e {here}` to measure this checkout",
+            file=sys.stderr,
+        )
     import distributed  # noqa: F401 - sets its own logger levels on import; override them below
 
-    for noisy in ("", "distributed", "bokeh", "tornado", "dask_ml"):  # "": root (dask-ml logs there)
+    for noisy in (
+        "",
+        "distributed",
+        "bokeh",
+        "tornado",
+        "dask_ml",
+    ):  # "": root (dask-ml logs there)
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     logging.getLogger("kmclust").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _positive(workers=args.workers, threads_per_worker=args.threads_per_worker, rows=args.rows)
-    print(f"BLAS (threadpoolctl): {'; '.join(bench.blas_kernels()) or 'none loaded yet'}", flush=True)
+    print(
+        f"BLAS (threadpoolctl): {'; '.join(bench.blas_kernels()) or 'none loaded yet'}", flush=True
+    )
     kw = {"n_workers": args.workers, "threads_per_worker": args.threads_per_worker}
     if args.mode == "scale":
-        _positive(k=args.k, seeds=args.seeds, iterations=args.iterations, chunk_rows=args.chunk_rows,
-                  subset_rows=args.subset_rows)
-        cfg = bench.ScaleConfig(store_dir=args.store_dir, rows=args.rows, k=args.k, seeds=args.seeds,
-                                iterations=args.iterations, chunk_rows=args.chunk_rows, subset_rows=args.subset_rows,
-                                cluster=bench.ClusterSpec(("local",), memory_limit=args.memory_limit, **kw))
+        _positive(
+            k=args.k,
+            seeds=args.seeds,
+            iterations=args.iterations,
+            chunk_rows=args.chunk_rows,
+            subset_rows=args.subset_rows,
+        )
+        cfg = bench.ScaleConfig(
+            store_dir=args.store_dir,
+            rows=args.rows,
+            k=args.k,
+            seeds=args.seeds,
+            iterations=args.iterations,
+            chunk_rows=args.chunk_rows,
+            subset_rows=args.subset_rows,
+            cluster=bench.ClusterSpec(("local",), memory_limit=args.memory_limit, **kw),
+        )
         outcome = bench.run_scale(cfg)
     else:
-        from kmclust.sweep import run as sweep
+        from kmclust.sweep import config as sweep
 
         scheds = tuple(t.strip() for t in args.schedulers.split(",") if t.strip())
         if not scheds or set(scheds) - set(bench.SCHEDULERS):
-            raise ConfigError(f"--schedulers {args.schedulers!r}: choose from {', '.join(bench.SCHEDULERS)}")
+            raise ConfigError(
+                f"--schedulers {args.schedulers!r}: choose from {', '.join(bench.SCHEDULERS)}"
+            )
         spec = bench.ClusterSpec(scheds, **kw)
         if args.mode == "grid":
             _positive(max_iter=args.max_iter)
-            outcome = bench.run_grid(bench.GridConfig(
-                store_dir=args.store_dir, ks=sweep.parse_ks(args.k), inits=sweep.parse_inits(args.init),
-                seeds=sweep.parse_seeds(args.seeds), rows=args.rows, max_iter=args.max_iter, prune=args.prune,
-                float64=args.float64, cluster=spec))
+            outcome = bench.run_grid(
+                bench.GridConfig(
+                    store_dir=args.store_dir,
+                    ks=sweep.parse_ks(args.k),
+                    inits=sweep.parse_inits(args.init),
+                    seeds=sweep.parse_seeds(args.seeds),
+                    rows=args.rows,
+                    max_iter=args.max_iter,
+                    prune=args.prune,
+                    float64=args.float64,
+                    cluster=spec,
+                )
+            )
         else:
             _positive(iterations=args.iterations, repeats=args.repeats)
-            outcome = bench.run_iteration(bench.IterationConfig(
-                store_dir=args.store_dir, ks=sweep.parse_ks(args.k), iterations=args.iterations, rows=args.rows,
-                repeats=args.repeats, prune=args.prune, cluster=spec))
+            outcome = bench.run_iteration(
+                bench.IterationConfig(
+                    store_dir=args.store_dir,
+                    ks=sweep.parse_ks(args.k),
+                    iterations=args.iterations,
+                    rows=args.rows,
+                    repeats=args.repeats,
+                    prune=args.prune,
+                    cluster=spec,
+                )
+            )
             if not outcome.figures["dask_ml"]:
-                print("dask-ml is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr)
+                print(
+                    "dask-ml is not installed; install it with: pip install -e '.[bench]'",
+                    file=sys.stderr,
+                )
     print(f"\n{outcome.title}\n\n{outcome.text()}")
     if not args.no_record:
         command = "python jobs/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)

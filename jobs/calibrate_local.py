@@ -71,8 +71,11 @@ def blas_info() -> list[tuple[str, int, str]]:
     """BLAS libraries, thread counts and kernels as seen by the calling process."""
     from threadpoolctl import threadpool_info
 
-    return [(i["internal_api"], i["num_threads"], i.get("architecture", "?"))
-            for i in threadpool_info() if i["user_api"] == "blas"]
+    return [
+        (i["internal_api"], i["num_threads"], i.get("architecture", "?"))
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
 
 
 def time_shape(shape: Shape, chunks: int, rows: int, k: int, repeats: int) -> float:
@@ -81,20 +84,29 @@ def time_shape(shape: Shape, chunks: int, rows: int, k: int, repeats: int) -> fl
 
     # In-process clusters use inproc:// comms (no socket); only processes bind 127.0.0.1.
     where = {"host": "127.0.0.1"} if shape.processes else {}
-    with LocalCluster(n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker,
-                      processes=shape.processes, dashboard_address="127.0.0.1:0",
-                      **where) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=shape.n_workers,
+            threads_per_worker=shape.threads_per_worker,
+            processes=shape.processes,
+            dashboard_address="127.0.0.1:0",
+            **where,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         info = client.run(blas_info) if shape.processes else {"in-process": blas_info()}
         log.info("%s: worker BLAS at start %s", shape.name, info)
         data = [client.submit(make_chunk, i, rows, 784, pure=False) for i in range(chunks)]
         wait(data)
-        cent = client.scatter(np.random.default_rng(0).random((k, 784), dtype=np.float32),
-                              broadcast=True)
+        cent = client.scatter(
+            np.random.default_rng(0).random((k, 784), dtype=np.float32), broadcast=True
+        )
         times = []
         for _ in range(repeats + 1):  # first pass warms up
             t0 = time.perf_counter()
-            client.gather([client.submit(chunk_step, x, cent, shape.blas_threads, pure=False)
-                           for x in data])
+            client.gather(
+                [client.submit(chunk_step, x, cent, shape.blas_threads, pure=False) for x in data]
+            )
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
@@ -118,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.chunks * a.repeats):
             chunk_step(x, c, threads)
         sec = (time.perf_counter() - t0) / a.repeats
-        print(f"{'driver only, no dask, BLAS ' + str(threads):55s} {sec * 1e3:8.1f} ms/pass "
-              f"{flops / sec / 1e9:7.1f} GFLOP/s", flush=True)
+        print(
+            f"{'driver only, no dask, BLAS ' + str(threads):55s} {sec * 1e3:8.1f} ms/pass "
+            f"{flops / sec / 1e9:7.1f} GFLOP/s",
+            flush=True,
+        )
     for shape in SHAPES:
         sec = time_shape(shape, a.chunks, a.rows, a.k, a.repeats)
-        print(f"{shape.name:55s} {sec * 1e3:8.1f} ms/pass {flops / sec / 1e9:7.1f} GFLOP/s",
-              flush=True)
+        print(
+            f"{shape.name:55s} {sec * 1e3:8.1f} ms/pass {flops / sec / 1e9:7.1f} GFLOP/s",
+            flush=True,
+        )
     return 0
 
 

@@ -23,9 +23,12 @@ log = logging.getLogger("kmclust.jobs.report")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("store", type=Path, help="results store written by jobs/sweep.py (a .zarr folder)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: NAME-report/ beside the store)")
+    p.add_argument(
+        "store", type=Path, help="results store written by jobs/sweep.py (a .zarr folder)"
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: NAME-report/ beside the store)"
+    )
     p.add_argument("--k", type=int, default=None, help="k of the cell whose centroids are drawn")
     p.add_argument("--init", default=None, help="init of that cell")
     p.add_argument("--seed", type=int, default=None, help="seed of that cell")
@@ -36,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from kmclust.report.document import default_out_dir, write_report  # after arg parsing: --help stays fast
+    from kmclust.report.document import (
+        default_out_dir,
+        write_report,
+    )  # after arg parsing: --help stays fast
 
     cell = (args.k, args.init, args.seed)
     if any(v is not None for v in cell) and any(v is None for v in cell):

@@ -13,39 +13,96 @@ import logging
 import sys
 from pathlib import Path
 
-from kmclust.sweep import config as options
 from kmclust.cli import ArgumentParser, Progress, run_main, setup_logging
 from kmclust.errors import ConfigError
+from kmclust.sweep import config as options
 
 log = logging.getLogger("kmclust.jobs.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist-subset",
-                   help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); default %(default)s")
-    p.add_argument("--k", default="5:20", help="k values: inclusive range 5:20 or list 5,10,20 (default %(default)s)")
-    p.add_argument("--init", default="random,data",
-                   help="initialisations: random, data, k-means++, k-means|| (comma list; default %(default)s)")
-    p.add_argument("--seeds", default="10", help="number of seeds N (0…N-1) or a list 0,3,7 (default %(default)s)")
+    p.add_argument(
+        "--dataset",
+        default="mnist-subset",
+        help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); default %(default)s",
+    )
+    p.add_argument(
+        "--k",
+        default="5:20",
+        help="k values: inclusive range 5:20 or list 5,10,20 (default %(default)s)",
+    )
+    p.add_argument(
+        "--init",
+        default="random,data",
+        help="initialisations: random, data, k-means++, k-means|| (comma list; default %(default)s)",
+    )
+    p.add_argument(
+        "--seeds",
+        default="10",
+        help="number of seeds N (0…N-1) or a list 0,3,7 (default %(default)s)",
+    )
     train = p.add_mutually_exclusive_group()
-    train.add_argument("--train-per-class", type=int, default=100,
-                       help="stratified training sample size per class; the rest is held out (default %(default)s)")
-    train.add_argument("--train", choices=["all"], help="'all': use the store's own train/test split")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the training sample draw (default %(default)s)")
-    p.add_argument("--tol", type=float, default=1e-6, help="stop when every centroid moved ≤ tol (L2; default %(default)g)")
-    p.add_argument("--max-iter", type=int, default=100, help="at most this many Lloyd iterations (default %(default)s)")
-    p.add_argument("--chunk-rows", type=int, default=None, help="rows per data chunk (default: the store's)")
+    train.add_argument(
+        "--train-per-class",
+        type=int,
+        default=100,
+        help="stratified training sample size per class; the rest is held out (default %(default)s)",
+    )
+    train.add_argument(
+        "--train", choices=["all"], help="'all': use the store's own train/test split"
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the training sample draw (default %(default)s)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-6,
+        help="stop when every centroid moved ≤ tol (L2; default %(default)g)",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int,
+        default=100,
+        help="at most this many Lloyd iterations (default %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-rows", type=int, default=None, help="rows per data chunk (default: the store's)"
+    )
     p.add_argument("--out", default=None, help="results store (default results/<dataset>.zarr)")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="complete an existing results store of the same config")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace an existing kmclust results store (only those: see README, Reliability)")
-    p.add_argument("--scheduler", default="local",
-                   help="'local' (LocalCluster), 'threads' (no cluster), tcp://HOST:PORT / tls://…, "
-                        "or a profile name in --cluster-config (default %(default)s)")
-    p.add_argument("--cluster-config", type=Path, default=None, help="cluster profiles (default ./cluster.yaml)")
-    p.add_argument("--timeout", type=float, default=10, help="seconds to wait for a scheduler (default %(default)s)")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="complete an existing results store of the same config",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing kmclust results store (only those: see README, Reliability)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="local",
+        help="'local' (LocalCluster), 'threads' (no cluster), tcp://HOST:PORT / tls://…, "
+        "or a profile name in --cluster-config (default %(default)s)",
+    )
+    p.add_argument(
+        "--cluster-config",
+        type=Path,
+        default=None,
+        help="cluster profiles (default ./cluster.yaml)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10,
+        help="seconds to wait for a scheduler (default %(default)s)",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true", help="print the grid and exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -58,11 +115,17 @@ def check_args(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.train != "all":
         train_per_class = options.integer("--train-per-class", args.train_per_class, 1)
     config = dict(
-        dataset=args.dataset, ks=options.parse_ks(args.k), inits=options.parse_inits(args.init),
-        seeds=options.parse_seeds(args.seeds), train_per_class=train_per_class,
+        dataset=args.dataset,
+        ks=options.parse_ks(args.k),
+        inits=options.parse_inits(args.init),
+        seeds=options.parse_seeds(args.seeds),
+        train_per_class=train_per_class,
         data_seed=options.integer("--data-seed", args.data_seed, 0, options.MAX_SEED),
-        tol=options.number("--tol", args.tol), max_iter=options.integer("--max-iter", args.max_iter, 1),
-        chunk_rows=None if args.chunk_rows is None else options.integer("--chunk-rows", args.chunk_rows, 1),
+        tol=options.number("--tol", args.tol),
+        max_iter=options.integer("--max-iter", args.max_iter, 1),
+        chunk_rows=None
+        if args.chunk_rows is None
+        else options.integer("--chunk-rows", args.chunk_rows, 1),
     )
     options.number("--timeout", args.timeout, above=True)
     if not args.dataset.strip():
@@ -70,8 +133,14 @@ def check_args(args: argparse.Namespace) -> tuple[dict, Path]:
     inputs = [args.dataset]
     if "/" not in args.dataset and not args.dataset.endswith(".zarr"):  # a source staged into data/
         inputs.append(str(Path("data") / f"{args.dataset}.zarr"))
-    out = args.out if args.out is not None else str(Path("results") / f"{Path(args.dataset).stem}.zarr")
-    return config, options.check_out(out, inputs=tuple(inputs), replace=args.overwrite, resume=args.resume)
+    out = (
+        args.out
+        if args.out is not None
+        else str(Path("results") / f"{Path(args.dataset).stem}.zarr")
+    )
+    return config, options.check_out(
+        out, inputs=tuple(inputs), replace=args.overwrite, resume=args.resume
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,15 +158,23 @@ def main(argv: list[str] | None = None) -> int:
         if client is not None:
             print(f"Dask dashboard: {client.dashboard_link}")
         bar = Progress("sweep")
-        outcome = sweep.run_sweep(config, out, resume=args.resume, overwrite=args.overwrite,
-                                  parallel=sweep.worker_threads(client),
-                                  on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"))
-    from kmclust.report import document as report
+        outcome = sweep.run_sweep(
+            config,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            parallel=sweep.worker_threads(client),
+            on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"),
+        )
     import xarray as xr
+
+    from kmclust.report import document as report
 
     results = xr.open_zarr(out)
     print(report.format_table(report.summary_table(results)))
-    print(f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; results: {out}")
+    print(
+        f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; results: {out}"
+    )
     if not args.no_report:
         path = report.write_report(results, out.with_name(out.stem + "-report"))
         print(f"report: {path}")

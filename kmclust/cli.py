@@ -58,6 +58,11 @@ class Progress:
         elapsed = __import__("time").perf_counter() - self.start
         fill = int(self.width * done / max(total, 1))
         line = f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} {elapsed:5.1f}s {note}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        print(
+            ("\r" + line) if self.tty else line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.tty and done >= total:
             print(file=sys.stderr)

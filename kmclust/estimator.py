@@ -18,13 +18,18 @@ import warnings
 
 import dask.array as da
 import numpy as np
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    ClusterMixin,
+    TransformerMixin,
+)
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from kmclust.lloyd import engine
 from kmclust.errors import KmclustError
+from kmclust.lloyd import engine
 from kmclust.lloyd.init import INITS, data_stats, init_centroids, random_from_stats
 
 log = logging.getLogger(__name__)
@@ -142,8 +147,12 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         if not ok:
             raise KMeansError(results[0].error)
         if len(ok) < len(results):
-            log.warning("%d of %d initialisations failed: %s", len(results) - len(ok), len(results),
-                        next(r.error for r in results if not r.ok))
+            log.warning(
+                "%d of %d initialisations failed: %s",
+                len(results) - len(ok),
+                len(results),
+                next(r.error for r in results if not r.ok),
+            )
         best = min(ok, key=lambda r: r.jclust)  # first of equals: deterministic
         self.cluster_centers_ = best.centroids
         self.labels_ = best.labels
@@ -191,7 +200,12 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         k = _positive_int("n_clusters", self.n_clusters)
         max_iter = _positive_int("max_iter", self.max_iter)
         tol = self.tol
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        if (
+            isinstance(tol, bool)
+            or not isinstance(tol, numbers.Real)
+            or not math.isfinite(tol)
+            or tol < 0
+        ):
             raise KMeansError(f"tol must be a finite number >= 0; got {tol!r}")
         init = self.init
         if isinstance(init, str):
@@ -211,7 +225,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
             n_init = _positive_int("n_init", self.n_init, "or 'auto'")
         if not isinstance(init, str) and n_init != 1:
             warnings.warn(
-                f"an explicit init array runs once; n_init={n_init} is ignored", RuntimeWarning, stacklevel=3
+                f"an explicit init array runs once; n_init={n_init} is ignored",
+                RuntimeWarning,
+                stacklevel=3,
             )
             n_init = 1
         return k, init, n_init, max_iter, float(tol)
@@ -242,7 +258,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         if X.ndim != 2:
             raise KMeansError(f"Expected a 2-D dask array (n_samples, n_features); got {X.ndim}-D")
         if any(math.isnan(s) for s in X.shape):
-            raise KMeansError("X is a dask array of unknown chunk sizes; call X.compute_chunk_sizes() first")
+            raise KMeansError(
+                "X is a dask array of unknown chunk sizes; call X.compute_chunk_sizes() first"
+            )
         if X.dtype.kind not in "biuf":
             raise KMeansError(f"X must hold real numbers; got dtype {X.dtype}")
         n, d = X.shape
@@ -263,7 +281,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
 # ---------------------------------------------------------------- helpers
 def _positive_int(name: str, value, extra: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise KMeansError(f"{name} must be an integer >= 1{' ' + extra if extra else ''}; got {value!r}")
+        raise KMeansError(
+            f"{name} must be an integer >= 1{' ' + extra if extra else ''}; got {value!r}"
+        )
     return int(value)
 
 

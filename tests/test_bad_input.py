@@ -21,14 +21,23 @@ import pytest
 import xarray as xr
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP, REPORT, STAGE = ROOT / "jobs" / "sweep.py", ROOT / "jobs" / "report.py", ROOT / "data" / "stage.py"
+SWEEP, REPORT, STAGE = (
+    ROOT / "jobs" / "sweep.py",
+    ROOT / "jobs" / "report.py",
+    ROOT / "data" / "stage.py",
+)
 #: a refusal checks values before any heavy import: seconds, even on a loaded 2-core machine
 BOUND = 30.0
 
 
 def run(script: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -36,11 +45,15 @@ def snapshot(root: Path) -> dict[str, str]:
     out = {".": "dir" if root.is_dir() else hashlib.sha256(root.read_bytes()).hexdigest()}
     if root.is_dir():
         for p in sorted(root.rglob("*")):
-            out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p.relative_to(root))] = (
+                "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            )
     return out
 
 
-def assert_refused(proc: subprocess.CompletedProcess, needle: str, seconds: float | None = None) -> None:
+def assert_refused(
+    proc: subprocess.CompletedProcess, needle: str, seconds: float | None = None
+) -> None:
     """Exit 2, the last stderr line is the one ``error:`` line, no traceback, in bounded time."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
@@ -55,8 +68,25 @@ def assert_refused(proc: subprocess.CompletedProcess, needle: str, seconds: floa
 def results_store(mnist_subset_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real results store written by the sweep (k=2,3 × data × 1 seed)."""
     where = tmp_path_factory.mktemp("results")
-    proc = run(SWEEP, "--scheduler", "threads", "--dataset", str(mnist_subset_store), "--k", "2,3", "--init",
-               "data", "--seeds", "1", "--train-per-class", "10", "--no-report", "--out", "r.zarr", cwd=where)
+    proc = run(
+        SWEEP,
+        "--scheduler",
+        "threads",
+        "--dataset",
+        str(mnist_subset_store),
+        "--k",
+        "2,3",
+        "--init",
+        "data",
+        "--seeds",
+        "1",
+        "--train-per-class",
+        "10",
+        "--no-report",
+        "--out",
+        "r.zarr",
+        cwd=where,
+    )
     assert proc.returncode == 0, proc.stderr
     return where / "r.zarr"
 
@@ -91,8 +121,12 @@ SWEEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, needle", SWEEP_CASES, ids=[" ".join(a) or "empty" for a, _ in SWEEP_CASES])
-def test_sweep_bad_values(mnist_subset_store: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+@pytest.mark.parametrize(
+    "args, needle", SWEEP_CASES, ids=[" ".join(a) or "empty" for a, _ in SWEEP_CASES]
+)
+def test_sweep_bad_values(
+    mnist_subset_store: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
     base = ["--scheduler", "threads", "--dataset", str(mnist_subset_store), "--out", "r.zarr"]
     before = snapshot(tmp_path)
     t0 = time.perf_counter()
@@ -103,8 +137,20 @@ def test_sweep_bad_values(mnist_subset_store: Path, tmp_path: Path, args: list[s
 
 def test_sweep_grid_too_large_for_memory(mnist_subset_store: Path, tmp_path: Path) -> None:
     """A grid whose results would not fit is refused after reading the data, before any write."""
-    proc = run(SWEEP, "--scheduler", "threads", "--dataset", str(mnist_subset_store), "--k", "1:1000",
-               "--seeds", "100000", "--out", "r.zarr", cwd=tmp_path)
+    proc = run(
+        SWEEP,
+        "--scheduler",
+        "threads",
+        "--dataset",
+        str(mnist_subset_store),
+        "--k",
+        "1:1000",
+        "--seeds",
+        "100000",
+        "--out",
+        "r.zarr",
+        cwd=tmp_path,
+    )
     assert_refused(proc, "GiB")
     assert list(tmp_path.iterdir()) == []
 
@@ -129,45 +175,108 @@ def _victims(tmp_path: Path, store: Path) -> dict[str, tuple[Path, list[str]]]:
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
-@pytest.mark.parametrize("case", ["plain directory", "foreign zarr", "the data store", "inside the data store",
-                                  "working directory", "a parent of it", "empty --out"])
-def test_nothing_is_destroyed(mnist_subset_store: Path, tmp_path: Path, case: str, flag: str | None) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain directory",
+        "foreign zarr",
+        "the data store",
+        "inside the data store",
+        "working directory",
+        "a parent of it",
+        "empty --out",
+    ],
+)
+def test_nothing_is_destroyed(
+    mnist_subset_store: Path, tmp_path: Path, case: str, flag: str | None
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     data = work / "digits.zarr"
-    data.symlink_to(mnist_subset_store, target_is_directory=True)  # the real store, under the victim
+    data.symlink_to(
+        mnist_subset_store, target_is_directory=True
+    )  # the real store, under the victim
     victim, out = _victims(work, data)[case]
     before, data_before = snapshot(victim), snapshot(mnist_subset_store)
-    proc = run(SWEEP, "--scheduler", "threads", "--dataset", str(data), "--k", "2", "--seeds", "1",
-               "--no-report", *out, *([flag] if flag else []), cwd=work)
+    proc = run(
+        SWEEP,
+        "--scheduler",
+        "threads",
+        "--dataset",
+        str(data),
+        "--k",
+        "2",
+        "--seeds",
+        "1",
+        "--no-report",
+        *out,
+        *([flag] if flag else []),
+        cwd=work,
+    )
     assert_refused(proc, "")
     assert snapshot(victim) == before
     assert snapshot(mnist_subset_store) == data_before
 
 
-def test_overwrite_replaces_a_results_store(mnist_subset_store: Path, results_store: Path,
-                                            tmp_path: Path) -> None:
+def test_overwrite_replaces_a_results_store(
+    mnist_subset_store: Path, results_store: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "r.zarr"
     subprocess.run(["cp", "-a", str(results_store), str(out)], check=True)
-    proc = run(SWEEP, "--scheduler", "threads", "--dataset", str(mnist_subset_store), "--k", "4", "--init",
-               "random", "--seeds", "1", "--train-per-class", "10", "--no-report", "--out", str(out),
-               "--overwrite", cwd=tmp_path)
+    proc = run(
+        SWEEP,
+        "--scheduler",
+        "threads",
+        "--dataset",
+        str(mnist_subset_store),
+        "--k",
+        "4",
+        "--init",
+        "random",
+        "--seeds",
+        "1",
+        "--train-per-class",
+        "10",
+        "--no-report",
+        "--out",
+        str(out),
+        "--overwrite",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     ds = xr.open_zarr(out)
     assert ds.k.values.tolist() == [4] and ds.init.values.tolist() == ["random"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]  # no temporary store left
 
 
-def test_interrupted_overwrite_keeps_the_old_results(mnist_subset_store: Path, results_store: Path,
-                                                     tmp_path: Path) -> None:
+def test_interrupted_overwrite_keeps_the_old_results(
+    mnist_subset_store: Path, results_store: Path, tmp_path: Path
+) -> None:
     """SIGKILL while the new results are computed: the old store is still there, byte for byte."""
     out = tmp_path / "r.zarr"
     subprocess.run(["cp", "-a", str(results_store), str(out)], check=True)
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, str(SWEEP), "--scheduler", "threads", "--dataset",
-                             str(mnist_subset_store), "--k", "5:40", "--seeds", "20", "--no-report",
-                             "--out", str(out), "--overwrite"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SWEEP),
+            "--scheduler",
+            "threads",
+            "--dataset",
+            str(mnist_subset_store),
+            "--k",
+            "5:40",
+            "--seeds",
+            "20",
+            "--no-report",
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not list(tmp_path.glob(".r.overwrite-*.zarr")) and time.time() < deadline:
@@ -195,7 +304,9 @@ REPORT_CASES = [
 
 
 @pytest.mark.parametrize("args, needle", REPORT_CASES, ids=[" ".join(a) for a, _ in REPORT_CASES])
-def test_report_bad_values(results_store: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+def test_report_bad_values(
+    results_store: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
     (tmp_path / "a-file").write_text("mine")
     before = snapshot(tmp_path)
     t0 = time.perf_counter()

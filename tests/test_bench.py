@@ -37,12 +37,20 @@ def _job_module():
 LEAKED_BY_NANNY = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _run_job(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run_job(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """The job as a user runs it (a given ``env`` as is; else this process's, without the nanny's thread caps)."""
     if env is None:
         env = {k: v for k, v in os.environ.items() if k not in LEAKED_BY_NANNY}
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(JOB), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _table_row(out: str, tool: str) -> dict[str, str]:
@@ -59,8 +67,21 @@ def _table_row(out: str, tool: str) -> dict[str, str]:
 def test_grid_matches_sklearn_fixed_points(fashion_store: Path, tmp_path: Path) -> None:
     record = tmp_path / "B.md"
     before = (ROOT / "BENCHMARKS.md").read_bytes() if (ROOT / "BENCHMARKS.md").exists() else None
-    proc = _run_job("grid", "--rows", "2000", "--k", "5:6", "--seeds", "1", "--schedulers", "threads",
-                    "--store-dir", str(fashion_store.parent), "--record", str(record))
+    proc = _run_job(
+        "grid",
+        "--rows",
+        "2000",
+        "--k",
+        "5:6",
+        "--seeds",
+        "1",
+        "--schedulers",
+        "threads",
+        "--store-dir",
+        str(fashion_store.parent),
+        "--record",
+        str(record),
+    )
     assert proc.returncode == 0, proc.stderr
     km, sk = _table_row(proc.stdout, "kmclust[threads]"), _table_row(proc.stdout, "sklearn")
     assert float(km["max rel. J diff"]) <= 1e-6
@@ -87,8 +108,15 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
 
     from kmclust.lloyd.init import init_centroids
 
-    cfg = bench.GridConfig(store_dir=fashion_store.parent, ks=(5,), inits=("data",), seeds=(0, 1), rows=1500,
-                           prune=prune, cluster=bench.ClusterSpec(("threads",)))
+    cfg = bench.GridConfig(
+        store_dir=fashion_store.parent,
+        ks=(5,),
+        inits=("data",),
+        seeds=(0, 1),
+        rows=1500,
+        prune=prune,
+        cluster=bench.ClusterSpec(("threads",)),
+    )
     out = bench.run_grid(cfg)
     x = datasets.load_images(datasets.open_images(fashion_store))[:1500]
     xf = x.astype(np.float32) / np.float32(255)
@@ -100,12 +128,18 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
     km = tools["kmclust[threads]" if prune else "kmclust[threads, no prune]"]
     assert tools["sklearn"]["iterations"] == total == km["iterations"]
     assert km["max_rel_j_diff"] <= 1e-6 and km["runs_labels_differ"] == 0
-    assert 0 < km["roofline_share"]
+    assert km["roofline_share"] > 0
 
 
 def test_iteration_every_tool_positive(fashion_store: Path) -> None:
-    cfg = bench.IterationConfig(store_dir=fashion_store.parent, ks=(5,), iterations=2, rows=3000, repeats=1,
-                                cluster=bench.ClusterSpec(("threads",)))
+    cfg = bench.IterationConfig(
+        store_dir=fashion_store.parent,
+        ks=(5,),
+        iterations=2,
+        rows=3000,
+        repeats=1,
+        cluster=bench.ClusterSpec(("threads",)),
+    )
     out = bench.run_iteration(cfg)
     per_iter = out.figures["per_iteration"]
     expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]"}
@@ -120,12 +154,28 @@ def test_iteration_every_tool_positive(fashion_store: Path) -> None:
 
 @pytest.mark.slow
 def test_iteration_cli_on_local_cluster(fashion_store: Path, tmp_path: Path) -> None:
-    proc = _run_job("iteration", "--rows", "3000", "--k", "5", "--iterations", "2", "--repeats", "1",
-                    "--schedulers", "local",
-                    "--store-dir", str(fashion_store.parent), "--record", str(tmp_path / "B.md"))
+    proc = _run_job(
+        "iteration",
+        "--rows",
+        "3000",
+        "--k",
+        "5",
+        "--iterations",
+        "2",
+        "--repeats",
+        "1",
+        "--schedulers",
+        "local",
+        "--store-dir",
+        str(fashion_store.parent),
+        "--record",
+        str(tmp_path / "B.md"),
+    )
     assert proc.returncode == 0, proc.stderr
     row = _table_row(proc.stdout, "5")
-    wall, cpu = re.fullmatch(r"([0-9.e+-]+) \(([0-9.e+-]+)\)", row["kmclust[local] ms/iter (CPU)"]).groups()
+    wall, cpu = re.fullmatch(
+        r"([0-9.e+-]+) \(([0-9.e+-]+)\)", row["kmclust[local] ms/iter (CPU)"]
+    ).groups()
     assert float(wall) > 0 and float(cpu) > 0
     assert "worker BLAS: openblas" in proc.stdout
 
@@ -135,8 +185,16 @@ def test_scale_streams_and_persists(fashion_store: Path, tmp_path: Path) -> None
     store_dir = tmp_path / "stores"
     store_dir.mkdir()
     (store_dir / "fashion-mnist.zarr").symlink_to(fashion_store)
-    cfg = bench.ScaleConfig(store_dir=store_dir, rows=12_000, k=4, seeds=2, iterations=2, chunk_rows=4_000,
-                            subset_rows=6_000, cluster=bench.ClusterSpec(("local",), memory_limit="1GiB"))
+    cfg = bench.ScaleConfig(
+        store_dir=store_dir,
+        rows=12_000,
+        k=4,
+        seeds=2,
+        iterations=2,
+        chunk_rows=4_000,
+        subset_rows=6_000,
+        cluster=bench.ClusterSpec(("local",), memory_limit="1GiB"),
+    )
     out = bench.run_scale(cfg)
     fig = out.figures
     assert fig["rows"] == 12_000 and fig["runs"] == 2
@@ -151,7 +209,10 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path: Path, monkeypatch, 
     monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path / "absent")
     from kmclust.cli import run_main
 
-    code = run_main(_job_module().main, ["grid", "--store-dir", str(tmp_path), "--record", str(tmp_path / "B.md")])
+    code = run_main(
+        _job_module().main,
+        ["grid", "--store-dir", str(tmp_path), "--record", str(tmp_path / "B.md")],
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == ["error: Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"]
@@ -159,10 +220,18 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path: Path, monkeypatch, 
 
 
 def test_clean_env_removes_only_openblas_tuning() -> None:
-    env = {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576", "OMP_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/bin",
+        "OPENBLAS_CORETYPE": "Haswell",
+        "OPENBLAS_L2_SIZE": "1048576",
+        "OMP_NUM_THREADS": "1",
+    }
     out = bench.clean_env(env)
     assert out is not None
-    assert {k: v for k, v in out.items() if k != bench.UNSET_MARK} == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert {k: v for k, v in out.items() if k != bench.UNSET_MARK} == {
+        "PATH": "/bin",
+        "OMP_NUM_THREADS": "1",
+    }
     assert "OPENBLAS_CORETYPE=Haswell" in out[bench.UNSET_MARK]
     assert bench.clean_env({"PATH": "/bin"}) is None
 
@@ -170,8 +239,16 @@ def test_clean_env_removes_only_openblas_tuning() -> None:
 def test_unset_openblas_env_reexecutes_once(tmp_path: Path) -> None:
     """Only the child gets OPENBLAS_CORETYPE (this test's own environment is untouched)."""
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
-    proc = _run_job("grid", "--unset-openblas-env", "--rows", "0", "--store-dir", str(tmp_path), env=env,
-                    timeout=120)
+    proc = _run_job(
+        "grid",
+        "--unset-openblas-env",
+        "--rows",
+        "0",
+        "--store-dir",
+        str(tmp_path),
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("re-running without OPENBLAS_CORETYPE=Haswell") == 1
     assert "error: --rows must be ≥ 1" in proc.stderr
@@ -185,8 +262,14 @@ def test_sse64_is_squared_distance_to_assigned_centroid() -> None:
 
 def test_record_appends_dated_sections(tmp_path: Path) -> None:
     path = tmp_path / "B.md"
-    outcome = bench.Outcome("grid", "grid — test", {}, bench.markdown_table(["a", "b"], [[1, 2.5]]), ["a note"],
-                            {"nproc": 2, "cpu": "CPU", "blas": ["openblas x"], "loadavg": (1.0, 2.0, 3.0)})
+    outcome = bench.Outcome(
+        "grid",
+        "grid — test",
+        {},
+        bench.markdown_table(["a", "b"], [[1, 2.5]]),
+        ["a note"],
+        {"nproc": 2, "cpu": "CPU", "blas": ["openblas x"], "loadavg": (1.0, 2.0, 3.0)},
+    )
     bench.record(path, outcome, "python jobs/bench.py grid")
     bench.record(path, outcome, "python jobs/bench.py grid")
     text = path.read_text()

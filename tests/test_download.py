@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import kmclust.data.download as download
-from kmclust.data.stores import IDX_FILES, open_images, stage
 from kmclust.data.download import download_files
-from kmclust.errors import DataError
 from kmclust.data.idx import write_idx
+from kmclust.data.stores import IDX_FILES, open_images, stage
+from kmclust.errors import DataError
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -31,7 +31,9 @@ def server(tmp_path: Path):
     """Serve tmp_path/www on 127.0.0.1; yields (base URL, root dir, list of request paths)."""
     root = tmp_path / "www"
     root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
+    )
     httpd.requests = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -58,8 +60,14 @@ def mirrors(server):
             write_idx(good / name, rng.integers(0, high, sizes[kind], dtype=np.uint8))
             (bad / name).write_bytes(b"<html>not the file</html>")
             checksums[name] = hashlib.sha256((good / name).read_bytes()).hexdigest()
-    return {"good": f"{base}/good/", "bad": f"{base}/bad/", "empty": f"{base}/empty/",
-            "dir": good, "checksums": checksums, "requests": requests}
+    return {
+        "good": f"{base}/good/",
+        "bad": f"{base}/bad/",
+        "empty": f"{base}/empty/",
+        "dir": good,
+        "checksums": checksums,
+        "requests": requests,
+    }
 
 
 def _closed_port_url() -> str:
@@ -69,10 +77,14 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def test_garbage_mirror_is_rejected_and_the_next_one_used(tmp_path: Path, mirrors: dict, caplog) -> None:
+def test_garbage_mirror_is_rejected_and_the_next_one_used(
+    tmp_path: Path, mirrors: dict, caplog
+) -> None:
     dest = tmp_path / "dl"
     with caplog.at_level(logging.WARNING, logger="kmclust.data.download"):
-        paths = download_files(dest, mirrors["checksums"], [mirrors["bad"], _closed_port_url(), mirrors["good"]])
+        paths = download_files(
+            dest, mirrors["checksums"], [mirrors["bad"], _closed_port_url(), mirrors["good"]]
+        )
     assert sorted(paths) == sorted(mirrors["checksums"])
     for name in mirrors["checksums"]:
         assert (dest / name).read_bytes() == (mirrors["dir"] / name).read_bytes()
@@ -94,7 +106,9 @@ def test_verified_files_are_not_fetched_again(tmp_path: Path, mirrors: dict) -> 
     dest = tmp_path / "dl"
     download_files(dest, mirrors["checksums"], [mirrors["good"]])
     n = len(mirrors["requests"])
-    download_files(dest, mirrors["checksums"], [mirrors["bad"]])  # would fail if it fetched anything
+    download_files(
+        dest, mirrors["checksums"], [mirrors["bad"]]
+    )  # would fail if it fetched anything
     assert len(mirrors["requests"]) == n
 
 
@@ -110,7 +124,9 @@ def test_a_damaged_local_copy_is_replaced(tmp_path: Path, mirrors: dict) -> None
 def test_oversized_download_is_cut_off(tmp_path: Path, mirrors: dict) -> None:
     name = "train-images-idx3-ubyte.gz"
     with pytest.raises(DataError, match="more than 100 bytes"):
-        download_files(tmp_path / "dl", {name: mirrors["checksums"][name]}, [mirrors["good"]], max_bytes=100)
+        download_files(
+            tmp_path / "dl", {name: mirrors["checksums"][name]}, [mirrors["good"]], max_bytes=100
+        )
     assert list((tmp_path / "dl").iterdir()) == []
 
 

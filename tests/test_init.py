@@ -12,8 +12,8 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import kmeans_plusplus
 from sklearn.metrics.pairwise import euclidean_distances
 
-from kmclust.lloyd import init as km_init
 from kmclust.errors import KmclustError
+from kmclust.lloyd import init as km_init
 from kmclust.lloyd.init import (
     INITS,
     data_stats,

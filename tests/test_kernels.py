@@ -10,7 +10,6 @@ from hypothesis.extra import numpy as hnp
 
 from kmclust.lloyd import chunk as kernels
 
-
 chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
 
 
@@ -29,7 +28,9 @@ def test_assign_toy_two_runs_by_hand() -> None:
 
 def test_chunk_sums_counts_candidates_by_hand() -> None:
     x = np.array([[0, 0], [2, 0], [10, 10], [12, 10]], dtype=np.uint8)
-    stack, offsets = _stack([np.array([[1.0, 0.0], [11.0, 10.0], [100.0, 100.0]], dtype=np.float32)])
+    stack, offsets = _stack(
+        [np.array([[1.0, 0.0], [11.0, 10.0], [100.0, 100.0]], dtype=np.float32)]
+    )
     part, _ = kernels.lloyd_chunk(x, 7, stack, offsets, np.arange(1), {}, 2, True, False)
     assert part.counts.tolist() == [2, 2, 0]
     np.testing.assert_array_equal(part.sums, [[2, 0], [22, 20], [0, 0]])
@@ -52,7 +53,9 @@ def test_delta_sums_equal_difference_of_full_sums(x: np.ndarray, ks: list[int], 
     rng = np.random.default_rng(seed)
     _, offsets = _stack([np.zeros((k, 1)) for k in ks])
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
-    new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
+    new = np.where(
+        rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old
+    )
     s_old, c_old = kernels.cluster_sums(x, old, offsets, True)
     s_new, c_new = kernels.cluster_sums(x, new, offsets, True)
     cols, d_s, d_c = kernels.delta_sums(x, new, old, offsets)
@@ -62,7 +65,12 @@ def test_delta_sums_equal_difference_of_full_sums(x: np.ndarray, ks: list[int], 
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    x=chunks,
+    ks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int, data) -> None:
     rng = np.random.default_rng(seed)
     stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
@@ -70,8 +78,10 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
     ids = np.arange(len(ks))
     whole, _ = kernels.lloyd_chunk(x, 0, stack, offsets, ids, {}, m, True, False)
     cut = data.draw(st.integers(1, x.shape[0] - 1))
-    parts = [kernels.lloyd_chunk(x[:cut], 0, stack, offsets, ids, {}, m, True, False)[0],
-             kernels.lloyd_chunk(x[cut:], cut, stack, offsets, ids, {}, m, True, False)[0]]
+    parts = [
+        kernels.lloyd_chunk(x[:cut], 0, stack, offsets, ids, {}, m, True, False)[0],
+        kernels.lloyd_chunk(x[cut:], cut, stack, offsets, ids, {}, m, True, False)[0],
+    ]
     merged = kernels.combine(parts)
     np.testing.assert_array_equal(merged.sums, whole.sums)  # exact integer sums
     np.testing.assert_array_equal(merged.counts, whole.counts)
@@ -81,8 +91,20 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
     empty = np.minimum.reduceat(whole.counts, offsets[:-1]) == 0
     assert np.all((whole.cand_i[:, 0] >= 0) == empty)
     np.testing.assert_allclose(merged.cand_d[empty], whole.cand_d[empty], rtol=1e-5, atol=1e-2)
-    brute = [np.sort(((x.astype(np.float64)[:, None, :] - stack[offsets[p]:offsets[p + 1]].astype(np.float64)[None])
-                      ** 2).sum(-1).min(1))[::-1][:m] for p in np.flatnonzero(empty)]
+    brute = [
+        np.sort(
+            (
+                (
+                    x.astype(np.float64)[:, None, :]
+                    - stack[offsets[p] : offsets[p + 1]].astype(np.float64)[None]
+                )
+                ** 2
+            )
+            .sum(-1)
+            .min(1)
+        )[::-1][:m]
+        for p in np.flatnonzero(empty)
+    ]
     for row, ref in zip(whole.cand_d[empty], brute):
         np.testing.assert_allclose(row[: ref.size], ref, rtol=1e-4, atol=1e-1)
     # counts per run add up to the number of rows; labels stay within each run's block
@@ -93,8 +115,11 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=hnp.arrays(np.uint8, st.tuples(st.integers(6, 60), st.integers(1, 5))), k=st.integers(1, 4),
-       seed=st.integers(0, 2**16))
+@given(
+    x=hnp.arrays(np.uint8, st.tuples(st.integers(6, 60), st.integers(1, 5))),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
 def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> None:
     from kmclust.lloyd import engine
 
@@ -110,14 +135,22 @@ def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> No
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
-       dense_share=st.sampled_from([0, 10**9]))
-def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed: int, dense_share: int) -> None:
+@given(
+    x=chunks,
+    ks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    dense_share=st.sampled_from([0, 10**9]),
+)
+def test_sums_match_brute_force_on_both_paths(
+    x: np.ndarray, ks: list[int], seed: int, dense_share: int
+) -> None:
     """Scatter or sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64 loop, exactly."""
     rng = np.random.default_rng(seed)
     _, offsets = _stack([np.zeros((k, 1)) for k in ks])
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
-    new = np.where(rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old)
+    new = np.where(
+        rng.random(old.shape) < 0.3, np.stack([rng.integers(0, k, x.shape[0]) for k in ks], 1), old
+    )
     ref_sums = {}
     for name, labels in (("old", old), ("new", new)):
         sums = np.zeros((offsets[-1], x.shape[1]))
@@ -139,12 +172,18 @@ def test_sums_match_brute_force_on_both_paths(x: np.ndarray, ks: list[int], seed
     np.testing.assert_array_equal(s_old, ref_sums["old"])
     np.testing.assert_array_equal(s_old + d_s, ref_sums["new"])
     np.testing.assert_array_equal(s_float, ref_sums["old"])
-    np.testing.assert_array_equal(d_f32, d_s)  # uint8 rows converted in blocks = float32 rows as given
+    np.testing.assert_array_equal(
+        d_f32, d_s
+    )  # uint8 rows converted in blocks = float32 rows as given
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
-       block=st.integers(1, 7))
+@given(
+    x=chunks,
+    ks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    block=st.integers(1, 7),
+)
 def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block) -> None:
     """uint8 rows converted a few at a time give the labels, sums and states of the same rows given as float32."""
     rng = np.random.default_rng(seed)
@@ -153,10 +192,14 @@ def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block)
     evals = {0: stack[: ks[0]].astype(np.float64)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "BLOCK_ROWS", block)
-        a, sa = kernels.lloyd_chunk(x, 3, stack, offsets, ids, evals, max(ks), True, True, prune=True)
+        a, sa = kernels.lloyd_chunk(
+            x, 3, stack, offsets, ids, evals, max(ks), True, True, prune=True
+        )
         rows = np.flatnonzero(rng.random(x.shape[0]) < 0.5)
         sub = kernels.distances(x, stack, rows)
-    b, sb = kernels.lloyd_chunk(x.astype(np.float32), 3, stack, offsets, ids, evals, max(ks), True, True, prune=True)
+    b, sb = kernels.lloyd_chunk(
+        x.astype(np.float32), 3, stack, offsets, ids, evals, max(ks), True, True, prune=True
+    )
     np.testing.assert_array_equal(a.sums, b.sums)
     np.testing.assert_array_equal(a.counts, b.counts)
     np.testing.assert_array_equal(sa.labels, sb.labels)
@@ -166,7 +209,12 @@ def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block)
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=chunks, ks=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    x=chunks,
+    ks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_sparse_delta_partials_combine_to_the_whole_chunk(x, ks, seed, data) -> None:
     """Delta partials carry only the columns they touch; combined over any split they equal the whole chunk's."""
     rng = np.random.default_rng(seed)
@@ -176,7 +224,9 @@ def test_sparse_delta_partials_combine_to_the_whole_chunk(x, ks, seed, data) -> 
 
     def part(lo, hi):
         prev = [kernels.ChunkState(ids, old[lo:hi], None, None)]
-        return kernels.lloyd_chunk(x[lo:hi], lo, stack, offsets, ids, {}, max(ks), True, False, prev=prev)[0]
+        return kernels.lloyd_chunk(
+            x[lo:hi], lo, stack, offsets, ids, {}, max(ks), True, False, prev=prev
+        )[0]
 
     whole = part(0, x.shape[0])
     cut = data.draw(st.integers(1, x.shape[0] - 1))

@@ -80,12 +80,18 @@ def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
     if pixels:
         got = kernels.distances(x.astype(np.uint8), cf).astype(np.float64)
         sub = kernels.distances(x.astype(np.uint8), cf, rows).astype(np.float64)
-        assert np.abs(sub - exact[rows]).max() <= np.abs(got - exact).max()  # the same rows, the same sums
+        assert (
+            np.abs(sub - exact[rows]).max() <= np.abs(got - exact).max()
+        )  # the same rows, the same sums
     else:
         got = kernels.distances(xf, cf).astype(np.float64)
     err = np.abs(got - exact).max(axis=1)
-    bound = nearest.error_bound(np.einsum("ij,ij->i", xf, xf), float((cf.astype(np.float64) ** 2).sum(1).max()),
-                                784, np.float32)
+    bound = nearest.error_bound(
+        np.einsum("ij,ij->i", xf, xf),
+        float((cf.astype(np.float64) ** 2).sum(1).max()),
+        784,
+        np.float32,
+    )
     assert np.all(err <= bound)
     assert np.all(bound < 1e-3 * (x * x).sum(1))  # and is not vacuous
 
@@ -130,9 +136,16 @@ def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) ->
     (near ties settled); right labels with a valid lower bound are kept and their upper bound tightened."""
     x, runs, stack, offsets, ref, xsq, coef, need, wrong = _reassign_case(seed)
     n, r = ref.shape
-    labels, dmin, upper, lower = wrong.copy(), np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, r, 2))
+    labels, dmin, upper, lower = (
+        wrong.copy(),
+        np.zeros((n, r)),
+        np.zeros((n, r)),
+        np.zeros((n, r, 2)),
+    )
     second = np.full((n, r), -1, dtype=np.int32)
-    nearest.reassign(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower, second)
+    nearest.reassign(
+        x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, lower, second
+    )
     np.testing.assert_array_equal(labels[need], ref[need])
     np.testing.assert_array_equal(labels[~need], wrong[~need])  # pairs not asked for are left alone
     own, others = np.empty((n, r)), np.empty((n, r))
@@ -144,15 +157,23 @@ def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) ->
     # computed squared distances: within one error bound of the exact ones (the bounds' slack covers it)
     err = coef / 2 * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
     assert np.all(np.abs(upper[need] ** 2 - own[need]) <= err[need])
-    assert np.all(lower[need].min(-1) ** 2 <= others[need] + err[need])  # below every other distance
-    assert np.all(second[need] != labels[need])  # after a settled near tie −1: both bounds cover every other
+    assert np.all(
+        lower[need].min(-1) ** 2 <= others[need] + err[need]
+    )  # below every other distance
+    assert np.all(
+        second[need] != labels[need]
+    )  # after a settled near tie −1: both bounds cover every other
 
 
 def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
     rng = np.random.default_rng(7)
     x = rng.integers(0, 256, (400, 784)).astype(np.uint8)
-    runs = [(x[rng.choice(400, k, replace=False)] + rng.normal(0, 3, (k, 784))).astype(np.float32).astype(np.float64)
-            for k in (3, 7)]
+    runs = [
+        (x[rng.choice(400, k, replace=False)] + rng.normal(0, 3, (k, 784)))
+        .astype(np.float32)
+        .astype(np.float64)
+        for k in (3, 7)
+    ]
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.array([0, 3, 10])
     exact = [((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1) for c in runs]
@@ -169,29 +190,65 @@ def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
     labels, upper = ref.astype(np.int32), np.full(ref.shape, np.inf)
     dmin, lower = np.zeros(ref.shape), np.repeat(np.sqrt(others)[..., None], 2, axis=-1)
     second = np.full(ref.shape, -1, dtype=np.int32)
-    nearest.reassign(x, xsq, stack, offsets, np.arange(2), np.ones(ref.shape, bool), coef, labels, dmin, upper, lower,
-                     second)
+    nearest.reassign(
+        x,
+        xsq,
+        stack,
+        offsets,
+        np.arange(2),
+        np.ones(ref.shape, bool),
+        coef,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+    )
     np.testing.assert_array_equal(labels, ref)
-    assert np.all(np.abs(upper**2 - own) <= window / 2)  # tightened: the computed distance, within the error bound
-    assert np.all(lower[proven] == np.sqrt(others[proven])[:, None])  # a kept pair's lower bounds are left alone
+    assert np.all(
+        np.abs(upper**2 - own) <= window / 2
+    )  # tightened: the computed distance, within the error bound
+    assert np.all(
+        lower[proven] == np.sqrt(others[proven])[:, None]
+    )  # a kept pair's lower bounds are left alone
     kept = lower[..., 0] == np.sqrt(others)
-    assert not kept.all() and np.all(lower[~kept].min(-1) < np.sqrt(others[~kept]) + 1)  # the others: recomputed
+    assert not kept.all() and np.all(
+        lower[~kept].min(-1) < np.sqrt(others[~kept]) + 1
+    )  # the others: recomputed
 
 
 def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
     """Recomputed pairs: label, second-nearest (index), its distance and the third-nearest's, as computed."""
     rng = np.random.default_rng(11)
     x = rng.integers(0, 256, (300, 784)).astype(np.uint8)
-    runs = [rng.uniform(0, 255, (k, 784)).astype(np.float32).astype(np.float64) for k in (1, 2, 3, 9)]
+    runs = [
+        rng.uniform(0, 255, (k, 784)).astype(np.float32).astype(np.float64) for k in (1, 2, 3, 9)
+    ]
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
     n, r = x.shape[0], len(runs)
     xsq = nearest.row_norms(x, np.float32)
     coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
-    labels, dmin, upper = np.zeros((n, r), dtype=np.int32), np.zeros((n, r)), np.full((n, r), np.inf)
+    labels, dmin, upper = (
+        np.zeros((n, r), dtype=np.int32),
+        np.zeros((n, r)),
+        np.full((n, r), np.inf),
+    )
     lower, second = np.zeros((n, r, 2)), np.full((n, r), -1, dtype=np.int32)
-    nearest.reassign(x, xsq, stack, offsets, np.arange(r), np.ones((n, r), bool), coef, labels, dmin, upper, lower,
-                     second)
+    nearest.reassign(
+        x,
+        xsq,
+        stack,
+        offsets,
+        np.arange(r),
+        np.ones((n, r), bool),
+        coef,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+    )
     for p, c in enumerate(runs):
         exact = ((x.astype(np.float64)[:, None] - c[None]) ** 2).sum(-1)
         order = np.argsort(exact, axis=1, kind="stable")
@@ -204,7 +261,9 @@ def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
         clear = gap > 2 * window  # no near tie: the runner-up is named
         assert clear.mean() > 0.9
         np.testing.assert_array_equal(second[clear, p], order[clear, 1])
-        assert np.all(np.abs(lower[clear, p, 0] ** 2 - exact[clear, order[clear, 1]]) <= window[clear] / 2)
+        assert np.all(
+            np.abs(lower[clear, p, 0] ** 2 - exact[clear, order[clear, 1]]) <= window[clear] / 2
+        )
         third = exact[np.arange(n), order[:, 2]] if c.shape[0] > 2 else np.full(n, np.inf)
         if c.shape[0] > 2:
             assert np.all(np.abs(lower[clear, p, 1] ** 2 - third[clear]) <= window[clear] / 2)
@@ -225,13 +284,23 @@ def test_moved_bounds_track_the_runner_up_apart() -> None:
     xsq = nearest.row_norms(x, np.float32)
     labels, dmin, upper, lower, second = kernels.assign(x, c, offsets, bounds=True, xsq=xsq)
     assert np.all(labels[:, 0] == 0) and np.all(second[:, 0] == 1)
-    step = rng.normal(0, 1, c.shape) * np.array([0.2, 0.2, 0.2, 0.2, 0.2, 36.0])[:, None]  # centroid 5: ~1,000
+    step = (
+        rng.normal(0, 1, c.shape) * np.array([0.2, 0.2, 0.2, 0.2, 0.2, 36.0])[:, None]
+    )  # centroid 5: ~1,000
     moved_c = (c + step).astype(np.float32)
     moved = np.sqrt(((moved_c.astype(np.float64) - c) ** 2).sum(1))
     slack = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
     csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
-    new_upper, new_lower, need = nearest.moved_bounds(labels, upper, lower, second, moved, offsets,
-                                                      slack * xsq.astype(np.float64), np.array([slack * 2 * csq_max]))
+    new_upper, new_lower, need = nearest.moved_bounds(
+        labels,
+        upper,
+        lower,
+        second,
+        moved,
+        offsets,
+        slack * xsq.astype(np.float64),
+        np.array([slack * 2 * csq_max]),
+    )
     exact = ((x.astype(np.float64)[:, None] - moved_c.astype(np.float64)[None]) ** 2).sum(-1)
     assert need[:, 0].mean() < 0.1
     np.testing.assert_array_equal(exact.argmin(1)[~need[:, 0]], 0)  # kept: still the nearest
@@ -240,7 +309,9 @@ def test_moved_bounds_track_the_runner_up_apart() -> None:
     assert np.all(new_lower[:, 0, 0] ** 2 <= exact[:, 1] + err)
     assert np.all(new_lower[:, 0, 1] ** 2 <= exact[:, 2:].min(1) + err)
     hamerly = lower[:, 0].min(-1) - moved[1:].max()
-    assert np.all(hamerly < new_upper[:, 0])  # one bound for every other centroid: every row needs a look
+    assert np.all(
+        hamerly < new_upper[:, 0]
+    )  # one bound for every other centroid: every row needs a look
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -250,8 +321,15 @@ def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
     n = int(rng.integers(1, 400))
     offsets = np.concatenate([[0], np.cumsum(ks)])
     # some runs use every label, others miss one or more (a run's labels drawn from a random subset)
-    labels = np.stack([rng.choice(rng.choice(k, size=rng.integers(1, k + 1), replace=False), size=n)
-                       if rng.random() < 0.5 else rng.integers(0, k, size=n) for k in ks], axis=1).astype(np.int32)
+    labels = np.stack(
+        [
+            rng.choice(rng.choice(k, size=rng.integers(1, k + 1), replace=False), size=n)
+            if rng.random() < 0.5
+            else rng.integers(0, k, size=n)
+            for k in ks
+        ],
+        axis=1,
+    ).astype(np.int32)
     counts = [np.bincount(labels[:, p], minlength=k) for p, k in enumerate(ks)]
     expected = [p for p, c in enumerate(counts) if (c == 0).any()]
     assert 0 < len(expected) < len(ks) or n < 30
@@ -280,10 +358,24 @@ def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails
     lower[:, 0, 1] = 0.99 * np.sqrt(exact[:, 2:].min(1))  # clears the rest, below their distance
     dmin, upper = np.zeros((300, 1)), np.full((300, 1), np.inf)
     rest = lower[:, 0, 1].copy()
-    nearest.reassign(x, xsq, c, np.array([0, 5]), np.array([0]), np.ones((300, 1), bool), coef, labels, dmin, upper,
-                     lower, second)
+    nearest.reassign(
+        x,
+        xsq,
+        c,
+        np.array([0, 5]),
+        np.array([0]),
+        np.ones((300, 1), bool),
+        coef,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+    )
     np.testing.assert_array_equal(labels[:, 0], near)
-    np.testing.assert_array_equal(lower[:, 0, 1][second[:, 0] >= 0], rest[second[:, 0] >= 0])  # not recomputed
+    np.testing.assert_array_equal(
+        lower[:, 0, 1][second[:, 0] >= 0], rest[second[:, 0] >= 0]
+    )  # not recomputed
     named = second[:, 0] >= 0
     assert named.mean() > 0.9 and np.all(second[named, 0] == 1 - near[named])
     loser = exact[np.arange(300), 1 - near]
@@ -294,8 +386,14 @@ def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails
 def _with_centroid_bounds(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
     """A first pass keeping per-centroid bounds: labels, dmin, upper, cbound (one run)."""
     cbound = np.empty((x.shape[0], c.shape[0]), dtype=np.float32)
-    labels, dmin, upper, _, _ = kernels.assign(x, c, np.array([0, c.shape[0]]), bounds=True,
-                                               xsq=nearest.row_norms(x, np.float32), cbound=cbound)
+    labels, dmin, upper, _, _ = kernels.assign(
+        x,
+        c,
+        np.array([0, c.shape[0]]),
+        bounds=True,
+        xsq=nearest.row_norms(x, np.float32),
+        cbound=cbound,
+    )
     return labels, dmin, upper, cbound
 
 
@@ -307,7 +405,9 @@ def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(
     n, r = ref.shape
     labels, dmin, upper = wrong.copy(), np.zeros((n, r)), np.zeros((n, r))
     cbound = np.zeros((n, offsets[-1]), dtype=np.float32)
-    nearest.reassign_centroids(x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, cbound)
+    nearest.reassign_centroids(
+        x, xsq, stack, offsets, np.arange(r), need, coef, labels, dmin, upper, cbound
+    )
     np.testing.assert_array_equal(labels[need], ref[need])
     np.testing.assert_array_equal(labels[~need], wrong[~need])  # pairs not asked for are left alone
     for p, c in enumerate(runs):
@@ -318,7 +418,9 @@ def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(
         assert np.all(np.abs(upper[rows, p] ** 2 - own[rows]) <= err[rows])
         cb = cbound[:, offsets[p] : offsets[p + 1]].astype(np.float64)
         assert np.all(cb[rows] ** 2 <= exact[rows] + err[rows, None])
-        assert np.all(cb[rows] > 0.99 * np.sqrt(exact[rows]) - 1)  # and computed: every bound was 0, none proven
+        assert np.all(
+            cb[rows] > 0.99 * np.sqrt(exact[rows]) - 1
+        )  # and computed: every bound was 0, none proven
         assert np.all(cb[~rows] == 0)
 
 
@@ -327,7 +429,9 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
     its bound (no distance computed); the rest get theirs, and labels are the exact nearest."""
     rng = np.random.default_rng(8)
     c = rng.uniform(0, 255, (40, 784)).astype(np.float32)
-    x = np.clip(np.rint(c[rng.integers(0, 40, 500)] + rng.normal(0, 60, (500, 784))), 0, 255).astype(np.uint8)
+    x = np.clip(
+        np.rint(c[rng.integers(0, 40, 500)] + rng.normal(0, 60, (500, 784))), 0, 255
+    ).astype(np.uint8)
     exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
     ref = exact.argmin(1)
     xsq = nearest.row_norms(x, np.float32)
@@ -339,8 +443,19 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
     assigned = exact[np.arange(500), start]
     cbound = given.copy()
     dmin, upper = np.zeros((500, 1)), np.full((500, 1), np.inf)
-    nearest.reassign_centroids(x, xsq, c, np.array([0, 40]), np.array([0]), np.ones((500, 1), bool), coef, labels,
-                               dmin, upper, cbound)
+    nearest.reassign_centroids(
+        x,
+        xsq,
+        c,
+        np.array([0, 40]),
+        np.array([0]),
+        np.ones((500, 1), bool),
+        coef,
+        labels,
+        dmin,
+        upper,
+        cbound,
+    )
     np.testing.assert_array_equal(labels[:, 0], ref)
     # the assigned distance is computed (off by at most window / 2): beyond 1.5 windows a bound clears it for
     # sure, below 0.5 windows it fails for sure
@@ -349,7 +464,9 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
     proven[np.arange(500), start] = False
     assert 0.2 < proven.mean() < 0.95 and failed.mean() > 0.05  # both kinds occur
     np.testing.assert_array_equal(cbound[proven], given[proven])  # not recomputed
-    assert np.all(cbound[failed] != given[failed])  # recomputed: the computed distance, not 0.999 of it
+    assert np.all(
+        cbound[failed] != given[failed]
+    )  # recomputed: the computed distance, not 0.999 of it
 
 
 def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances() -> None:
@@ -371,11 +488,14 @@ def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances()
     csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
     before = cbound.copy()
     row_slack, run_slack = slack * xsq.astype(np.float64), np.array([slack * 2 * csq_max])
-    new_upper, need, fails = nearest.moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack,
-                                                           run_slack)
+    new_upper, need, fails = nearest.moved_centroid_bounds(
+        labels, upper, cbound, moved, offsets, row_slack, run_slack
+    )
     exact = ((x.astype(np.float64)[:, None] - moved_c.astype(np.float64)[None]) ** 2).sum(-1)
     err = slack / 2 * (xsq.astype(np.float64) + 2 * csq_max)
-    assert np.all(cbound <= np.maximum(before - moved[None].astype(np.float32), 0))  # lowered in place
+    assert np.all(
+        cbound <= np.maximum(before - moved[None].astype(np.float32), 0)
+    )  # lowered in place
     assert np.all(cbound.astype(np.float64) ** 2 <= exact + err[:, None])
     assert np.all(new_upper[:, 0] ** 2 >= exact[:, 0] - err)
     limit = np.sqrt(new_upper[:, 0] ** 2 + row_slack + run_slack[0])
@@ -384,7 +504,9 @@ def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances()
     np.testing.assert_array_equal(fails[:, 0], (~clears).sum(1))
     np.testing.assert_array_equal(need[:, 0], fails[:, 0] > 0)
     assert need[:, 0].mean() < 0.1
-    np.testing.assert_array_equal(exact.argmin(1)[~need[:, 0]], labels[~need[:, 0], 0])  # kept: the nearest
+    np.testing.assert_array_equal(
+        exact.argmin(1)[~need[:, 0]], labels[~need[:, 0], 0]
+    )  # kept: the nearest
 
 
 def test_exact_sum_is_the_exact_sum_in_any_grouping() -> None:
@@ -392,11 +514,18 @@ def test_exact_sum_is_the_exact_sum_in_any_grouping() -> None:
     from fractions import Fraction
 
     rng = np.random.default_rng(4)
-    v = np.concatenate([rng.random(3000) * 5e7, rng.standard_normal(500) * 10.0 ** rng.integers(-300, 300, 500),
-                        [0.0, 5e-324, -5e-324, 1e308, -1e308, 2.0**-1074 * 3]])
+    v = np.concatenate(
+        [
+            rng.random(3000) * 5e7,
+            rng.standard_normal(500) * 10.0 ** rng.integers(-300, 300, 500),
+            [0.0, 5e-324, -5e-324, 1e308, -1e308, 2.0**-1074 * 3],
+        ]
+    )
     ref = sum((Fraction(float(a)) for a in v), Fraction(0))
     assert nearest.exact_sum(v) == ref
     assert sum(nearest.exact_sum(part) for part in np.array_split(rng.permutation(v), 7)) == ref
     assert nearest.exact_sum(np.zeros(0)) == 0
-    assert float(nearest.exact_sum(np.full(10, 0.1))) == 1.0 and sum([0.1] * 10) != 1.0  # float sums round
+    assert (
+        float(nearest.exact_sum(np.full(10, 0.1))) == 1.0 and sum([0.1] * 10) != 1.0
+    )  # float sums round
     assert np.isnan(nearest.exact_sum(np.array([1.0, np.nan])))

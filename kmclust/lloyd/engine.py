@@ -79,7 +79,9 @@ class _Run:
     history: list[float] = field(default_factory=list)
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     error: str = ""
-    sse: Fraction | float = math.nan  # exact sums of the final pass (kmclust.lloyd.nearest.exact_sum)
+    sse: Fraction | float = (
+        math.nan
+    )  # exact sums of the final pass (kmclust.lloyd.nearest.exact_sum)
     dist: Fraction | float = math.nan
     sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
     counts: np.ndarray | None = None
@@ -141,8 +143,14 @@ def persist_balanced(x: da.Array) -> da.Array:
     if len(slots) < 2:
         return x
     name = f"kmclust-placed-{uuid.uuid4().hex}"
-    parts = [client.persist(x.blocks[b].map_blocks(_same, name=f"{name}-{b}"), workers=[slots[b % len(slots)]],
-                            allow_other_workers=True) for b in range(x.numblocks[0])]
+    parts = [
+        client.persist(
+            x.blocks[b].map_blocks(_same, name=f"{name}-{b}"),
+            workers=[slots[b % len(slots)]],
+            allow_other_workers=True,
+        )
+        for b in range(x.numblocks[0])
+    ]
     placed = da.concatenate(parts)
     wait(placed)
     return placed
@@ -192,8 +200,14 @@ def take_rows(x: da.Array, idx: np.ndarray, name: str) -> da.Array:
     for b in range(x.numblocks[0]):
         sel = idx[(idx >= bounds[b]) & (idx < bounds[b + 1])] - bounds[b]
         if sel.size:
-            parts.append(x.blocks[b].map_blocks(lambda blk, s=sel: blk[s], chunks=((sel.size,), x.chunks[1]),
-                                                dtype=x.dtype, name=f"{name}-take-{b}"))
+            parts.append(
+                x.blocks[b].map_blocks(
+                    lambda blk, s=sel: blk[s],
+                    chunks=((sel.size,), x.chunks[1]),
+                    dtype=x.dtype,
+                    name=f"{name}-take-{b}",
+                )
+            )
     return da.concatenate(parts) if parts else x[:0]
 
 
@@ -358,7 +372,9 @@ class _Pass:
     same order either way, so the bits do not depend on the scheduler.
     """
 
-    def __init__(self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False):
+    def __init__(
+        self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False
+    ):
         self.x = x
         self.client = client
         self.n_groups = n_groups
@@ -368,7 +384,9 @@ class _Pass:
         self.source, self.chunks = _chunk_refs(x)
         self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
         self.cdtype = kernels.compute_dtype(x.dtype)
-        self.states: list[list] | None = None  # per chunk: the previous pass's states (objects or futures)
+        self.states: list[list] | None = (
+            None  # per chunk: the previous pass's states (objects or futures)
+        )
         self._held: list = []  # futures no longer needed, dropped only after the next submission (see _submit)
         self._carried = 0  # bytes of centroids the pass being built carries (see _submit)
         self.slots = self._slots()
@@ -406,18 +424,29 @@ class _Pass:
         dsk[key] = obj
         return key
 
-    def run(self, runs: list[_Run], want_labels: bool, want_errors: bool = True,
-            patches: dict | None = None) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
+    def run(
+        self,
+        runs: list[_Run],
+        want_labels: bool,
+        want_errors: bool = True,
+        patches: dict | None = None,
+    ) -> list[tuple[list[_Run], list[int], kernels.Partial]]:
         """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
         groups = _groups(runs, self.n_groups)
         self._carried = 0
-        token = uuid.uuid4().hex  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
+        token = (
+            uuid.uuid4().hex
+        )  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
         dsk = dict(self.source)
         roots, eval_pos, slot_parts = [], [], []
         state_keys: list[list] = [[] for _ in self.chunks]
         patches = patches or {}
-        patches_ref = self._share(dsk, f"kmclust-patches-{token}", patches,
-                                  sum(i.nbytes + lab.nbytes for i, lab in patches.values()))
+        patches_ref = self._share(
+            dsk,
+            f"kmclust-patches-{token}",
+            patches,
+            sum(i.nbytes + lab.nbytes for i, lab in patches.values()),
+        )
         drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
         pool = self._pool()
         pending: list[list] = []  # per group, the pool's futures of its chunk tasks
@@ -430,24 +459,70 @@ class _Pass:
             eval_pos.append(sorted(evals))
             m = max(r.k for r in group)
             stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
-            evals_ref = self._share(dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values()))
+            evals_ref = self._share(
+                dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values())
+            )
             if self.slots is not None:
-                args = ((stack_ref, offsets, run_ids, evals_ref, m, self.integer, want_labels, want_errors),
-                        (patches_ref, drift, self.prune))
+                args = (
+                    (
+                        stack_ref,
+                        offsets,
+                        run_ids,
+                        evals_ref,
+                        m,
+                        self.integer,
+                        want_labels,
+                        want_errors,
+                    ),
+                    (patches_ref, drift, self.prune),
+                )
                 slot_parts.append(self._slot_graph(dsk, token, g, args, state_keys))
                 continue
             if pool is not None:
-                pending.append([pool.submit(_chunk_task, blk, start, stack, offsets, run_ids, evals, m, self.integer,
-                                            want_labels, want_errors, self.states[c] if self.states else None,
-                                            patches, drift, self.prune)
-                                for c, (blk, start) in enumerate(zip(self.chunks, self.starts))])
+                pending.append(
+                    [
+                        pool.submit(
+                            _chunk_task,
+                            blk,
+                            start,
+                            stack,
+                            offsets,
+                            run_ids,
+                            evals,
+                            m,
+                            self.integer,
+                            want_labels,
+                            want_errors,
+                            self.states[c] if self.states else None,
+                            patches,
+                            drift,
+                            self.prune,
+                        )
+                        for c, (blk, start) in enumerate(zip(self.chunks, self.starts))
+                    ]
+                )
                 continue
             parts = []
             for c, (blk, start) in enumerate(zip(self.chunks, self.starts)):
                 prev = self.states[c] if self.stateful and self.states else None
                 task = (f"kmclust-chunk-{token}", g, c)
-                dsk[task] = (_chunk_task, blk, start, stack_ref, offsets, run_ids, evals_ref, m, self.integer,
-                             want_labels, want_errors, prev, patches_ref, drift, self.prune)
+                dsk[task] = (
+                    _chunk_task,
+                    blk,
+                    start,
+                    stack_ref,
+                    offsets,
+                    run_ids,
+                    evals_ref,
+                    m,
+                    self.integer,
+                    want_labels,
+                    want_errors,
+                    prev,
+                    patches_ref,
+                    drift,
+                    self.prune,
+                )
                 dsk[(f"kmclust-part-{token}", g, c)] = (operator.getitem, task, 0)
                 parts.append((f"kmclust-part-{token}", g, c))
                 if self.stateful:
@@ -490,7 +565,11 @@ class _Pass:
         (``sync``, ``processes``, a client) and chunks that must be read
         (streaming) keep the dask graph.
         """
-        if self.client is not None or self.source or dask.base.get_scheduler() not in (None, dask.threaded.get):
+        if (
+            self.client is not None
+            or self.source
+            or dask.base.get_scheduler() not in (None, dask.threaded.get)
+        ):
             return None
         return _thread_pool(_n_threads(None))
 
@@ -498,8 +577,12 @@ class _Pass:
         """Wait for a pool pass; reduce each group's partials in chunk order (as :func:`_tree`); keep the states."""
         done = [[f.result() for f in per_group] for per_group in pending]
         if self.stateful:
-            self.states = [[done[g][c][1] for g in range(len(groups))] for c in range(len(self.chunks))]
-        return list(zip(groups, eval_pos, [_reduce([part for part, _ in per_group]) for per_group in done]))
+            self.states = [
+                [done[g][c][1] for g in range(len(groups))] for c in range(len(self.chunks))
+            ]
+        return list(
+            zip(groups, eval_pos, [_reduce([part for part, _ in per_group]) for per_group in done])
+        )
 
     def _submit(self, dsk: dict, keys: list) -> list:
         """Submit a pass's graph; only then drop the futures of earlier passes (held until now).
@@ -521,7 +604,9 @@ class _Pass:
         self._held = [futures]
         return futures
 
-    def _slot_graph(self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]) -> list:
+    def _slot_graph(
+        self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]
+    ) -> list:
         """Add group ``g``'s slot tasks and their partials' keys to ``dsk``; return those keys.
 
         ``state_keys[c]`` receives (slot task key, position) for chunk ``c``.
@@ -532,24 +617,36 @@ class _Pass:
             refs, where = [], []
             for c in members:
                 flat = []
-                for fut, j in (self.states[c] if self.stateful and self.states else []):
+                for fut, j in self.states[c] if self.stateful and self.states else []:
                     if fut.key not in prevs:
                         prevs[fut.key] = len(refs)
                         refs.append(fut)
                     flat += [prevs[fut.key], j]
                 where.append(flat)
             task = (f"kmclust-slot-{token}", g, s)
-            dsk[task] = (_slot_task, [self.chunks[c] for c in members], [self.starts[c] for c in members], refs,
-                         where, _Args(args, f"{token}-{g}"))
+            dsk[task] = (
+                _slot_task,
+                [self.chunks[c] for c in members],
+                [self.starts[c] for c in members],
+                refs,
+                where,
+                _Args(args, f"{token}-{g}"),
+            )
             dsk[(f"kmclust-part-{token}", g, s)] = (operator.getitem, task, 0)
             keys.append((f"kmclust-part-{token}", g, s))
             for j, c in enumerate(members):
                 state_keys[c].append((task, j))
         return keys
 
-    def _run_slots(self, dsk: dict, groups: list, eval_pos: list, slot_parts: list, state_keys: list[list]) -> list:
+    def _run_slots(
+        self, dsk: dict, groups: list, eval_pos: list, slot_parts: list, state_keys: list[list]
+    ) -> list:
         """Compute a slot-task pass: gather each slot's per-chunk partials, reduce them in chunk order here."""
-        tasks = sorted({key for per_chunk in state_keys for key, _ in per_chunk}) if self.stateful else []
+        tasks = (
+            sorted({key for per_chunk in state_keys for key, _ in per_chunk})
+            if self.stateful
+            else []
+        )
         flat = [k for keys in slot_parts for k in keys]
         futures = self._submit(dsk, flat + tasks)
         try:
@@ -572,7 +669,7 @@ class _Pass:
         return list(zip(groups, eval_pos, results))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _thread_pool(n: int) -> ThreadPoolExecutor:
     """One pool of ``n`` threads per process, kept for later passes and calls."""
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="kmclust-chunk")
@@ -649,9 +746,15 @@ def lloyd(
     runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
     for run in runs:
         if run.c64.ndim != 2 or run.c64.shape[1] != d:
-            run.state, run.error = "failed", f"initial centroids have shape {run.c64.shape}, expected (k, {d})"
+            run.state, run.error = (
+                "failed",
+                f"initial centroids have shape {run.c64.shape}, expected (k, {d})",
+            )
         elif not 1 <= run.k <= n:
-            run.state, run.error = "failed", f"k={run.k} must be between 1 and the number of samples ({n})"
+            run.state, run.error = (
+                "failed",
+                f"k={run.k} must be between 1 and the number of samples ({n})",
+            )
         elif not np.all(np.isfinite(run.c64)):
             run.state, run.error = "failed", "initial centroids contain NaN or inf"
     if on_done is not None:
@@ -704,7 +807,9 @@ def lloyd(
 
 def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
     """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no float32 cancellation)."""
-    return float(sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c))
+    return float(
+        sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c)
+    )
 
 
 def _exact_candidates(passes: _Pass, runs: list[_Run]) -> list[tuple[_Run, kernels.Partial, int]]:
@@ -793,7 +898,9 @@ def _result(run: _Run, n: int, scale: float) -> RunResult:
         labels = np.concatenate([lab for _, lab in sorted(run.labels, key=lambda t: t[0])])
     return RunResult(
         centroids=run.c64 * scale,
-        jclust=float(run.sse / n * scale**2) if not run.error else math.nan,  # exact sums (Fractions) → float
+        jclust=float(run.sse / n * scale**2)
+        if not run.error
+        else math.nan,  # exact sums (Fractions) → float
         mean_distance=float(run.dist / n * scale) if not run.error else math.nan,
         n_iter=run.n_iter,
         converged=run.converged,
@@ -806,7 +913,11 @@ def _result(run: _Run, n: int, scale: float) -> RunResult:
 
 @_one_blas_thread
 def predict(
-    x: np.ndarray | da.Array, centroids: Sequence[np.ndarray], *, scale: float = 1.0, persist: bool = False,
+    x: np.ndarray | da.Array,
+    centroids: Sequence[np.ndarray],
+    *,
+    scale: float = 1.0,
+    persist: bool = False,
     errors: bool = True,
 ) -> list[tuple[np.ndarray, float, float]]:
     """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass.
@@ -818,15 +929,25 @@ def predict(
         x = x.persist()
     n = x.shape[0]
     client = _client()
-    runs = [_Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval") for i, c in enumerate(centroids)]
+    runs = [
+        _Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval")
+        for i, c in enumerate(centroids)
+    ]
     n_groups = max(1, math.ceil(_n_threads(client) / x.numblocks[0]))
     out: dict[int, tuple[np.ndarray, float, float]] = {}
     nan = math.nan
     integer = x.dtype == np.uint8
-    for group, evals, part in _Pass(x, client, n_groups, integer, stateful=False).run(runs, True, errors):
+    for group, evals, part in _Pass(x, client, n_groups, integer, stateful=False).run(
+        runs, True, errors
+    ):
         for pos, run in enumerate(group):
-            labels = np.concatenate([lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])])
-            j, md = (float(part.eval_sse[pos] / n * scale**2), float(part.eval_dist[pos] / n * scale)) if errors \
+            labels = np.concatenate(
+                [lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])]
+            )
+            j, md = (
+                (float(part.eval_sse[pos] / n * scale**2), float(part.eval_dist[pos] / n * scale))
+                if errors
                 else (nan, nan)
+            )
             out[run.index] = (labels, j, md)
     return [out[i] for i in range(len(runs))]

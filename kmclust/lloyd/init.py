@@ -190,9 +190,7 @@ def _int_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stats_from_int_sums(len(X), s1, s2)
 
 
-def stats_from_int_sums(
-    n: int, s1: np.ndarray, s2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def stats_from_int_sums(n: int, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel mean and std (ddof=0) from exact integer sums of x and x^2 over n rows.
 
     What ``data_stats`` does for 8/16-bit integer X; a dask caller that sums
@@ -231,9 +229,7 @@ def _row_key(row: np.ndarray) -> bytes:
     return (row + row.dtype.type(0)).tobytes()
 
 
-def _data_rows(
-    X: np.ndarray, k: int, rng: np.random.Generator, w: np.ndarray | None
-) -> np.ndarray:
+def _data_rows(X: np.ndarray, k: int, rng: np.random.Generator, w: np.ndarray | None) -> np.ndarray:
     """Indices of k rows with distinct values, drawn uniformly (or prop. to w).
 
     Seed use: ``rng.choice(n, k, replace=False, p=None or w/w.sum())``. Only if

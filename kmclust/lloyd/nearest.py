@@ -33,7 +33,9 @@ import numba
 import numpy as np
 
 
-def error_bound(xsq: np.ndarray, csq_max: float | np.ndarray, d: int, dtype: np.dtype) -> np.ndarray:
+def error_bound(
+    xsq: np.ndarray, csq_max: float | np.ndarray, d: int, dtype: np.dtype
+) -> np.ndarray:
     """Per row, a bound on the error of a computed ‖c‖² − 2x·c (and of ‖x‖² added to it).
 
     Dot products of length ``d`` in ``dtype`` err by at most γ_d·Σ|x_i c_i| ≤
@@ -44,14 +46,30 @@ def error_bound(xsq: np.ndarray, csq_max: float | np.ndarray, d: int, dtype: np.
     norms passed in being computed values themselves.
     """
     u = float(np.finfo(dtype).eps) / 2
-    return 1.25 * (d + 4) * u * (np.asarray(xsq, dtype=np.float64) + 2.0 * np.asarray(csq_max, dtype=np.float64))
+    return (
+        1.25
+        * (d + 4)
+        * u
+        * (np.asarray(xsq, dtype=np.float64) + 2.0 * np.asarray(csq_max, dtype=np.float64))
+    )
 
 
 def assign_rows(
-    dist: np.ndarray, offsets: np.ndarray, x: np.ndarray, rows: np.ndarray, runs: np.ndarray,
-    c64: np.ndarray, window: np.ndarray, xsq: np.ndarray,
-    labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray,
-    cbound: np.ndarray | None = None, col0: np.ndarray | None = None,
+    dist: np.ndarray,
+    offsets: np.ndarray,
+    x: np.ndarray,
+    rows: np.ndarray,
+    runs: np.ndarray,
+    c64: np.ndarray,
+    window: np.ndarray,
+    xsq: np.ndarray,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    second: np.ndarray,
+    cbound: np.ndarray | None = None,
+    col0: np.ndarray | None = None,
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
@@ -73,9 +91,23 @@ def assign_rows(
     """
     if cbound is None:
         cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    _assign_rows(dist, np.asarray(offsets, dtype=np.int64), x, np.asarray(rows, dtype=np.int64),
-                 np.asarray(runs, dtype=np.int64), c64, window, xsq, labels, dmin, upper, lower, second, cbound,
-                 np.asarray(col0, dtype=np.int64))
+    _assign_rows(
+        dist,
+        np.asarray(offsets, dtype=np.int64),
+        x,
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(runs, dtype=np.int64),
+        c64,
+        window,
+        xsq,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+        cbound,
+        np.asarray(col0, dtype=np.int64),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -115,7 +147,9 @@ def _best_three(row, lo, hi):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _set_bounds(labels, dmin, upper, lower, second, r, s, arg, lo, d1, sec_arg, d2, d3):  # pragma: no cover
+def _set_bounds(
+    labels, dmin, upper, lower, second, r, s, arg, lo, d1, sec_arg, d2, d3
+):  # pragma: no cover
     """Write one (row, run)'s label, computed squared distance, upper bound and the two lower bounds."""
     labels[r, s] = arg - lo
     dmin[r, s] = d1
@@ -168,8 +202,23 @@ def _exact_nearest(xrow, c64, row, lo, hi, limit, buf):  # pragma: no cover - co
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, upper, lower,  # pragma: no cover
-                 second, cbound, col0):
+def _assign_rows(
+    dist,
+    offsets,
+    x,
+    rows,
+    runs,
+    c64,
+    window,
+    xsq,
+    labels,
+    dmin,
+    upper,
+    lower,  # pragma: no cover
+    second,
+    cbound,
+    col0,
+):
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
     for i in range(dist.shape[0]):
@@ -180,19 +229,45 @@ def _assign_rows(dist, offsets, x, rows, runs, c64, window, xsq, labels, dmin, u
             arg, best, sec_arg, sec, third = _best_three(row, lo, hi)
             if sec - best <= window[i]:  # near tie: settle exactly
                 arg = _exact_nearest(x[r], c64, row, lo, hi, best + window[i], buf)
-                sec_arg = -1  # the settled label may be any near one: only the minimum bounds the others
+                sec_arg = (
+                    -1
+                )  # the settled label may be any near one: only the minimum bounds the others
                 sec = third = best
-            _set_bounds(labels, dmin, upper, lower, second, r, runs[p], arg, lo, max(row[arg] + xsq[i], zero),
-                        sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
+            _set_bounds(
+                labels,
+                dmin,
+                upper,
+                lower,
+                second,
+                r,
+                runs[p],
+                arg,
+                lo,
+                max(row[arg] + xsq[i], zero),
+                sec_arg,
+                max(sec + xsq[i], zero),
+                max(third + xsq[i], zero),
+            )
             if cbound.shape[0] > 0:
                 c0 = col0[p] - lo
                 for j in range(lo, hi):
-                    cbound[r, c0 + j] = _down32(np.sqrt(max(np.float64(row[j]) + np.float64(xsq[i]), 0.0)))
+                    cbound[r, c0 + j] = _down32(
+                        np.sqrt(max(np.float64(row[j]) + np.float64(xsq[i]), 0.0))
+                    )
 
 
 def reassign(
-    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, runs: np.ndarray,
-    need: np.ndarray, coef: float, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, lower: np.ndarray,
+    x: np.ndarray,
+    xsq: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    runs: np.ndarray,
+    need: np.ndarray,
+    coef: float,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
     second: np.ndarray,
 ) -> None:
     """Hamerly's second step for the (row, run) pairs of ``need`` in stack positions ``runs``, in place.
@@ -213,8 +288,23 @@ def reassign(
     c64 = centroids.astype(np.float64)
     csq = np.einsum("ij,ij->i", centroids, centroids)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
-    _reassign(x, xsq, centroids, csq, c64, np.asarray(offsets, dtype=np.int64), np.asarray(runs, dtype=np.int64),
-              need, coef, csq_max, labels, dmin, upper, lower, second)
+    _reassign(
+        x,
+        xsq,
+        centroids,
+        csq,
+        c64,
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(runs, dtype=np.int64),
+        need,
+        coef,
+        csq_max,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+    )
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -260,17 +350,40 @@ def _computed_sq(buf, cent, csq, xsq_i, j):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _pair_start(buf, cent, csq, xsq_i, csq_max_p, coef, offsets, p, label):  # pragma: no cover - compiled
+def _pair_start(
+    buf, cent, csq, xsq_i, csq_max_p, coef, offsets, p, label
+):  # pragma: no cover - compiled
     """What both per-pair steps start from for row ``buf`` in stack position p: its columns ``lo, hi``, the error
     ``window``, the assigned column ``a`` and the computed distance ``e`` to it (as :func:`_computed_sq`)."""
     lo, hi = offsets[p], offsets[p + 1]
     a = lo + label
-    return lo, hi, coef * (np.float64(xsq_i) + 2.0 * csq_max_p), a, _computed_sq(buf, cent, csq, xsq_i, a)
+    return (
+        lo,
+        hi,
+        coef * (np.float64(xsq_i) + 2.0 * csq_max_p),
+        a,
+        _computed_sq(buf, cent, csq, xsq_i, a),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
-def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
-              labels, dmin, upper, lower, second):
+def _reassign(
+    x,
+    xsq,
+    cent,
+    csq,
+    c64,
+    offsets,
+    runs,
+    need,
+    coef,
+    csq_max,  # pragma: no cover - compiled
+    labels,
+    dmin,
+    upper,
+    lower,
+    second,
+):
     n, d = x.shape
     buf = np.empty(d, dtype=cent.dtype)
     buf64 = np.empty(d)
@@ -283,14 +396,20 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
             if not need[i, p]:
                 continue
             loaded = _load_row(x, i, buf, loaded)
-            lo, hi, window, a, e = _pair_start(buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p])
+            lo, hi, window, a, e = _pair_start(
+                buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p]
+            )
             l0, l1 = lower[i, p, 0], lower[i, p, 1]
             rest_clear = l1 > 0 and l1 * l1 - e > window
-            if rest_clear and l0 > 0 and l0 * l0 - e > window:  # the label stays: tighten the upper bound
+            if (
+                rest_clear and l0 > 0 and l0 * l0 - e > window
+            ):  # the label stays: tighten the upper bound
                 upper[i, p] = np.sqrt(np.float64(e))
                 dmin[i, p] = e
                 continue
-            if rest_clear and second[i, p] >= 0:  # only the runner-up may be nearer: one more distance
+            if (
+                rest_clear and second[i, p] >= 0
+            ):  # only the runner-up may be nearer: one more distance
                 b = lo + second[i, p]
                 v = _computed_sq(buf, cent, csq, xsq[i], b)
                 tie = abs(np.float64(v) - np.float64(e)) <= window
@@ -327,13 +446,35 @@ def _reassign(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pra
                             arg = j
                 sec_arg = -1
                 sec = third = best
-            _set_bounds(labels, dmin, upper, lower, second, i, p, arg, lo, max(dots[arg - lo] + xsq[i], zero),
-                        sec_arg, max(sec + xsq[i], zero), max(third + xsq[i], zero))
+            _set_bounds(
+                labels,
+                dmin,
+                upper,
+                lower,
+                second,
+                i,
+                p,
+                arg,
+                lo,
+                max(dots[arg - lo] + xsq[i], zero),
+                sec_arg,
+                max(sec + xsq[i], zero),
+                max(third + xsq[i], zero),
+            )
 
 
 def reassign_centroids(
-    x: np.ndarray, xsq: np.ndarray, centroids: np.ndarray, offsets: np.ndarray, runs: np.ndarray,
-    need: np.ndarray, coef: float, labels: np.ndarray, dmin: np.ndarray, upper: np.ndarray, cbound: np.ndarray,
+    x: np.ndarray,
+    xsq: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    runs: np.ndarray,
+    need: np.ndarray,
+    coef: float,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+    upper: np.ndarray,
+    cbound: np.ndarray,
 ) -> None:
     """Elkan's second step for the (row, run) pairs of ``need``, with per-centroid lower bounds, in place.
 
@@ -348,17 +489,47 @@ def reassign_centroids(
     c64 = centroids.astype(np.float64)
     csq = np.einsum("ij,ij->i", centroids, centroids)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
-    _reassign_centroids(x, xsq, centroids, csq, c64, np.asarray(offsets, dtype=np.int64),
-                        np.asarray(runs, dtype=np.int64), need, coef, csq_max, labels, dmin, upper, cbound)
+    _reassign_centroids(
+        x,
+        xsq,
+        centroids,
+        csq,
+        c64,
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(runs, dtype=np.int64),
+        need,
+        coef,
+        csq_max,
+        labels,
+        dmin,
+        upper,
+        cbound,
+    )
 
 
 @numba.njit(cache=True, nogil=True)
-def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_max,  # pragma: no cover - compiled
-                        labels, dmin, upper, cbound):
+def _reassign_centroids(
+    x,
+    xsq,
+    cent,
+    csq,
+    c64,
+    offsets,
+    runs,
+    need,
+    coef,
+    csq_max,  # pragma: no cover - compiled
+    labels,
+    dmin,
+    upper,
+    cbound,
+):
     n, d = x.shape
     buf = np.empty(d, dtype=cent.dtype)
     buf64 = np.empty(d)
-    vals = np.empty(cent.shape[0])  # computed squared distances of the checked centroids (inf: proven farther)
+    vals = np.empty(
+        cent.shape[0]
+    )  # computed squared distances of the checked centroids (inf: proven farther)
     cand = np.empty(cent.shape[0], dtype=np.int64)  # the centroids to check
     dots = np.empty(cent.shape[0], dtype=cent.dtype)
     zero = cent.dtype.type(0)
@@ -369,14 +540,18 @@ def _reassign_centroids(x, xsq, cent, csq, c64, offsets, runs, need, coef, csq_m
             if not need[i, p]:
                 continue
             loaded = _load_row(x, i, buf, loaded)
-            lo, hi, window, a, e = _pair_start(buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p])
+            lo, hi, window, a, e = _pair_start(
+                buf, cent, csq, xsq[i], csq_max[p], coef, offsets, p, labels[i, p]
+            )
             e = np.float64(e)
             best = e
             # centroid j is proven farther than the assigned one when its bound exceeds √(e + window) (then
             # bound² − e > window): compared in float32 with that limit rounded up, branch-free
             limit = _up32(np.sqrt(e + window))
             m = 0
-            for j in range(lo, hi):  # the others than the assigned one whose bound does not clear the limit
+            for j in range(
+                lo, hi
+            ):  # the others than the assigned one whose bound does not clear the limit
                 vals[j] = np.inf
                 cand[m] = j
                 m += (cbound[i, j] <= limit) & (j != a)
@@ -486,17 +661,35 @@ def _pixel_distances(x, rows, ct2, csq, out):  # pragma: no cover - compiled
             for q in range(d):
                 w0, w1, w2, w3 = c0[q], c1[q], c2[q], c3[q]
                 v = b0[q]
-                s00 += v * w0; s01 += v * w1; s02 += v * w2; s03 += v * w3  # noqa: E702
+                s00 += v * w0
+                s01 += v * w1
+                s02 += v * w2
+                s03 += v * w3  # noqa: E702
                 v = b1[q]
-                s10 += v * w0; s11 += v * w1; s12 += v * w2; s13 += v * w3  # noqa: E702
+                s10 += v * w0
+                s11 += v * w1
+                s12 += v * w2
+                s13 += v * w3  # noqa: E702
                 v = b2[q]
-                s20 += v * w0; s21 += v * w1; s22 += v * w2; s23 += v * w3  # noqa: E702
+                s20 += v * w0
+                s21 += v * w1
+                s22 += v * w2
+                s23 += v * w3  # noqa: E702
                 v = b3[q]
-                s30 += v * w0; s31 += v * w1; s32 += v * w2; s33 += v * w3  # noqa: E702
+                s30 += v * w0
+                s31 += v * w1
+                s32 += v * w2
+                s33 += v * w3  # noqa: E702
                 v = b4[q]
-                s40 += v * w0; s41 += v * w1; s42 += v * w2; s43 += v * w3  # noqa: E702
+                s40 += v * w0
+                s41 += v * w1
+                s42 += v * w2
+                s43 += v * w3  # noqa: E702
                 v = b5[q]
-                s50 += v * w0; s51 += v * w1; s52 += v * w2; s53 += v * w3  # noqa: E702
+                s50 += v * w0
+                s51 += v * w1
+                s52 += v * w2
+                s53 += v * w3  # noqa: E702
             if h == 6 and j0 + 4 <= kt:
                 _put4(out, i0, j0, csq, s00, s01, s02, s03)
                 _put4(out, i0 + 1, j0, csq, s10, s11, s12, s13)
@@ -586,8 +779,11 @@ def _runs_missing_a_label(labels, ks):  # pragma: no cover - compiled
 
 def squared_errors(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(n,) float64 ‖x_i − z_{label_i}‖², summed directly (no ‖x‖² − 2x·z + ‖z‖² cancellation)."""
-    return _squared_errors(np.ascontiguousarray(x), np.ascontiguousarray(centroids, dtype=np.float64),
-                           np.ascontiguousarray(labels, dtype=np.int64))
+    return _squared_errors(
+        np.ascontiguousarray(x),
+        np.ascontiguousarray(centroids, dtype=np.float64),
+        np.ascontiguousarray(labels, dtype=np.int64),
+    )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -636,8 +832,14 @@ def _exact_sum(v):  # pragma: no cover - compiled
 
 
 def moved_bounds(
-    labels: np.ndarray, upper: np.ndarray, lower: np.ndarray, second: np.ndarray, moved: np.ndarray,
-    offsets: np.ndarray, row_slack: np.ndarray, run_slack: np.ndarray,
+    labels: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    second: np.ndarray,
+    moved: np.ndarray,
+    offsets: np.ndarray,
+    row_slack: np.ndarray,
+    run_slack: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bounds after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
 
@@ -653,20 +855,38 @@ def moved_bounds(
     upper² exceeds ``row_slack[i] + run_slack[p]`` (twice the error bound of
     the computed distances the bounds started from).
     """
-    return _moved_bounds(labels, upper, lower, second, moved, np.asarray(offsets, dtype=np.int64), row_slack,
-                         run_slack)
+    return _moved_bounds(
+        labels,
+        upper,
+        lower,
+        second,
+        moved,
+        np.asarray(offsets, dtype=np.int64),
+        row_slack,
+        run_slack,
+    )
 
 
 @numba.njit(cache=True, nogil=True)
-def _moved_bounds(labels, upper, lower, second, moved, offsets, row_slack, run_slack):  # pragma: no cover
+def _moved_bounds(
+    labels, upper, lower, second, moved, offsets, row_slack, run_slack
+):  # pragma: no cover
     n, r = labels.shape
-    top = np.zeros((r, 3))  # the three largest moves of each run (0: none) and the columns of the first two
+    top = np.zeros(
+        (r, 3)
+    )  # the three largest moves of each run (0: none) and the columns of the first two
     col = np.full((r, 2), -1, dtype=np.int64)
     for p in range(r):
         for j in range(offsets[p], offsets[p + 1]):
             v = moved[j]
             if col[p, 0] < 0 or v > top[p, 0]:
-                top[p, 2], top[p, 1], col[p, 1], top[p, 0], col[p, 0] = top[p, 1], top[p, 0], col[p, 0], v, j
+                top[p, 2], top[p, 1], col[p, 1], top[p, 0], col[p, 0] = (
+                    top[p, 1],
+                    top[p, 0],
+                    col[p, 0],
+                    v,
+                    j,
+                )
             elif col[p, 1] < 0 or v > top[p, 1]:
                 top[p, 2], top[p, 1], col[p, 1] = top[p, 1], v, j
             elif v > top[p, 2]:
@@ -682,7 +902,11 @@ def _moved_bounds(labels, upper, lower, second, moved, offsets, row_slack, run_s
             c1, c2 = col[p, 0], col[p, 1]
             if second[i, p] >= 0:  # the largest move among the others than a and b
                 b = lo + second[i, p]
-                rest = top[p, 0] if c1 != a and c1 != b else (top[p, 1] if c2 != a and c2 != b else top[p, 2])
+                rest = (
+                    top[p, 0]
+                    if c1 != a and c1 != b
+                    else (top[p, 1] if c2 != a and c2 != b else top[p, 2])
+                )
                 l0 = lower[i, p, 0] - moved[b]
             else:  # ... than a
                 rest = top[p, 1] if c1 == a else top[p, 0]
@@ -692,13 +916,20 @@ def _moved_bounds(labels, upper, lower, second, moved, offsets, row_slack, run_s
             new_lower[i, p, 0] = l0
             new_lower[i, p, 1] = l1
             low = min(l0, l1)
-            need[i, p] = not (np.isfinite(u) and low > u and low * low - u * u > row_slack[i] + run_slack[p])
+            need[i, p] = not (
+                np.isfinite(u) and low > u and low * low - u * u > row_slack[i] + run_slack[p]
+            )
     return new_upper, new_lower, need
 
 
 def moved_centroid_bounds(
-    labels: np.ndarray, upper: np.ndarray, cbound: np.ndarray, moved: np.ndarray, offsets: np.ndarray,
-    row_slack: np.ndarray, run_slack: np.ndarray,
+    labels: np.ndarray,
+    upper: np.ndarray,
+    cbound: np.ndarray,
+    moved: np.ndarray,
+    offsets: np.ndarray,
+    row_slack: np.ndarray,
+    run_slack: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Elkan's bounds after the centroids moved by ``moved`` (ΣK,), and which (row, run) need a recompute.
 
@@ -712,18 +943,23 @@ def moved_centroid_bounds(
     centroids failed (what :func:`reassign_centroids` would compute besides
     the assigned one).
     """
-    return _moved_centroid_bounds(labels, upper, cbound, moved, np.asarray(offsets, dtype=np.int64), row_slack,
-                                  run_slack)
+    return _moved_centroid_bounds(
+        labels, upper, cbound, moved, np.asarray(offsets, dtype=np.int64), row_slack, run_slack
+    )
 
 
 @numba.njit(cache=True, nogil=True)
-def _moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack, run_slack):  # pragma: no cover
+def _moved_centroid_bounds(
+    labels, upper, cbound, moved, offsets, row_slack, run_slack
+):  # pragma: no cover
     n, r = labels.shape
     new_upper = np.empty((n, r))
     need = np.empty((n, r), dtype=np.bool_)
     fails = np.empty((n, r), dtype=np.int32)
     shift = moved.astype(np.float32)
-    for j in range(shift.size):  # float32 moves rounded up: the float32 difference below only rounds down more
+    for j in range(
+        shift.size
+    ):  # float32 moves rounded up: the float32 difference below only rounds down more
         if np.float64(shift[j]) < moved[j]:
             shift[j] = np.nextafter(shift[j], np.float32(np.inf))
     down = np.float32(1.0 - 2.0**-22)
@@ -749,7 +985,9 @@ def _moved_centroid_bounds(labels, upper, cbound, moved, offsets, row_slack, run
     return new_upper, need, fails
 
 
-def signed_row_sums(x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: np.ndarray, n_slots: int) -> np.ndarray:
+def signed_row_sums(
+    x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: np.ndarray, n_slots: int
+) -> np.ndarray:
     """(n_slots, D) int32: Σ signs[t] · x[rows[t]] into row ``slots[t]``, for uint8 ``x``.
 
     Integer accumulators (int32: a chunk of fewer than 2**31 / 255 rows
@@ -757,8 +995,13 @@ def signed_row_sums(x: np.ndarray, rows: np.ndarray, slots: np.ndarray, signs: n
     over the pairs, no sparse matrix to build. Kept int32: half the bytes of
     float64 to move from a worker to the driver.
     """
-    return _signed_row_sums(np.ascontiguousarray(x), np.asarray(rows, dtype=np.int64),
-                            np.asarray(slots, dtype=np.int64), np.asarray(signs, dtype=np.int8), n_slots)
+    return _signed_row_sums(
+        np.ascontiguousarray(x),
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(slots, dtype=np.int64),
+        np.asarray(signs, dtype=np.int8),
+        n_slots,
+    )
 
 
 @numba.njit(cache=True, nogil=True)

@@ -25,16 +25,41 @@ from kmclust.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 GRID = ("k", "init", "seed")
-REQUIRED = ("jclust", "mean_distance", "n_iter", "n_relocated", "train_accuracy", "test_accuracy",
-            "status", "cluster_size", "cluster_label", "centroids")
-METRICS = ("jclust", "mean_distance", "n_iter", "n_relocated", "train_accuracy", "test_accuracy",
-           "nmi", "ari", "acc", "seconds")
+REQUIRED = (
+    "jclust",
+    "mean_distance",
+    "n_iter",
+    "n_relocated",
+    "train_accuracy",
+    "test_accuracy",
+    "status",
+    "cluster_size",
+    "cluster_label",
+    "centroids",
+)
+METRICS = (
+    "jclust",
+    "mean_distance",
+    "n_iter",
+    "n_relocated",
+    "train_accuracy",
+    "test_accuracy",
+    "nmi",
+    "ari",
+    "acc",
+    "seconds",
+)
 # metric, label, unit, better direction, decimals — for the init comparison
-COMPARED = (("jclust", "J_clust", "pixel intensity²", "lower", 3),
-            ("test_accuracy", "test accuracy", "fraction correct", "higher", 3),
-            ("n_iter", "Lloyd iterations", "count", "lower", 1))
-_VERB = {"jclust": ("reaches lower J_clust", "is lower"), "test_accuracy": (
-    "reaches higher test accuracy", "is higher"), "n_iter": ("needs fewer Lloyd iterations", "needs fewer")}
+COMPARED = (
+    ("jclust", "J_clust", "pixel intensity²", "lower", 3),
+    ("test_accuracy", "test accuracy", "fraction correct", "higher", 3),
+    ("n_iter", "Lloyd iterations", "count", "lower", 1),
+)
+_VERB = {
+    "jclust": ("reaches lower J_clust", "is lower"),
+    "test_accuracy": ("reaches higher test accuracy", "is higher"),
+    "n_iter": ("needs fewer Lloyd iterations", "needs fewer"),
+}
 _BETTER = {m: better for m, _, _, better, _ in COMPARED}
 
 
@@ -47,7 +72,9 @@ def open_results(results: xr.Dataset | str | Path) -> xr.Dataset:
             raise DataError(f"results store not found: {path}")
         try:
             with warnings.catch_warnings():  # stores without consolidated metadata are fine
-                warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
+                warnings.filterwarnings(
+                    "ignore", message="Failed to open Zarr store with consolidated"
+                )
                 results = xr.open_zarr(path)
         except Exception as exc:  # zarr/xarray raise many types for a non-store
             raise DataError(f"cannot open results store {path}: {exc}") from exc
@@ -60,7 +87,9 @@ def open_results(results: xr.Dataset | str | Path) -> xr.Dataset:
 def _strings(da: xr.DataArray) -> np.ndarray:
     """Values of a string variable as a numpy array of str (bytes decoded)."""
     vals = np.asarray(da.values, dtype=object)
-    return np.vectorize(lambda s: s.decode() if isinstance(s, bytes) else str(s), otypes=[object])(vals)
+    return np.vectorize(lambda s: s.decode() if isinstance(s, bytes) else str(s), otypes=[object])(
+        vals
+    )
 
 
 def status_counts(ds: xr.Dataset) -> dict[str, int]:
@@ -118,8 +147,12 @@ def summary_table(ds: xr.Dataset) -> pd.DataFrame:
     for a, k in enumerate(ds.k.values):
         for b, init in enumerate(init_names(ds)):
             st = status[a, b]
-            row: dict = {"k": int(k), "init": init, "n_done": int((st == "done").sum()),
-                         "n_failed": int((st == "failed").sum())}
+            row: dict = {
+                "k": int(k),
+                "init": init,
+                "n_done": int((st == "done").sum()),
+                "n_failed": int((st == "failed").sum()),
+            }
             row["n_pending"] = st.size - row["n_done"] - row["n_failed"]
             for m in vals.data_vars:
                 x = vals[m].values[a, b]
@@ -143,8 +176,13 @@ def _pm(mean: float, std: float, dec: int) -> str:
     return f"{mean:.{dec}f}" if not np.isfinite(std) else f"{mean:.{dec}f} ± {std:.{dec}f}"
 
 
-_SHOWN = (("jclust", "J_clust", 3), ("mean_distance", "mean distance", 3), ("n_iter", "iterations", 1),
-          ("test_accuracy", "test accuracy", 3), ("n_relocated", "relocations/run", 1))
+_SHOWN = (
+    ("jclust", "J_clust", 3),
+    ("mean_distance", "mean distance", 3),
+    ("n_iter", "iterations", 1),
+    ("test_accuracy", "test accuracy", 3),
+    ("n_relocated", "relocations/run", 1),
+)
 
 
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -166,7 +204,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
     """A DataFrame of strings as a GitHub Markdown table (no tabulate needed)."""
     head = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += [
+        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -181,15 +221,25 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     d = a - b
-    row = {"n": int(d.size), "mean": d.mean() if d.size else np.nan, "ci_low": np.nan,
-           "ci_high": np.nan, "p_ttest": np.nan, "p_wilcoxon": np.nan}
+    row = {
+        "n": int(d.size),
+        "mean": d.mean() if d.size else np.nan,
+        "ci_low": np.nan,
+        "ci_high": np.nan,
+        "p_ttest": np.nan,
+        "p_wilcoxon": np.nan,
+    }
     if d.size >= 2 and np.ptp(d) > 0:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res = stats.ttest_rel(a, b)
             ci = res.confidence_interval(0.95)
-            row |= {"ci_low": ci.low, "ci_high": ci.high, "p_ttest": res.pvalue,
-                    "p_wilcoxon": stats.wilcoxon(a, b).pvalue}
+            row |= {
+                "ci_low": ci.low,
+                "ci_high": ci.high,
+                "p_ttest": res.pvalue,
+                "p_wilcoxon": stats.wilcoxon(a, b).pvalue,
+            }
     return row
 
 
@@ -199,7 +249,10 @@ def paired_differences(vals: xr.Dataset, metric: str, first: str, second: str) -
     attrs["pooled"] holds the same test over every (k, seed) pair of the grid.
     """
     x = vals[metric]
-    a, b = x.sel(init=first).transpose("k", "seed").values, x.sel(init=second).transpose("k", "seed").values
+    a, b = (
+        x.sel(init=first).transpose("k", "seed").values,
+        x.sel(init=second).transpose("k", "seed").values,
+    )
     df = pd.DataFrame([{"k": int(k)} | paired_test(a[i], b[i]) for i, k in enumerate(x.k.values)])
     df = df.set_index("k")
     df.attrs["pooled"] = paired_test(a.ravel(), b.ravel())
@@ -224,12 +277,15 @@ def conclusion(diff: pd.DataFrame, metric: str, first: str, second: str) -> str:
     wins, losses, n = int((s > 0).sum()), int((s < 0).sum()), len(d)
     have_ci = bool(np.isfinite(lo).any())
     ci = (lambda c: f" (95% CI excludes 0 at {c})") if have_ci else (lambda c: "")
-    text = f"{second} init {verb} than {first} at {wins} of {n} values of k{ci(int((lo > 0).sum()))}"
+    text = (
+        f"{second} init {verb} than {first} at {wins} of {n} values of k{ci(int((lo > 0).sum()))}"
+    )
     text += f"; {first} {short} at {losses}" + (ci(int((hi < 0).sum())) if losses else "")
     text += f"; equal at {n - wins - losses}" if n - wins - losses else ""
     if not have_ci:
         text += " (no confidence intervals: " + (
-            "one seed per cell)" if (d.n <= 1).all() else "differences identical across seeds)")
+            "one seed per cell)" if (d.n <= 1).all() else "differences identical across seeds)"
+        )
     return text + "."
 
 
@@ -252,18 +308,24 @@ def elbow(ks, values) -> int | None:
 
 
 # ----------------------------------------------------------------------------- representatives
-def choose_representatives(ds: xr.Dataset, vals: xr.Dataset,
-                           representative: tuple[int, str, int] | None = None) -> dict[str, tuple[int, int]]:
+def choose_representatives(
+    ds: xr.Dataset, vals: xr.Dataset, representative: tuple[int, str, int] | None = None
+) -> dict[str, tuple[int, int]]:
     """init → (k, seed) to draw: the given cell, or per init the largest k with a done
     seed and, among its done seeds, the one with the median J (lower median if even)."""
     if representative is not None:
         k, init, seed = representative
-        for name, value, options in (("k", k, vals.k.values.tolist()), ("init", init, init_names(ds)),
-                                     ("seed", seed, vals.seed.values.tolist())):
+        for name, value, options in (
+            ("k", k, vals.k.values.tolist()),
+            ("init", init, init_names(ds)),
+            ("seed", seed, vals.seed.values.tolist()),
+        ):
             if value not in options:
                 raise ConfigError(f"--{name} {value} is not in the store (has {options})")
         if not np.isfinite(vals.jclust.sel(k=k, init=init, seed=seed).item()):
-            raise ConfigError(f"cell k={k}, init={init}, seed={seed} is not done; choose a done cell")
+            raise ConfigError(
+                f"cell k={k}, init={init}, seed={seed} is not done; choose a done cell"
+            )
         return {init: (int(k), int(seed))}
     chosen = {}
     for init in init_names(ds):
@@ -305,24 +367,34 @@ def _run_section(ds, vals, counts) -> list[str]:
     total, done = sum(counts.values()), counts.get("done", 0)
     failed = counts.get("failed", 0)
     others = ", ".join(f"{c} {s}" for s, c in counts.items() if s not in ("done", "failed"))
-    lines = ["## What was run", "",
-             f"- **Data**: `{name}`, fingerprint `{ds.attrs.get('fingerprint', '?')}`; "
-             f"{ds.attrs.get('n_train', '?')} training images (fitting and majority labels), "
-             f"{ds.attrs.get('n_test', '?')} held-out test images; {len(classes)} classes"
-             + (f" ({', '.join(classes)})." if classes else "."),
-             f"- **Grid**: {len(ks)} values of k ({ks.min()}–{ks.max()}) × {len(inits)} "
-             f"initialisations ({', '.join(inits)}) × {vals.sizes['seed']} seeds = {total} cells; "
-             + ", ".join(f"{key} = {cfg[key]}" for key in ("tol", "max_iter", "train_per_class", "data_seed")
-                         if key in cfg) + ".",
-             f"- **Cells**: {done} done, {failed} failed" + (f", {others}" if others else ", 0 pending")
-             + ". Cells not done are left out of every table and figure."]
+    lines = [
+        "## What was run",
+        "",
+        f"- **Data**: `{name}`, fingerprint `{ds.attrs.get('fingerprint', '?')}`; "
+        f"{ds.attrs.get('n_train', '?')} training images (fitting and majority labels), "
+        f"{ds.attrs.get('n_test', '?')} held-out test images; {len(classes)} classes"
+        + (f" ({', '.join(classes)})." if classes else "."),
+        f"- **Grid**: {len(ks)} values of k ({ks.min()}–{ks.max()}) × {len(inits)} "
+        f"initialisations ({', '.join(inits)}) × {vals.sizes['seed']} seeds = {total} cells; "
+        + ", ".join(
+            f"{key} = {cfg[key]}"
+            for key in ("tol", "max_iter", "train_per_class", "data_seed")
+            if key in cfg
+        )
+        + ".",
+        f"- **Cells**: {done} done, {failed} failed"
+        + (f", {others}" if others else ", 0 pending")
+        + ". Cells not done are left out of every table and figure.",
+    ]
     status = _strings(ds.status.transpose(*GRID))
     error = _strings(ds.error.transpose(*GRID)) if "error" in ds else None
     bad = np.argwhere(status != "done")
     for a, b, c in bad[:20]:
         msg = f" — {error[a, b, c]}" if error is not None and error[a, b, c] else ""
-        lines.append(f"  - k = {ds.k.values[a]}, init = {inits[b]}, seed = {ds.seed.values[c]}: "
-                     f"{status[a, b, c]}{msg}")
+        lines.append(
+            f"  - k = {ds.k.values[a]}, init = {inits[b]}, seed = {ds.seed.values[c]}: "
+            f"{status[a, b, c]}{msg}"
+        )
     if len(bad) > 20:
         lines.append(f"  - … and {len(bad) - 20} more")
     started, finished = ds.attrs.get("started") or "?", ds.attrs.get("finished") or "not finished"
@@ -330,62 +402,115 @@ def _run_section(ds, vals, counts) -> list[str]:
         wall = f"; {(datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds():.0f} s"
     except (TypeError, ValueError):
         wall = ""
-    lines += [f"- **Time**: started {started}, finished {finished}{wall}.",
-              "- **Versions**: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"), ""]
+    lines += [
+        f"- **Time**: started {started}, finished {finished}{wall}.",
+        "- **Versions**: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
+        "",
+    ]
     return lines
 
 
 def _comparison_section(summary, comps) -> list[str]:
     lines = []
     for (first, second), comp in comps.items():
-        lines += [f"## Initialisation: {first} vs {second} (paired over seeds)", "",
-                  f"Differences are {first} − {second} between runs with the same seed, per k, over the "
-                  "seeds where both cells are done. 95% confidence intervals are t-intervals and p-values "
-                  "two-sided paired t-tests (scipy.stats.ttest_rel), with Wilcoxon signed-rank p-values "
-                  "(scipy.stats.wilcoxon) beside them; per k, not corrected for multiple comparisons.", "",
-                  "**Conclusion.**", ""]
+        lines += [
+            f"## Initialisation: {first} vs {second} (paired over seeds)",
+            "",
+            f"Differences are {first} − {second} between runs with the same seed, per k, over the "
+            "seeds where both cells are done. 95% confidence intervals are t-intervals and p-values "
+            "two-sided paired t-tests (scipy.stats.ttest_rel), with Wilcoxon signed-rank p-values "
+            "(scipy.stats.wilcoxon) beside them; per k, not corrected for multiple comparisons.",
+            "",
+            "**Conclusion.**",
+            "",
+        ]
         for m, label, unit, better, dec in COMPARED:
             d = comp[m]
             lines.append(f"- {label}: " + conclusion(d, m, first, second))
             p = d.attrs["pooled"]
             if p["n"]:
-                lines[-1] += (f" Pooled over all {p['n']} (k, seed) pairs: {first} − {second} = "
-                              f"{p['mean']:+.{dec}f} ({unit})")
-                lines[-1] += (f", 95% CI [{p['ci_low']:+.{dec}f}, {p['ci_high']:+.{dec}f}], paired t "
-                              f"p {_p_rel(p['p_ttest'])}, Wilcoxon p {_p_rel(p['p_wilcoxon'])}."
-                              if np.isfinite(p["ci_low"]) else ".")
-        rel = [f"{i} {summary.xs(i, level='init').n_relocated_mean.mean():.2f}" for i in (first, second)]
+                lines[-1] += (
+                    f" Pooled over all {p['n']} (k, seed) pairs: {first} − {second} = "
+                    f"{p['mean']:+.{dec}f} ({unit})"
+                )
+                lines[-1] += (
+                    f", 95% CI [{p['ci_low']:+.{dec}f}, {p['ci_high']:+.{dec}f}], paired t "
+                    f"p {_p_rel(p['p_ttest'])}, Wilcoxon p {_p_rel(p['p_wilcoxon'])}."
+                    if np.isfinite(p["ci_low"])
+                    else "."
+                )
+        rel = [
+            f"{i} {summary.xs(i, level='init').n_relocated_mean.mean():.2f}"
+            for i in (first, second)
+        ]
         lines += [f"- Empty-cluster relocations per run, averaged over k: {', '.join(rel)}.", ""]
         for m, label, unit, better, dec in COMPARED:
             d = comp[m]
-            rows = [[str(k), str(int(r["n"])), "—" if not np.isfinite(r["mean"]) else f"{r['mean']:+.{dec}f}",
-                     "—" if not np.isfinite(r.ci_low) else f"[{r.ci_low:+.{dec}f}, {r.ci_high:+.{dec}f}]",
-                     _fmt_p(r.p_ttest), _fmt_p(r.p_wilcoxon)] for k, r in d.iterrows()]
-            lines += [f"### Δ {label} ({unit}; {better} is better)", "", markdown_table(pd.DataFrame(
-                rows, columns=["k", "seeds", "mean Δ", "95% CI", "p (paired t)", "p (Wilcoxon)"])), ""]
+            rows = [
+                [
+                    str(k),
+                    str(int(r["n"])),
+                    "—" if not np.isfinite(r["mean"]) else f"{r['mean']:+.{dec}f}",
+                    "—"
+                    if not np.isfinite(r.ci_low)
+                    else f"[{r.ci_low:+.{dec}f}, {r.ci_high:+.{dec}f}]",
+                    _fmt_p(r.p_ttest),
+                    _fmt_p(r.p_wilcoxon),
+                ]
+                for k, r in d.iterrows()
+            ]
+            lines += [
+                f"### Δ {label} ({unit}; {better} is better)",
+                "",
+                markdown_table(
+                    pd.DataFrame(
+                        rows,
+                        columns=["k", "seeds", "mean Δ", "95% CI", "p (paired t)", "p (Wilcoxon)"],
+                    )
+                ),
+                "",
+            ]
         single = (comp["jclust"].n <= 1).all()
-        lines += ["— : no interval or p-value (fewer than two paired seeds, or identical differences)."
-                  + (" With one seed per cell there are none at all." if single else ""), ""]
+        lines += [
+            "— : no interval or p-value (fewer than two paired seeds, or identical differences)."
+            + (" With one seed per cell there are none at all." if single else ""),
+            "",
+        ]
     return lines
 
 
 def _choosing_k_section(summary, knees) -> list[str]:
-    lines = ["## Choosing k", "",
-             "The minimum of J_clust is not a choice of k: adding a cluster can only lower the best "
-             "achievable J (the new centroid can take over the points it is closest to), and at k = N "
-             "every image is its own centroid with J = 0. So J is smallest at the largest k tried:", ""]
+    lines = [
+        "## Choosing k",
+        "",
+        "The minimum of J_clust is not a choice of k: adding a cluster can only lower the best "
+        "achievable J (the new centroid can take over the points it is closest to), and at k = N "
+        "every image is its own centroid with J = 0. So J is smallest at the largest k tried:",
+        "",
+    ]
     for init in summary_inits(summary):
         j = summary.xs(init, level="init").jclust_mean.dropna()
         if len(j) >= 2:
             falls = int((np.diff(j.to_numpy()) < 0).sum())
-            lines.append(f"- {init}: mean J_clust {j.iloc[0]:.3f} at k = {j.index[0]} → {j.iloc[-1]:.3f} "
-                         f"at k = {j.index[-1]}; it falls at {falls} of {len(j) - 1} steps in k.")
-    lines += ["", "**Elbow estimate.** The k whose point on the mean-J-vs-k curve lies farthest from the "
-              "chord joining the curve's end points, both axes scaled to [0, 1] (the kneedle "
-              "construction): " + "; ".join(f"{i}: k = {knees[i] if knees[i] is not None else 'none'}"
-                                             for i in summary_inits(summary))
-              + " (★ in the J figure). It is a heuristic: it moves with the range of k tried, and a "
-              "smooth curve has only a weak elbow.", "", "**Held-out accuracy.**", ""]
+            lines.append(
+                f"- {init}: mean J_clust {j.iloc[0]:.3f} at k = {j.index[0]} → {j.iloc[-1]:.3f} "
+                f"at k = {j.index[-1]}; it falls at {falls} of {len(j) - 1} steps in k."
+            )
+    lines += [
+        "",
+        "**Elbow estimate.** The k whose point on the mean-J-vs-k curve lies farthest from the "
+        "chord joining the curve's end points, both axes scaled to [0, 1] (the kneedle "
+        "construction): "
+        + "; ".join(
+            f"{i}: k = {knees[i] if knees[i] is not None else 'none'}"
+            for i in summary_inits(summary)
+        )
+        + " (★ in the J figure). It is a heuristic: it moves with the range of k tried, and a "
+        "smooth curve has only a weak elbow.",
+        "",
+        "**Held-out accuracy.**",
+        "",
+    ]
     if not np.isfinite(summary.test_accuracy_mean).any():
         lines += ["No held-out test set in this store: training accuracy (optimistic) instead.", ""]
     for init in summary_inits(summary):
@@ -397,47 +522,77 @@ def _choosing_k_section(summary, knees) -> list[str]:
         best = m.idxmax()
         se = sd[best] / math.sqrt(n[best]) if np.isfinite(sd[best]) else 0.0
         small = int(m[m >= m[best] - se].index.min())
-        lines.append(f"- {init}: {col.replace('_', ' ')} {m.iloc[0]:.3f} at k = {m.index[0]} → "
-                     f"{m.iloc[-1]:.3f} at k = {m.index[-1]}; best {m[best]:.3f} at k = {best}; the "
-                     f"smallest k within one standard error of the best is k = {small}.")
-    lines += ["", "Majority labelling gets finer as k grows, so accuracy also tends to favour large k; "
-              "the gain per added cluster (and the train–test gap) is what to weigh against the cost "
-              "of more clusters.", ""]
+        lines.append(
+            f"- {init}: {col.replace('_', ' ')} {m.iloc[0]:.3f} at k = {m.index[0]} → "
+            f"{m.iloc[-1]:.3f} at k = {m.index[-1]}; best {m[best]:.3f} at k = {best}; the "
+            f"smallest k within one standard error of the best is k = {small}."
+        )
+    lines += [
+        "",
+        "Majority labelling gets finer as k grows, so accuracy also tends to favour large k; "
+        "the gain per added cluster (and the train–test gap) is what to weigh against the cost "
+        "of more clusters.",
+        "",
+    ]
     return lines
 
 
 def _markdown(ds, vals, summary, comps, knees, counts, reps, figs, chosen: bool) -> str:
     name = ds.attrs.get("dataset") or attr_json(ds, "config").get("dataset", "?")
     lines = [f"# k-means sweep report: {name}", ""] + _run_section(ds, vals, counts)
-    lines += ["## Results per k and initialisation", "",
-              "Mean ± sample standard deviation (ddof = 1) over the done seeds of each cell. J_clust is "
-              "the mean squared distance of an image to its centroid, mean distance the mean Euclidean "
-              "distance (pixels scaled to [0, 1]); relocations are empty clusters re-seeded per run, "
-              "Σ over all done seeds; test accuracy labels each cluster by the majority class of its "
-              "training members. In the figures the line is the mean, the band ±1 s.d., dots are seeds.",
-              "", markdown_table(display_table(summary)), ""]
-    for key, alt in (("jclust", "J_clust vs k"), ("mean_distance", "mean distance vs k"),
-                     ("accuracy", "accuracy vs k"), ("n_iter", "iterations vs k"),
-                     ("n_relocated", "relocations vs k")):
+    lines += [
+        "## Results per k and initialisation",
+        "",
+        "Mean ± sample standard deviation (ddof = 1) over the done seeds of each cell. J_clust is "
+        "the mean squared distance of an image to its centroid, mean distance the mean Euclidean "
+        "distance (pixels scaled to [0, 1]); relocations are empty clusters re-seeded per run, "
+        "Σ over all done seeds; test accuracy labels each cluster by the majority class of its "
+        "training members. In the figures the line is the mean, the band ±1 s.d., dots are seeds.",
+        "",
+        markdown_table(display_table(summary)),
+        "",
+    ]
+    for key, alt in (
+        ("jclust", "J_clust vs k"),
+        ("mean_distance", "mean distance vs k"),
+        ("accuracy", "accuracy vs k"),
+        ("n_iter", "iterations vs k"),
+        ("n_relocated", "relocations vs k"),
+    ):
         lines += [f"![{alt}]({figs[key]})", ""]
     lines += _comparison_section(summary, comps)
     if "comparison" in figs:
         lines += [f"![paired init comparison]({figs['comparison']})", ""]
     lines += _choosing_k_section(summary, knees)
-    lines += ["## Cluster representatives", "",
-              "Centroids drawn as 28 × 28 images (gray, 0 = black, 1 = white), titled with the majority "
-              "class of the cluster's training members and their number; clusters sorted by label. "
-              + ("Cell chosen on the command line." if chosen else
-                 "Per init: the largest k with a done cell and, among its done seeds, the one with the "
-                 "median J_clust (lower median for an even count)."), ""]
+    lines += [
+        "## Cluster representatives",
+        "",
+        "Centroids drawn as 28 × 28 images (gray, 0 = black, 1 = white), titled with the majority "
+        "class of the cluster's training members and their number; clusters sorted by label. "
+        + (
+            "Cell chosen on the command line."
+            if chosen
+            else "Per init: the largest k with a done cell and, among its done seeds, the one with the "
+            "median J_clust (lower median for an even count)."
+        ),
+        "",
+    ]
     for init, (k, seed) in reps.items():
-        lines += [f"- {init}: k = {k}, seed = {seed}", "",
-                  f"![representatives {init}]({figs['rep:' + init]})", ""]
+        lines += [
+            f"- {init}: k = {k}, seed = {seed}",
+            "",
+            f"![representatives {init}]({figs['rep:' + init]})",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def write_report(results: xr.Dataset | str | Path, out_dir: Path, *,
-                 representative: tuple[int, str, int] | None = None) -> Path:
+def write_report(
+    results: xr.Dataset | str | Path,
+    out_dir: Path,
+    *,
+    representative: tuple[int, str, int] | None = None,
+) -> Path:
     """Write the figures and REPORT.md for a results store into out_dir; return REPORT.md."""
     from kmclust.report import figures as plot  # lazy: summary_table users need no matplotlib
 
@@ -451,7 +606,9 @@ def write_report(results: xr.Dataset | str | Path, out_dir: Path, *,
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the report folder {out_dir}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"cannot create the report folder {out_dir}: {exc.strerror or exc}"
+        ) from None
     comps = {(inits[0], other): compare_inits(vals, inits[0], other) for other in inits[1:]}
     knees = {}
     for init in inits:
@@ -459,7 +616,9 @@ def write_report(results: xr.Dataset | str | Path, out_dir: Path, *,
         knees[init] = elbow(sub.index, sub.jclust_mean)
     figs = plot.report_figures(ds, vals, summary, comps, knees, reps, out_dir)
     path = out_dir / "REPORT.md"
-    md = _markdown(ds, vals, summary, comps, knees, counts, reps, figs, chosen=representative is not None)
+    md = _markdown(
+        ds, vals, summary, comps, knees, counts, reps, figs, chosen=representative is not None
+    )
     path.write_text(md, encoding="utf-8")
     log.info("wrote %s", path)
     return path

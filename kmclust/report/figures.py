@@ -22,7 +22,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kmclust.report.document import COMPARED, attr_json, class_names, init_names, slug, summary_inits
+from kmclust.report.document import (
+    COMPARED,
+    attr_json,
+    class_names,
+    init_names,
+    slug,
+    summary_inits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,17 @@ def _k_axis(ax) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def metric_vs_k(summary: pd.DataFrame, per_seed: np.ndarray, metric: str, *, ylabel: str,
-                title: str, path: Path, knees: Mapping[str, int | None] | None = None,
-                hline: tuple[float, str] | None = None) -> Path:
+def metric_vs_k(
+    summary: pd.DataFrame,
+    per_seed: np.ndarray,
+    metric: str,
+    *,
+    ylabel: str,
+    title: str,
+    path: Path,
+    knees: Mapping[str, int | None] | None = None,
+    hline: tuple[float, str] | None = None,
+) -> Path:
     """Mean over done seeds per init (line), ±1 s.d. band, each seed as a dot.
 
     per_seed: array (k, init, seed) in the order of the summary's k and inits, NaN
@@ -72,24 +87,50 @@ def metric_vs_k(summary: pd.DataFrame, per_seed: np.ndarray, metric: str, *, yla
         st = _style(i)
         (line,) = ax.plot(ks, m, label=init, ms=5, **st)
         handles.append(line)
-        ax.fill_between(ks, np.maximum(m - s, floor), m + s, color=st["color"], alpha=0.18, linewidth=0)
+        ax.fill_between(
+            ks, np.maximum(m - s, floor), m + s, color=st["color"], alpha=0.18, linewidth=0
+        )
         dots = per_seed[:, i, :]
         xs = np.broadcast_to((ks + 0.12 * (i - (len(inits) - 1) / 2))[:, None], dots.shape)
         ax.scatter(xs, dots, s=7, color=st["color"], alpha=0.45, linewidths=0)
         knee = (knees or {}).get(init)
         if knee is not None:
-            ax.plot([knee], [m.loc[knee]], marker="*", ms=15, color=st["color"], mec="black", ls="",
-                    zorder=5)
+            ax.plot(
+                [knee],
+                [m.loc[knee]],
+                marker="*",
+                ms=15,
+                color=st["color"],
+                mec="black",
+                ls="",
+                zorder=5,
+            )
     if hline is not None:
         ax.axhline(hline[0], color="gray", ls=":", lw=1)
         handles.append(Line2D([], [], color="gray", ls=":", label=hline[1]))
     handles.append(Patch(color="gray", alpha=0.25, label=BAND))
     handles.append(Line2D([], [], color="gray", marker="o", ls="", ms=3, label="single seed"))
     if knees and any(v is not None for v in knees.values()):
-        handles.append(Line2D([], [], color="gray", marker="*", mec="black", ls="", ms=10,
-                              label="elbow (max. distance to chord)"))
-    ax.legend(handles=handles, title="init (line: mean over seeds)", fontsize=8, title_fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="gray",
+                marker="*",
+                mec="black",
+                ls="",
+                ms=10,
+                label="elbow (max. distance to chord)",
+            )
+        )
+    ax.legend(
+        handles=handles,
+        title="init (line: mean over seeds)",
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     _k_axis(ax)
@@ -108,17 +149,29 @@ def accuracy_vs_k(summary: pd.DataFrame, *, title: str, path: Path) -> Path:
             m, s = sub.test_accuracy_mean, sub.test_accuracy_std
             ax.plot(ks, m, label=f"{init}: test (held out)", ms=5, **st)
             ax.fill_between(ks, m - s, m + s, color=st["color"], alpha=0.18, linewidth=0)
-        ax.plot(ks, sub.train_accuracy_mean, ls="--", label=f"{init}: train", ms=4, mfc="white", **st)
+        ax.plot(
+            ks, sub.train_accuracy_mean, ls="--", label=f"{init}: train", ms=4, mfc="white", **st
+        )
     ax.set_ylabel("majority-label accuracy (fraction correct)")
     ax.set_title(title + ("\n(no test set in this store: train only)" if no_test else ""))
-    ax.legend(fontsize=8, title=None if no_test else f"band: {BAND} (test)", title_fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(
+        fontsize=8,
+        title=None if no_test else f"band: {BAND} (test)",
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     _k_axis(ax)
     return _save(fig, path)
 
 
-def init_comparison(comps: Mapping[str, Mapping[str, pd.DataFrame]],
-                    panels: Sequence[tuple[str, str]], *, title: str, path: Path) -> Path:
+def init_comparison(
+    comps: Mapping[str, Mapping[str, pd.DataFrame]],
+    panels: Sequence[tuple[str, str]],
+    *,
+    title: str,
+    path: Path,
+) -> Path:
     """Paired differences per k with 95% t-intervals, one panel per metric.
 
     comps: pair label ("random − data") → metric → DataFrame (index k; mean,
@@ -138,25 +191,53 @@ def init_comparison(comps: Mapping[str, Mapping[str, pd.DataFrame]],
             err = np.vstack([d["mean"] - d.ci_low, d.ci_high - d["mean"]])
             any_ci |= bool(np.isfinite(err).any())
             st = _style(i + 1)
-            ax.errorbar(ks, d["mean"], yerr=np.nan_to_num(err, nan=0.0), fmt=st["marker"],
-                        color=st["color"], capsize=3, ms=5, label=label)
+            ax.errorbar(
+                ks,
+                d["mean"],
+                yerr=np.nan_to_num(err, nan=0.0),
+                fmt=st["marker"],
+                color=st["color"],
+                capsize=3,
+                ms=5,
+                label=label,
+            )
         ax.axhline(0.0, color="black", lw=0.8, ls="--")
         ax.set_ylabel(ylabel)
         _k_axis(ax)
         if not any(np.isfinite(c[metric]["mean"]).any() for c in comps.values()):
             ax.set_yticks([])
-            ax.text(0.5, 0.6, "no data\n(e.g. no test set)", ha="center", va="center",
-                    transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "gray"})
+            ax.text(
+                0.5,
+                0.6,
+                "no data\n(e.g. no test set)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                bbox={"facecolor": "white", "edgecolor": "gray"},
+            )
         elif not any_ci:
-            ax.text(0.02, 0.97, "one seed per cell: no interval", va="top", fontsize=8,
-                    transform=ax.transAxes)
+            ax.text(
+                0.02,
+                0.97,
+                "one seed per cell: no interval",
+                va="top",
+                fontsize=8,
+                transform=ax.transAxes,
+            )
     axes[0].legend(fontsize=8, title="difference (same seed)", title_fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 
 
-def representatives(images: np.ndarray, sizes: np.ndarray, names: Sequence[str],
-                    empty: np.ndarray, *, title: str, path: Path) -> Path:
+def representatives(
+    images: np.ndarray,
+    sizes: np.ndarray,
+    names: Sequence[str],
+    empty: np.ndarray,
+    *,
+    title: str,
+    path: Path,
+) -> Path:
     """A grid of 28×28 centroid images (gray, [0, 1]) titled with label name and size.
 
     images (k, h, w); sizes (k,) training images per cluster; names (k,) the
@@ -191,16 +272,24 @@ def representatives(images: np.ndarray, sizes: np.ndarray, names: Sequence[str],
 # ----------------------------------------------------------------------------- the report's figures
 def _cell(ds: xr.Dataset, k: int, init: str, seed: int) -> xr.Dataset:
     """The per-cluster variables of one cell, clusters 0…k−1 only, loaded."""
-    sel = {"k": int(np.flatnonzero(ds.k.values == k)[0]), "init": init_names(ds).index(init),
-           "seed": int(np.flatnonzero(ds.seed.values == seed)[0])}
+    sel = {
+        "k": int(np.flatnonzero(ds.k.values == k)[0]),
+        "init": init_names(ds).index(init),
+        "seed": int(np.flatnonzero(ds.seed.values == seed)[0]),
+    }
     names = ["centroids", "cluster_size", "cluster_label"]
     return ds[names].isel(sel).isel(cluster=slice(0, k)).load()
 
 
-def report_figures(ds: xr.Dataset, vals: xr.Dataset, summary: pd.DataFrame,
-                   comps: Mapping[tuple[str, str], Mapping[str, pd.DataFrame]],
-                   knees: Mapping[str, int | None], reps: Mapping[str, tuple[int, int]],
-                   out: Path) -> dict[str, str]:
+def report_figures(
+    ds: xr.Dataset,
+    vals: xr.Dataset,
+    summary: pd.DataFrame,
+    comps: Mapping[tuple[str, str], Mapping[str, pd.DataFrame]],
+    knees: Mapping[str, int | None],
+    reps: Mapping[str, tuple[int, int]],
+    out: Path,
+) -> dict[str, str]:
     """Draw every figure of the report into out; return figure key → file name.
 
     vals: metric_values (NaN where not done); summary: summary_table; comps:
@@ -213,43 +302,81 @@ def report_figures(ds: xr.Dataset, vals: xr.Dataset, summary: pd.DataFrame,
     max_iter = float(attr_json(ds, "config").get("max_iter", np.nan))
     capped = {"hline": (max_iter, "max_iter")} if np.nanmax(vals.n_iter.values) >= max_iter else {}
     for m, file, ylabel, title, extra in (
-        ("jclust", "jclust", "J_clust = mean ‖x − z‖² (pixel intensity², pixels in [0, 1])",
-         "Clustering objective J_clust vs k", {"knees": knees}),
-        ("mean_distance", "mean_distance", "mean ‖x − z‖ (pixel intensity, pixels in [0, 1])",
-         "Mean distance to the assigned centroid vs k", {}),
-        ("n_iter", "iterations", "Lloyd iterations run (count)", "Iterations until convergence vs k",
-         capped),
-        ("n_relocated", "relocations", "empty-cluster relocations per run (count)",
-         "Empty clusters re-seeded during a run vs k", {}),
+        (
+            "jclust",
+            "jclust",
+            "J_clust = mean ‖x − z‖² (pixel intensity², pixels in [0, 1])",
+            "Clustering objective J_clust vs k",
+            {"knees": knees},
+        ),
+        (
+            "mean_distance",
+            "mean_distance",
+            "mean ‖x − z‖ (pixel intensity, pixels in [0, 1])",
+            "Mean distance to the assigned centroid vs k",
+            {},
+        ),
+        (
+            "n_iter",
+            "iterations",
+            "Lloyd iterations run (count)",
+            "Iterations until convergence vs k",
+            capped,
+        ),
+        (
+            "n_relocated",
+            "relocations",
+            "empty-cluster relocations per run (count)",
+            "Empty clusters re-seeded during a run vs k",
+            {},
+        ),
     ):
         figs[m] = f"{file}_vs_k.png"
-        metric_vs_k(summary, vals[m].values, m, ylabel=ylabel, path=out / figs[m],
-                    title=f"{title} — {name}, {n} seed(s)", **extra)
+        metric_vs_k(
+            summary,
+            vals[m].values,
+            m,
+            ylabel=ylabel,
+            path=out / figs[m],
+            title=f"{title} — {name}, {n} seed(s)",
+            **extra,
+        )
     figs["accuracy"] = "accuracy_vs_k.png"
-    accuracy_vs_k(summary, title=f"Majority-label accuracy vs k — {name}", path=out / figs["accuracy"])
+    accuracy_vs_k(
+        summary, title=f"Majority-label accuracy vs k — {name}", path=out / figs["accuracy"]
+    )
     if comps:
         figs["comparison"] = "init_comparison.png"
         panels = [(m, f"Δ {label} ({unit})") for m, label, unit, *_ in COMPARED]
-        init_comparison({f"{a} − {b}": c for (a, b), c in comps.items()}, panels,
-                        path=out / figs["comparison"],
-                        title="Paired differences between inits for the same seed: mean and 95% "
-                              f"t-interval — {name}\n(above 0: the first init has the larger value)")
+        init_comparison(
+            {f"{a} − {b}": c for (a, b), c in comps.items()},
+            panels,
+            path=out / figs["comparison"],
+            title="Paired differences between inits for the same seed: mean and 95% "
+            f"t-interval — {name}\n(above 0: the first init has the larger value)",
+        )
     classes = class_names(ds)
     for init, (k, seed) in reps.items():
         cell = _cell(ds, k, init, seed)
         size, label = cell.cluster_size.values, cell.cluster_label.values
         empty = ~(size > 0) | (label < 0)
-        names = [classes[int(v)] if 0 <= v < len(classes) else str(int(v))
-                 for v in np.nan_to_num(label, nan=-1)]
+        names = [
+            classes[int(v)] if 0 <= v < len(classes) else str(int(v))
+            for v in np.nan_to_num(label, nan=-1)
+        ]
         order = np.lexsort((-np.nan_to_num(size), np.where(empty, np.inf, label)))
         j = vals.jclust.sel(k=k, init=init, seed=seed).item()
         acc = vals.test_accuracy.sel(k=k, init=init, seed=seed).item()
         acc_text = f"test accuracy = {acc:.3f}" if np.isfinite(acc) else "no test set"
         figs[f"rep:{init}"] = f"representatives_{slug(init)}.png"
         representatives(
-            cell.centroids.transpose("cluster", "y", "x").values[order], size[order],
-            [names[i] for i in order], empty[order], path=out / figs[f"rep:{init}"],
+            cell.centroids.transpose("cluster", "y", "x").values[order],
+            size[order],
+            [names[i] for i in order],
+            empty[order],
+            path=out / figs[f"rep:{init}"],
             title=f"Cluster centroids — {name}, k = {k}, init = {init}, seed = {seed}\n"
-                  f"J_clust = {j:.3f}, {acc_text}; title: majority label, "
-                  "n = training images in the cluster")
+            f"J_clust = {j:.3f}, {acc_text}; title: majority label, "
+            "n = training images in the cluster",
+        )
     return figs

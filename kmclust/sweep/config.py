@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kmclust.errors import ConfigError
 from kmclust.lloyd.init import INITS  # numpy only
+
 #: seeds are int64 coordinates of the results store
 MAX_SEED = 2**63 - 1
 #: iteration counts and sizes are stored as int32
@@ -46,7 +47,9 @@ def number(name: str, value: float, lo: float = 0.0, *, above: bool = False) -> 
     """``value`` if finite and ≥ lo (> lo with ``above``), else ConfigError naming the option."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < lo or (above and value == lo):
-        raise ConfigError(f"{name} {value!r}: expected a finite number {'>' if above else '≥'} {lo:g}")
+        raise ConfigError(
+            f"{name} {value!r}: expected a finite number {'>' if above else '≥'} {lo:g}"
+        )
     return float(value)
 
 
@@ -63,7 +66,9 @@ def parse_ks(text: str) -> tuple[int, ...]:
         else:
             ks = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise ConfigError(f"--k {text!r}: expected a range like 5:20 or a list like 5,10,20") from None
+        raise ConfigError(
+            f"--k {text!r}: expected a range like 5:20 or a list like 5,10,20"
+        ) from None
     return tuple(sorted(check_ks(ks, text)))
 
 
@@ -89,8 +94,10 @@ def check_inits(inits: tuple[str, ...], text: str | None = None) -> tuple[str, .
     text = text if text is not None else ",".join(inits)
     bad = [i for i in inits if i not in INITS]
     if bad or not inits:
-        raise ConfigError(f"--init: unknown initialisation {', '.join(map(str, bad)) or repr(text)}; "
-                          f"choose from {', '.join(INITS)}")
+        raise ConfigError(
+            f"--init: unknown initialisation {', '.join(map(str, bad)) or repr(text)}; "
+            f"choose from {', '.join(INITS)}"
+        )
     if len(set(inits)) != len(inits):
         raise ConfigError(f"--init {text}: repeated values")
     return inits
@@ -107,15 +114,16 @@ def parse_seeds(text: str) -> tuple[int, ...]:
                 raise ConfigError(f"--seeds {text}: at most {MAX_AXIS:,} seeds")
             seeds = tuple(range(count))
     except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected a count like 10 or a list like 0,1,2") from None
+        raise ConfigError(
+            f"--seeds {text!r}: expected a count like 10 or a list like 0,1,2"
+        ) from None
     return check_seeds(seeds, text)
 
 
 def check_seeds(seeds: tuple[int, ...], text: str | None = None) -> tuple[int, ...]:
     """At least one seed; distinct whole numbers from 0 to 2**63 - 1."""
     text = text if text is not None else ",".join(map(str, seeds))
-    if not seeds or any(not _whole(s) or s < 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
+    if not seeds or any(not _whole(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: need at least one distinct non-negative seed")
     if max(seeds) > MAX_SEED:
         raise ConfigError(f"--seeds {text}: a seed must be at most {MAX_SEED}")
@@ -154,8 +162,13 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_out(out: str | Path, *, inputs: tuple[str | Path, ...] = (), replace: bool = False,
-              resume: bool = False) -> Path:
+def check_out(
+    out: str | Path,
+    *,
+    inputs: tuple[str | Path, ...] = (),
+    replace: bool = False,
+    resume: bool = False,
+) -> Path:
     """The results store path ``out``, refused unless it is safe to create, resume or replace.
 
     Creating needs a place where a directory can be made; resuming or
@@ -168,22 +181,29 @@ def check_out(out: str | Path, *, inputs: tuple[str | Path, ...] = (), replace: 
     real = path.resolve()
     cwd = Path.cwd().resolve()
     if _within(cwd, real):
-        raise ConfigError(f"--out {out} is the working directory or one of its parents; "
-                          "refusing to use it as a results store")
+        raise ConfigError(
+            f"--out {out} is the working directory or one of its parents; "
+            "refusing to use it as a results store"
+        )
     for given in inputs:
         other = Path(given).expanduser().resolve()
         if _within(real, other) or _within(other, real):
-            raise ConfigError(f"--out {out} is the input data store {given} or overlaps it; "
-                              "choose another --out")
+            raise ConfigError(
+                f"--out {out} is the input data store {given} or overlaps it; choose another --out"
+            )
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file, not a results store")
     if path.exists():
         if not is_results_store(path):
-            raise ConfigError(f"--out {out} exists and is not a kmclust results store; "
-                              "refusing to replace or resume it (choose another --out)")
+            raise ConfigError(
+                f"--out {out} exists and is not a kmclust results store; "
+                "refusing to replace or resume it (choose another --out)"
+            )
         if not (replace or resume):
-            raise ConfigError(f"results store {out} exists: use --resume to complete it "
-                              "or --overwrite to start again")
+            raise ConfigError(
+                f"results store {out} exists: use --resume to complete it "
+                "or --overwrite to start again"
+            )
     _check_writable(path, str(out))
     return path
 
@@ -198,4 +218,6 @@ def _check_writable(path: Path, given: str) -> None:
     try:  # a real probe: permission bits do not tell root about read-only file systems
         os.rmdir(tempfile.mkdtemp(prefix=".kmclust-probe-", dir=parent))
     except OSError as exc:
-        raise ConfigError(f"--out {given}: cannot write in {parent} ({exc.strerror or exc})") from None
+        raise ConfigError(
+            f"--out {given}: cannot write in {parent} ({exc.strerror or exc})"
+        ) from None

@@ -25,7 +25,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,11 @@ import sklearn
 import xarray as xr
 
 from kmclust.data import stores as datasets
-from kmclust.lloyd import engine
-from kmclust.sweep import metrics
 from kmclust.errors import ConfigError, DataError, KmclustError, SchedulerError
+from kmclust.lloyd import engine
 from kmclust.lloyd.init import INITS, init_centroids
+from kmclust.sweep import metrics
 from kmclust.sweep.config import (  # parse_* re-exported for the entry points
-    MAX_INT32,
     MAX_SEED,
     RESULTS_MARK,
     check_inits,
@@ -47,9 +46,6 @@ from kmclust.sweep.config import (  # parse_* re-exported for the entry points
     check_seeds,
     integer,
     number,
-    parse_inits,
-    parse_ks,
-    parse_seeds,
 )
 
 log = logging.getLogger(__name__)
@@ -107,7 +103,9 @@ class DataSplit:
     y_test: np.ndarray
     fingerprint: str
     class_names: list[str]
-    graphs: Callable[[str], tuple[object, object]] | None = None  # name → unpersisted (train, test) graphs
+    graphs: Callable[[str], tuple[object, object]] | None = (
+        None  # name → unpersisted (train, test) graphs
+    )
 
     def load(self) -> None:
         """Persist the images on the workers (training rows as float32: integer-valued, exact sums).
@@ -119,8 +117,12 @@ class DataSplit:
         """
         fresh = uuid.uuid4().hex
         x_train, x_test = self.graphs(f"kmclust-rows-{fresh}")
-        self.x_train = engine.persist_balanced(x_train.map_blocks(np.asarray, name=f"kmclust-train-{fresh}"))
-        self.x_test = engine.persist_balanced(x_test.map_blocks(np.asarray, name=f"kmclust-test-{fresh}"))
+        self.x_train = engine.persist_balanced(
+            x_train.map_blocks(np.asarray, name=f"kmclust-train-{fresh}")
+        )
+        self.x_test = engine.persist_balanced(
+            x_test.map_blocks(np.asarray, name=f"kmclust-test-{fresh}")
+        )
 
 
 @dataclass
@@ -157,7 +159,9 @@ def resolve_store(dataset: str) -> Path:
     store = datasets.default_store_path(dataset)
     if not store.exists():
         if dataset not in ("mnist-subset", "fashion-mnist"):
-            raise DataError(f"{dataset} is not staged yet: run python data/stage.py {dataset} --from DIR first")
+            raise DataError(
+                f"{dataset} is not staged yet: run python data/stage.py {dataset} --from DIR first"
+            )
         log.info("staging %s into %s", dataset, store)
         datasets.stage(dataset, store)
     return store
@@ -176,7 +180,9 @@ def split_data(config: SweepConfig) -> DataSplit:
     if config.train_per_class is None:
         train = np.flatnonzero(is_train)
         if train.size == 0:
-            raise DataError(f"{store} has no images marked train; use --train-per-class N instead of --train all")
+            raise DataError(
+                f"{store} has no images marked train; use --train-per-class N instead of --train all"
+            )
     else:
         rng = np.random.default_rng(config.data_seed)
         picks = []
@@ -200,7 +206,9 @@ def split_data(config: SweepConfig) -> DataSplit:
         flat = datasets.image_rows(store, name)
 
         def take(idx: np.ndarray, part: str):
-            return engine.take_rows(flat, idx, f"{name}-{part}").rechunk((max(1, min(rows, max(1, idx.size))), -1))
+            return engine.take_rows(flat, idx, f"{name}-{part}").rechunk(
+                (max(1, min(rows, max(1, idx.size))), -1)
+            )
 
         return take(train, "train"), take(test, "test")
 
@@ -277,12 +285,18 @@ def template(config: SweepConfig, data: DataSplit) -> xr.Dataset:
         "n_train": int(data.y_train.size),
         "n_test": int(data.y_test.size),
         "versions": json.dumps(_versions()),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "finished": "",
     }
-    ds["jclust"].attrs = {"long_name": "J_clust: mean squared distance to the assigned centroid (pixels in [0,1])"}
-    ds["mean_distance"].attrs = {"long_name": "mean distance to the assigned centroid (the original study's J_clust)"}
-    ds["seconds"].attrs = {"long_name": "wall seconds from the start of the cell's batch until the cell was done"}
+    ds["jclust"].attrs = {
+        "long_name": "J_clust: mean squared distance to the assigned centroid (pixels in [0,1])"
+    }
+    ds["mean_distance"].attrs = {
+        "long_name": "mean distance to the assigned centroid (the original study's J_clust)"
+    }
+    ds["seconds"].attrs = {
+        "long_name": "wall seconds from the start of the cell's batch until the cell was done"
+    }
     return ds
 
 
@@ -319,7 +333,9 @@ def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: boo
     if not out.exists():
         create_store(out, template(config, data))
     elif not resume:
-        raise ConfigError(f"results store {out} exists: use --resume to complete it or --overwrite to start again")
+        raise ConfigError(
+            f"results store {out} exists: use --resume to complete it or --overwrite to start again"
+        )
     try:
         ds = xr.open_zarr(out)
     except Exception as exc:  # zarr/xarray raise many types for a broken store
@@ -333,7 +349,9 @@ def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: boo
             "use another --out or --overwrite"
         )
     if ds.attrs.get("fingerprint") != data.fingerprint:
-        raise ConfigError(f"results store {out} was made from different data (fingerprint differs); use another --out")
+        raise ConfigError(
+            f"results store {out} was made from different data (fingerprint differs); use another --out"
+        )
     return ds
 
 
@@ -377,7 +395,7 @@ def finish_store(out: Path) -> None:
 
     with _quiet():
         group = zarr.open_group(str(out), mode="r+")
-        group.attrs["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        group.attrs["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         zarr.consolidate_metadata(str(out))
 
 
@@ -389,16 +407,39 @@ def _strings(var: xr.DataArray) -> np.ndarray:
     return np.asarray(var.values).astype(object)
 
 
-def _fill_cell(slab: xr.Dataset, ii: int, si: int, res: engine.RunResult, data: DataSplit,
-               test: tuple[np.ndarray, float, float] | None, seconds: float) -> None:
+def _fill_cell(
+    slab: xr.Dataset,
+    ii: int,
+    si: int,
+    res: engine.RunResult,
+    data: DataSplit,
+    test: tuple[np.ndarray, float, float] | None,
+    seconds: float,
+) -> None:
     """Put one finished run into the slab (k index 0)."""
     k = res.centroids.shape[0]
     with sklearn.config_context(skip_parameter_validation=True):  # ~5 ms per call otherwise
-        ev = metrics.evaluate(res.labels, data.y_train, test[0] if test else np.empty(0, int),
-                              data.y_test if test else data.y_test[:0], k, len(data.class_names))
-    values = {name: ev[name] for name in ("train_accuracy", "test_accuracy", "nmi", "ari", "acc", "purity")}
-    values |= {"jclust": res.jclust, "mean_distance": res.mean_distance, "n_iter": res.n_iter,
-               "converged": res.converged, "n_relocated": res.n_relocated, "seconds": seconds, "status": "done"}
+        ev = metrics.evaluate(
+            res.labels,
+            data.y_train,
+            test[0] if test else np.empty(0, int),
+            data.y_test if test else data.y_test[:0],
+            k,
+            len(data.class_names),
+        )
+    values = {
+        name: ev[name]
+        for name in ("train_accuracy", "test_accuracy", "nmi", "ari", "acc", "purity")
+    }
+    values |= {
+        "jclust": res.jclust,
+        "mean_distance": res.mean_distance,
+        "n_iter": res.n_iter,
+        "converged": res.converged,
+        "n_relocated": res.n_relocated,
+        "seconds": seconds,
+        "status": "done",
+    }
     for name, value in values.items():  # plain numpy writes: xarray's indexing costs ~1 ms per call
         slab[name].values[0, ii, si] = value
     slab["cluster_size"].values[0, ii, si, :k] = ev["cluster_size"]
@@ -413,11 +454,22 @@ Cell = tuple[int, int, int]  # (k index, init index, seed index)
 class _Collector:
     """Gathers finished runs per k and writes each k's slab as soon as all its cells are settled."""
 
-    def __init__(self, config: SweepConfig, data: DataSplit, results: xr.Dataset, out: Path, cells: list[Cell],
-                 on_batch: Callable[[int, int, int], None] | None, n_done: int, total: int):
+    def __init__(
+        self,
+        config: SweepConfig,
+        data: DataSplit,
+        results: xr.Dataset,
+        out: Path,
+        cells: list[Cell],
+        on_batch: Callable[[int, int, int], None] | None,
+        n_done: int,
+        total: int,
+    ):
         self.config, self.data, self.out, self.on_batch = config, data, out, on_batch
-        self.slabs = {ki: results.isel(k=slice(ki, ki + 1)).load(scheduler="sync")
-                      for ki in sorted({c[0] for c in cells})}
+        self.slabs = {
+            ki: results.isel(k=slice(ki, ki + 1)).load(scheduler="sync")
+            for ki in sorted({c[0] for c in cells})
+        }
         self.pending = {ki: sum(c[0] == ki for c in cells) for ki in self.slabs}
         self.finished: list[tuple[Cell, engine.RunResult, float]] = []
         self.failed: list[str] = []
@@ -428,8 +480,10 @@ class _Collector:
         at = {"k": 0, "init": ii, "seed": si}
         self.slabs[ki]["status"][at] = "failed"
         self.slabs[ki]["error"][at] = reason
-        self.failed.append(f"k={self.config.ks[ki]} init={self.config.inits[ii]} "
-                           f"seed={self.config.seeds[si]}: {reason}")
+        self.failed.append(
+            f"k={self.config.ks[ki]} init={self.config.inits[ii]} "
+            f"seed={self.config.seeds[si]}: {reason}"
+        )
         self.pending[ki] -= 1
 
     def finish(self, cell: Cell, res: engine.RunResult, seconds: float) -> None:
@@ -446,12 +500,18 @@ class _Collector:
         Lloyd pass; ``force`` evaluates whatever has finished.
         """
         waiting = {cell[0] for cell, _, _ in self.finished}
-        completes = any(sum(c[0] == ki for c, _, _ in self.finished) == self.pending[ki] for ki in waiting)
+        completes = any(
+            sum(c[0] == ki for c, _, _ in self.finished) == self.pending[ki] for ki in waiting
+        )
         if self.finished and (force or completes):
             batch = self.finished
-            tests = engine.predict(self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE,
-                                   errors=False) \
-                if self.data.y_test.size else [None] * len(batch)
+            tests = (
+                engine.predict(
+                    self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE, errors=False
+                )
+                if self.data.y_test.size
+                else [None] * len(batch)
+            )
             self.finished = []  # only now: if the held-out pass fails, the runs are retried
             for (cell, res, seconds), test in zip(batch, tests):
                 _fill_cell(self.slabs[cell[0]], cell[1], cell[2], res, self.data, test, seconds)
@@ -465,8 +525,15 @@ class _Collector:
                 self.on_batch(self.n_done, self.total, self.config.ks[ki])
 
 
-def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: dict[Cell, np.ndarray],
-               sink: _Collector, n_groups: int, tries: int = 2) -> None:
+def _run_cells(
+    config: SweepConfig,
+    data: DataSplit,
+    cells: list[Cell],
+    inits: dict[Cell, np.ndarray],
+    sink: _Collector,
+    n_groups: int,
+    tries: int = 2,
+) -> None:
     """Run ``cells`` as one engine batch; if the batch itself fails, split it until the culprit is isolated.
 
     A single cell gets ``tries`` attempts: a worker that died for another
@@ -480,11 +547,23 @@ def _run_cells(config: SweepConfig, data: DataSplit, cells: list[Cell], inits: d
         sink.finish(cells[i], res, time.perf_counter() - t0)
 
     try:
-        engine.lloyd(data.x_train, [inits[c] for c in cells], tol=config.tol, max_iter=config.max_iter,
-                     scale=SCALE, return_labels=True, persist=False, n_groups=n_groups, integer=True,
-                     on_done=done, progress=lambda *_: sink.flush())
+        engine.lloyd(
+            data.x_train,
+            [inits[c] for c in cells],
+            tol=config.tol,
+            max_iter=config.max_iter,
+            scale=SCALE,
+            return_labels=True,
+            persist=False,
+            n_groups=n_groups,
+            integer=True,
+            on_done=done,
+            progress=lambda *_: sink.flush(),
+        )
         sink.flush(force=True)
-    except Exception as exc:  # a lost worker, an impossible task: isolate the failing cells, keep the rest
+    except (
+        Exception
+    ) as exc:  # a lost worker, an impossible task: isolate the failing cells, keep the rest
         fatal = _fatal(exc, data)
         if fatal is not None:
             raise fatal from None
@@ -519,7 +598,9 @@ def _corrupt(text: str, store: Path) -> DataError | None:
     """A checksum failure means a damaged store: no retry helps, restaging does."""
     if "checksum" not in text.lower():
         return None
-    return DataError(f"data store {store} is corrupted ({text}); restage it with data/stage.py --force")
+    return DataError(
+        f"data store {store} is corrupted ({text}); restage it with data/stage.py --force"
+    )
 
 
 def _load_error(exc: Exception, store: Path) -> KmclustError:
@@ -528,8 +609,10 @@ def _load_error(exc: Exception, store: Path) -> KmclustError:
     if (corrupt := _corrupt(text, store)) is not None:
         return corrupt
     if "KilledWorker" in text:
-        return DataError(f"could not load the images of {store}: a worker died while loading them ({text}); "
-                         "is the workers' memory_limit too small for --chunk-rows?")
+        return DataError(
+            f"could not load the images of {store}: a worker died while loading them ({text}); "
+            "is the workers' memory_limit too small for --chunk-rows?"
+        )
     return DataError(f"could not load the images of {store}: {text}")
 
 
@@ -570,8 +653,9 @@ def run_sweep(
     if overwrite and target.exists():  # built beside the old store, swapped in once complete
         out = target.with_name(f".{target.stem}.overwrite-{uuid.uuid4().hex[:8]}.zarr")
     try:
-        outcome = _sweep(config, data, out, resume=resume and out == target, parallel=parallel,
-                         on_batch=on_batch)
+        outcome = _sweep(
+            config, data, out, resume=resume and out == target, parallel=parallel, on_batch=on_batch
+        )
     except BaseException:
         if out != target:
             shutil.rmtree(out, ignore_errors=True)
@@ -595,14 +679,23 @@ def _check_size(config: SweepConfig, data: DataSplit) -> None:
         )
 
 
-def _sweep(config: SweepConfig, data: DataSplit, out: Path, *, resume: bool, parallel: int,
-           on_batch: Callable[[int, int, int], None] | None) -> SweepOutcome:
+def _sweep(
+    config: SweepConfig,
+    data: DataSplit,
+    out: Path,
+    *,
+    resume: bool,
+    parallel: int,
+    on_batch: Callable[[int, int, int], None] | None,
+) -> SweepOutcome:
     """Run the pending cells of the results store ``out`` (created here unless resumed)."""
     t0 = time.perf_counter()
     results = open_results(out, config, data, resume=resume)
     status = _strings(results["status"])
     cells: list[Cell] = [tuple(int(i) for i in c) for c in zip(*np.nonzero(status != "done"))]
-    sink = _Collector(config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size)
+    sink = _Collector(
+        config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size
+    )
     if cells:
         try:
             data.load()
@@ -630,14 +723,18 @@ def _sweep(config: SweepConfig, data: DataSplit, out: Path, *, resume: bool, par
     for ki, ii, si in zip(*np.nonzero(all_status != "done")):
         desc = f"k={config.ks[ki]} init={config.inits[ii]} seed={config.seeds[si]}"
         if not any(f.startswith(desc + ":") for f in failed):
-            why = "failed in an earlier run" if all_status[ki, ii, si] == "failed" else "not computed"
+            why = (
+                "failed in an earlier run" if all_status[ki, ii, si] == "failed" else "not computed"
+            )
             failed.append(f"{desc}: {why}")
     computed = int(np.sum((status != "done") & (all_status != "pending")))
     return SweepOutcome(out, status.size, computed, failed, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
-def scheduler(spec: str, cluster_config: str | Path | None, timeout: float = 10) -> Iterator[object]:
+def scheduler(
+    spec: str, cluster_config: str | Path | None, timeout: float = 10
+) -> Iterator[object]:
     """``threads`` → dask's threaded scheduler (no cluster); anything else → kmclust.cluster.connect."""
     if spec == "threads":
         yield None
