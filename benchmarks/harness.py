@@ -39,7 +39,7 @@ from kmclust import cluster
 from kmclust.data import stores as datasets
 from kmclust.errors import ConfigError, DataError
 from kmclust.lloyd import engine
-from kmclust.lloyd.init import init_centroids
+from kmclust.lloyd.init import cell_seed, init_centroids
 
 log = logging.getLogger(__name__)
 
@@ -474,14 +474,6 @@ def _vs(
     }
 
 
-def _cell_seed(seed: int, k: int, init: str) -> int:
-    return int(
-        np.random.SeedSequence(
-            [seed, k, ("random", "data", "k-means++", "k-means||").index(init)]
-        ).generate_state(1)[0]
-    )
-
-
 # ---------------------------------------------------------------- grid
 
 
@@ -492,7 +484,7 @@ def run_grid(cfg: GridConfig) -> Outcome:
     x_np = np.asarray(x.compute())
     n, d = x_np.shape
     cells = [(k, init, s) for k in cfg.ks for init in cfg.inits for s in cfg.seeds]
-    inits = [init_centroids(x_np, k, init, _cell_seed(s, k, init)) * SCALE for k, init, s in cells]
+    inits = [init_centroids(x_np, k, init, cell_seed(s, k, init)) * SCALE for k, init, s in cells]
     gemm = gemm_roofline()
     flop_per_iter = np.array([2.0 * n * d * k for k, _, _ in cells])
     rows, tools = [], {}

@@ -30,14 +30,13 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from kmclust.errors import KmclustError
 from kmclust.lloyd import engine
-from kmclust.lloyd.init import INITS, data_stats, init_centroids, random_from_stats
+from kmclust.lloyd.init import INITS, REGISTRY, data_stats, init_centroids, random_from_stats
 
 log = logging.getLogger(__name__)
 
 #: dtypes kept as they are; anything else numeric is converted to float64.
 _DTYPES = (np.float64, np.float32, np.uint8)
 #: ``n_init="auto"``: one run for the seedings that spread centroids, ten otherwise.
-_N_INIT_AUTO = {"k-means++": 1, "k-means||": 1, "random": 10, "data": 10}
 #: A dask array up to this size is computed on the driver for validation and
 #: initialisation (exactly as numpy input); a larger one is checked lazily and
 #: initialised from its mean/std (random) or a random sample of this many bytes of rows.
@@ -220,7 +219,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
             except ValueError as e:
                 raise KMeansError(f"init array: {e}") from e
         if isinstance(self.n_init, str) and self.n_init == "auto":
-            n_init = _N_INIT_AUTO[init] if isinstance(init, str) else 1
+            n_init = REGISTRY[init].n_init_auto if isinstance(init, str) else 1
         else:
             n_init = _positive_int("n_init", self.n_init, "or 'auto'")
         if not isinstance(init, str) and n_init != 1:

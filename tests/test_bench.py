@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks import harness as bench
 from kmclust.data import stores as datasets
+from kmclust.lloyd.init import cell_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "jobs" / "bench.py"
@@ -122,7 +123,7 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
     xf = x.astype(np.float32) / np.float32(255)
     total = 0
     for s in cfg.seeds:
-        c = init_centroids(x, 5, "data", bench._cell_seed(s, 5, "data")) / 255
+        c = init_centroids(x, 5, "data", cell_seed(s, 5, "data")) / 255
         total += KMeans(5, init=c.astype(np.float32), n_init=1, tol=0, max_iter=100).fit(xf).n_iter_
     tools = out.figures["tools"]
     km = tools["kmclust[threads]" if prune else "kmclust[threads, no prune]"]

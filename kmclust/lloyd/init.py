@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +26,27 @@ from kmclust.errors import KmclustError
 
 log = logging.getLogger(__name__)
 
-INITS = ("random", "data", "k-means++", "k-means||")
+
+@dataclass(frozen=True)
+class InitMethod:
+    """One initialisation: how it picks rows, its ``n_init="auto"`` and its seed stream.
+
+    ``stream`` is mixed into every cell's seed (:func:`cell_seed`): a number
+    fixed per method, never its position in a list, so adding a method
+    changes no existing seed. ``rows`` picks row indices from a generator;
+    None marks *random*, which draws new points instead of picking rows.
+    """
+
+    name: str
+    n_init_auto: int
+    stream: int
+    rows: Callable[[np.ndarray, int, np.random.Generator, np.ndarray | None], np.ndarray] | None
+
+
+def cell_seed(seed: int, k: int, init: str) -> int:
+    """The RNG seed of one sweep cell: independent streams for every (seed, k, init)."""
+    return int(np.random.SeedSequence([seed, k, REGISTRY[init].stream]).generate_state(1)[0])
+
 
 #: rows per float64 block of distance work (4096 x 784 x 8 B ~ 25 MB)
 _BLOCK_ROWS = 4096
@@ -413,6 +434,20 @@ def _kmeans_parallel(
 
 
 # -------------------------------------------------------------------- public
+#: Every initialisation by name; the streams 0-3 are the list positions of the first four,
+#: which fixed the seeds of every stored result.
+REGISTRY: dict[str, InitMethod] = {
+    m.name: m
+    for m in (
+        InitMethod("random", n_init_auto=10, stream=0, rows=None),
+        InitMethod("data", n_init_auto=10, stream=1, rows=_data_rows),
+        InitMethod("k-means++", n_init_auto=1, stream=2, rows=_kmeans_plusplus),
+        InitMethod("k-means||", n_init_auto=1, stream=3, rows=_kmeans_parallel),
+    )
+}
+INITS = tuple(REGISTRY)
+
+
 def init_centroids(
     X: np.ndarray,
     k: int,
@@ -441,13 +476,8 @@ def init_centroids(
     k = _check_k(k, len(X))
     seed = _check_seed(seed)
     w = _check_weight(sample_weight, len(X))
-    if method == "random":
+    pick = REGISTRY[method].rows
+    if pick is None:  # random: Gaussian draws from the per-pixel statistics
         return random_from_stats(*_data_stats(X, w), k, seed)
-    rng = np.random.default_rng(seed)
-    if method == "data":
-        idx = _data_rows(X, k, rng, w)
-    elif method == "k-means++":
-        idx = _kmeans_plusplus(X, k, rng, w)
-    else:
-        idx = _kmeans_parallel(X, k, rng, w)
+    idx = pick(X, k, np.random.default_rng(seed), w)
     return _f64(X[idx])  # fancy indexing copies, so X is never aliased

@@ -35,7 +35,7 @@ import xarray as xr
 from kmclust.data import stores as datasets
 from kmclust.errors import ConfigError, DataError, KmclustError, SchedulerError
 from kmclust.lloyd import engine
-from kmclust.lloyd.init import INITS, init_centroids
+from kmclust.lloyd.init import cell_seed, init_centroids
 from kmclust.sweep import metrics
 from kmclust.sweep.config import (  # parse_* re-exported for the entry points
     MAX_SEED,
@@ -135,11 +135,6 @@ class SweepOutcome:
 
 
 # ---------------------------------------------------------------- options
-
-
-def cell_seed(seed: int, k: int, init: str) -> int:
-    """The RNG seed of one cell: independent streams for every (seed, k, init)."""
-    return int(np.random.SeedSequence([seed, k, INITS.index(init)]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------- data
