@@ -42,6 +42,7 @@ from dask.utils import parse_bytes
 from threadpoolctl import threadpool_limits
 
 from kmclust.lloyd import chunk as kernels
+from kmclust.lloyd import stopping
 
 #: Partials combined per reduction task.
 FAN_IN = 8
@@ -832,10 +833,10 @@ def _move(run: _Run, new: np.ndarray) -> float:
 
 def _update(run: _Run, tol_raw: float, max_iter: int) -> None:
     """New centroids = means; decide convergence."""
-    shift = _move(run, run.sums / run.counts[:, None])
-    if shift <= tol_raw:
-        run.converged, run.state = True, "eval"
-    elif run.n_iter >= max_iter:
+    done, run.converged = stopping.stop(
+        _move(run, run.sums / run.counts[:, None]), tol_raw, run.n_iter, max_iter
+    )
+    if done:
         run.state = "eval"
 
 
@@ -881,7 +882,7 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
         patches[run.index] = (np.array([i for i, _ in picks]), empty.astype(np.int64))
         run.n_relocated += empty.size
         _move(run, run.sums / run.counts[:, None])
-        if run.n_iter >= max_iter:
+        if stopping.stop(math.inf, 0.0, run.n_iter, max_iter)[0]:
             run.state = "eval"
     return patches
 
