@@ -38,7 +38,7 @@ import numpy as np
 from kmclust import cluster
 from kmclust.data import stores as datasets
 from kmclust.errors import ConfigError, DataError
-from kmclust.lloyd import engine
+from kmclust.lloyd import driver, placement
 from kmclust.lloyd.init import cell_seed, init_centroids
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class GridConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: int | None = None  # first N training rows; None: all
     max_iter: int = 100
-    prune: bool = True  # engine.lloyd(prune=...): Hamerly-style bounds (the default) or not
+    prune: bool = True  # driver.lloyd(prune=...): Hamerly-style bounds (the default) or not
     float64: bool = True  # also a float64 sklearn loop: the fixed points free of float32 rounding
     cluster: ClusterSpec = ClusterSpec()
 
@@ -322,7 +322,7 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
 def _persist(x, client):
     """Persist ``x`` and wait, so loading is not timed: as the sweep loads its data, in evenly many chunks and
     under a Client placed evenly over the workers' threads (else every fit would do that again)."""
-    return engine.persist_balanced(x)
+    return placement.persist_balanced(x)
 
 
 def gemm_roofline(m: int = 8192, d: int = 784, k: int = 2048, repeats: int = 5) -> float:
@@ -341,7 +341,7 @@ def _timed(fn):
 
 
 def _engine_kwargs(prune: bool) -> dict:
-    """engine.lloyd's pruning switch."""
+    """driver.lloyd's pruning switch."""
     return {"prune": prune}
 
 
@@ -525,7 +525,7 @@ def run_grid(cfg: GridConfig) -> Outcome:
             xp = _persist(x, client)
             log.info("kmclust on %s: %d runs in one batch", name, len(cells))
             with metered() as meter:
-                res = engine.lloyd(
+                res = driver.lloyd(
                     xp,
                     inits,
                     tol=0.0,
@@ -724,7 +724,7 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
             xp = _persist(x, client)
 
             def km(c, xp=xp):
-                return engine.lloyd(
+                return driver.lloyd(
                     xp,
                     [c],
                     tol=0.0,
@@ -857,7 +857,7 @@ def _timed_passes(
     """
     marks = [time.perf_counter()]
     with metered() as meter:
-        engine.lloyd(
+        driver.lloyd(
             x,
             inits,
             tol=0.0,

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prune",
         dest="prune",
         action="store_false",
-        help="grid/iteration: run kmclust without its Hamerly-style bounds (engine.lloyd(prune=False))",
+        help="grid/iteration: run kmclust without its Hamerly-style bounds (driver.lloyd(prune=False))",
     )
     common.add_argument("-v", "--verbose", action="store_true")
     modes = p.add_subparsers(dest="mode", required=True)

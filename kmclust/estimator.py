@@ -4,7 +4,7 @@ The estimator is a thin public boundary: it validates parameters and data
 (every user error is a :class:`KMeansError`, both a ``ValueError`` as
 scikit-learn expects and a :class:`~kmclust.errors.KmclustError` for the CLI),
 draws the initial centroids with :mod:`kmclust.lloyd.init`, runs all ``n_init``
-initialisations as ONE :func:`kmclust.lloyd.engine.lloyd` batch and keeps the run
+initialisations as ONE :func:`kmclust.lloyd.driver.lloyd` batch and keeps the run
 with the lowest inertia. It works in the input's own units (no rescaling).
 """
 
@@ -29,7 +29,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from kmclust.errors import KmclustError
-from kmclust.lloyd import engine
+from kmclust.lloyd import driver
 from kmclust.lloyd.init import INITS, REGISTRY, data_stats, init_centroids, random_from_stats
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         rs = check_random_state(self.random_state)
         seeds = [int(s) for s in rs.randint(_SEED_MAX, size=n_init)]
         inits = _initial_centroids(x, xn, init, k, seeds, rs)
-        results = engine.lloyd(x, inits, tol=tol, max_iter=max_iter, return_labels=True)
+        results = driver.lloyd(x, inits, tol=tol, max_iter=max_iter, return_labels=True)
         ok = [r for r in results if r.ok]
         if not ok:
             raise KMeansError(results[0].error)
@@ -168,7 +168,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         """Index (int32) of the closest centroid of each row."""
         check_is_fitted(self)
         x, _ = self._check_X(X, reset=False)
-        ((labels, _, _),) = engine.predict(x, [self.cluster_centers_])
+        ((labels, _, _),) = driver.predict(x, [self.cluster_centers_])
         return labels
 
     def transform(self, X):
@@ -185,7 +185,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         """Negative sum of squared distances of X to its closest centroids (-inertia)."""
         check_is_fitted(self)
         x, _ = self._check_X(X, reset=False)
-        ((_, jclust, _),) = engine.predict(x, [self.cluster_centers_])
+        ((_, jclust, _),) = driver.predict(x, [self.cluster_centers_])
         return -float(jclust * x.shape[0])
 
     @property

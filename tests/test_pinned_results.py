@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kmclust.lloyd.engine import lloyd
+from kmclust.lloyd.driver import lloyd
 from kmclust.sweep.run import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,6 +362,6 @@ def test_engine_lloyd_matches_pins(mnist_subset_store: Path) -> None:
     _check_or_repin(
         ENGINE_PINS,
         got,
-        "kmclust.lloyd.engine.lloyd on the sweep's training rows of "
+        "kmclust.lloyd.driver.lloyd on the sweep's training rows of "
         "the mnist_subset_store fixture; see tests/test_pinned_results.py",
     )

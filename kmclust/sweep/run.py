@@ -32,9 +32,10 @@ import numpy as np
 import sklearn
 import xarray as xr
 
+from kmclust.data import select
 from kmclust.data import stores as datasets
 from kmclust.errors import ConfigError, DataError, KmclustError, SchedulerError
-from kmclust.lloyd import engine
+from kmclust.lloyd import driver, placement, runs
 from kmclust.lloyd.init import cell_seed, init_centroids
 from kmclust.sweep import metrics
 from kmclust.sweep.config import (  # parse_* re-exported for the entry points
@@ -117,10 +118,10 @@ class DataSplit:
         """
         fresh = uuid.uuid4().hex
         x_train, x_test = self.graphs(f"kmclust-rows-{fresh}")
-        self.x_train = engine.persist_balanced(
+        self.x_train = placement.persist_balanced(
             x_train.map_blocks(np.asarray, name=f"kmclust-train-{fresh}")
         )
-        self.x_test = engine.persist_balanced(
+        self.x_test = placement.persist_balanced(
             x_test.map_blocks(np.asarray, name=f"kmclust-test-{fresh}")
         )
 
@@ -201,7 +202,7 @@ def split_data(config: SweepConfig) -> DataSplit:
         flat = datasets.image_rows(store, name)
 
         def take(idx: np.ndarray, part: str):
-            return engine.take_rows(flat, idx, f"{name}-{part}").rechunk(
+            return select.take_rows(flat, idx, f"{name}-{part}").rechunk(
                 (max(1, min(rows, max(1, idx.size))), -1)
             )
 
@@ -406,7 +407,7 @@ def _fill_cell(
     slab: xr.Dataset,
     ii: int,
     si: int,
-    res: engine.RunResult,
+    res: runs.RunResult,
     data: DataSplit,
     test: tuple[np.ndarray, float, float] | None,
     seconds: float,
@@ -466,7 +467,7 @@ class _Collector:
             for ki in sorted({c[0] for c in cells})
         }
         self.pending = {ki: sum(c[0] == ki for c in cells) for ki in self.slabs}
-        self.finished: list[tuple[Cell, engine.RunResult, float]] = []
+        self.finished: list[tuple[Cell, runs.RunResult, float]] = []
         self.failed: list[str] = []
         self.n_done, self.total = n_done, total
 
@@ -481,7 +482,7 @@ class _Collector:
         )
         self.pending[ki] -= 1
 
-    def finish(self, cell: Cell, res: engine.RunResult, seconds: float) -> None:
+    def finish(self, cell: Cell, res: runs.RunResult, seconds: float) -> None:
         if res.ok:
             self.finished.append((cell, res, seconds))
         else:
@@ -501,7 +502,7 @@ class _Collector:
         if self.finished and (force or completes):
             batch = self.finished
             tests = (
-                engine.predict(
+                driver.predict(
                     self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE, errors=False
                 )
                 if self.data.y_test.size
@@ -537,12 +538,12 @@ def _run_cells(
     t0 = time.perf_counter()
     settled: set[Cell] = set()
 
-    def done(i: int, res: engine.RunResult) -> None:
+    def done(i: int, res: runs.RunResult) -> None:
         settled.add(cells[i])
         sink.finish(cells[i], res, time.perf_counter() - t0)
 
     try:
-        engine.lloyd(
+        driver.lloyd(
             data.x_train,
             [inits[c] for c in cells],
             tol=config.tol,
@@ -616,7 +617,7 @@ def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
     text = _one_line(exc)
     if (corrupt := _corrupt(text, data.store)) is not None:
         return corrupt
-    client = engine._client()
+    client = placement.default_client()
     if client is not None and (client.status != "running" or "scheduler-connection-lost" in text):
         return SchedulerError(
             f"lost the Dask scheduler ({text}); finished cells are saved — rerun with --resume against a live scheduler"

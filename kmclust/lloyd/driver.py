@@ -1,0 +1,301 @@
+"""Batched Lloyd iterations as Dask map-reduce: the driver over one batch of runs (graphs and pools: kmclust.lloyd.executors).
+
+Every iteration maps :func:`kmclust.lloyd.chunk.lloyd_chunk` over the data's row
+chunks (× a few groups of runs, so that small data still keeps every worker
+busy), combines the partials with a fixed-order tree reduction and computes
+all groups in one round trip. On a cluster, with the chunks persisted, one
+task per worker thread runs the kernel over the chunks its worker holds and
+the driver reduces their partials in the same order: a task costs a few ms
+of round trips per pass, more than a settled pass's kernels.
+
+The driver then updates each run in float64, relocates empty clusters to
+the farthest points, and drops converged runs; a converged run spends one
+more pass in the stack as an *evaluation* member to get labels consistent
+with its final centroids and an exact J.
+
+Data chunks are persisted once (on the workers under a distributed Client,
+in memory with the threaded scheduler) unless ``persist=False``, which
+reads them from their source (zarr) every iteration. Between passes each
+chunk keeps per-row state (labels, distance bounds) on its worker unless
+``stream=True``: then nothing per row outlives a pass, so a worker's memory
+is bounded by the chunks in flight, not by the rows it has seen.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+
+import dask.array as da
+import numpy as np
+
+from kmclust.data.select import take_rows
+from kmclust.lloyd import chunk as kernels
+from kmclust.lloyd import stopping
+from kmclust.lloyd.executors import Pass, one_blas_thread
+from kmclust.lloyd.placement import as_dask, default_client, n_threads, persist_balanced
+from kmclust.lloyd.runs import Run, RunResult
+
+
+@one_blas_thread
+def lloyd(
+    x: np.ndarray | da.Array,
+    inits: Sequence[np.ndarray],
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    scale: float = 1.0,
+    return_labels: bool = False,
+    persist: bool = True,
+    n_groups: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_done: Callable[[int, RunResult], None] | None = None,
+    integer: bool | None = None,
+    prune: bool = True,
+    stream: bool = False,
+) -> list[RunResult]:
+    """Run Lloyd's algorithm for every initial centroid set, all in one batch.
+
+    ``x`` is (N, D) (numpy or dask, uint8 or float); ``inits`` are (k, D)
+    arrays in *scaled* units (data · ``scale``; e.g. uint8 images with
+    ``scale=1/255`` and centroids in [0, 1]). ``tol`` bounds every centroid's
+    L2 move (scaled units); a run also stops when its centroids no longer
+    change (no label change). ``progress(done, total)`` is called after each
+    pass, ``on_done(index, result)`` as soon as a run has finished. A run
+    that cannot proceed (k > N, k above the number of distinct
+    points) ends with ``error`` set; the others go on. ``integer`` says the
+    data are integer-valued (default: uint8 input), which makes cluster sums
+    exact and lets passes after the first send only changes of the sums;
+    uint8 data stay uint8 in memory (a quarter of float32's bytes), the
+    kernels convert a cache-sized block of rows at a time.
+    ``prune`` (integer data) skips rows whose label provably cannot change
+    (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid, as Elkan's, for a batch
+    of one run or of runs of many centroids); results are bit-identical to the unpruned
+    computation because labels are the exact nearest centroid
+    (:mod:`kmclust.lloyd.nearest`). Runs needing many rows share one GEMM over
+    their rows' union, the others a compiled per-pair step; ``prune=False``
+    keeps one GEMM over all rows (the reference the bench compares with).
+    ``stream=True`` reads the chunks from their source every pass and keeps
+    no per-row state between passes (implies ``persist=False``, no delta sums,
+    no pruning): worker memory stays bounded by the chunk size for data far
+    larger than the cluster's memory. Results are bit-identical either way.
+    """
+    x = as_dask(x)
+    persist = persist and not stream
+    n, d = x.shape
+    client = default_client()
+    if integer is None:
+        integer = x.dtype == np.uint8
+    if persist:
+        x = persist_balanced(x)
+    if n_groups is None:
+        n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
+    runs = [Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
+    for run in runs:
+        if run.c64.ndim != 2 or run.c64.shape[1] != d:
+            run.state, run.error = (
+                "failed",
+                f"initial centroids have shape {run.c64.shape}, expected (k, {d})",
+            )
+        elif not 1 <= run.k <= n:
+            run.state, run.error = (
+                "failed",
+                f"k={run.k} must be between 1 and the number of samples ({n})",
+            )
+        elif not np.all(np.isfinite(run.c64)):
+            run.state, run.error = "failed", "initial centroids contain NaN or inf"
+    if on_done is not None:
+        for run in runs:
+            if run.state == "failed":
+                on_done(run.index, _result(run, n, scale))
+    passes = Pass(x, client, n_groups, integer, stateful=not stream, prune=prune)
+    tol_raw = tol / scale
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    sqnorm = math.nan  # Σ‖x‖², from the first pass
+    while True:
+        live = [r for r in runs if r.state in ("active", "eval")]
+        if not live:
+            break
+        relocations: list[tuple[Run, kernels.Partial, int]] = []
+        for group, evals, part in passes.run(live, return_labels, patches=patches):
+            if not math.isnan(part.sqnorm):
+                sqnorm = part.sqnorm
+            offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
+            sums = part.dense_sums()
+            for pos, run in enumerate(group):
+                lo, hi = offs[pos], offs[pos + 1]
+                if run.state == "eval":
+                    run.sse, run.dist = part.eval_sse[pos], part.eval_dist[pos]
+                    run.labels = _labels_of(part, evals, pos)
+                    run.state = "done"
+                    continue
+                if part.delta:
+                    run.sums = run.sums + sums[lo:hi]
+                    run.counts = run.counts + part.counts[lo:hi]
+                else:
+                    run.sums, run.counts = sums[lo:hi].copy(), part.counts[lo:hi].copy()
+                run.history.append(_sse(sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
+                run.n_iter += 1
+                if np.any(run.counts == 0):
+                    relocations.append((run, part, pos))
+                else:
+                    _update(run, tol_raw, max_iter)
+        if relocations and any(part.pruned for _, part, _ in relocations):
+            relocations = _exact_candidates(passes, [run for run, _, _ in relocations])
+        patches = _relocate(x, relocations, max_iter) if relocations else {}
+        if on_done is not None:
+            for run in live:
+                if run.state in ("done", "failed"):
+                    on_done(run.index, _result(run, n, scale))
+        if progress is not None:
+            progress(sum(r.state in ("done", "failed") for r in runs), len(runs))
+    return [_result(r, n, scale) for r in runs]
+
+
+def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
+    """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no float32 cancellation)."""
+    return float(
+        sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c)
+    )
+
+
+def _exact_candidates(passes: Pass, runs: list[Run]) -> list[tuple[Run, kernels.Partial, int]]:
+    """Relocation candidates from an unpruned pass (pruned passes only know upper bounds)."""
+    plain = Pass(passes.x, passes.client, passes.n_groups, passes.integer, stateful=False)
+    found = {}
+    for group, _, part in plain.run(runs, False, False):
+        for pos, run in enumerate(group):
+            found[run.index] = (run, part, pos)
+    return [found[r.index] for r in runs]
+
+
+def _move(run: Run, new: np.ndarray) -> float:
+    """Replace the centroids; remember each one's move (for the bounds); return the largest."""
+    move = new - run.c64
+    run.drift = np.sqrt(np.einsum("ij,ij->i", move, move))
+    run.c64 = new
+    return float(run.drift.max())
+
+
+def _update(run: Run, tol_raw: float, max_iter: int) -> None:
+    """New centroids = means; decide convergence."""
+    done, run.converged = stopping.stop(
+        _move(run, run.sums / run.counts[:, None]), tol_raw, run.n_iter, max_iter
+    )
+    if done:
+        run.state = "eval"
+
+
+def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Move the farthest points into empty clusters (scikit-learn's policy), then update.
+
+    Returns the label patches (run → global row indices, new labels) that the
+    next pass applies to the labels its chunks remember.
+    """
+    plans = []
+    wanted: set[int] = set()
+    for run, part, pos in items:
+        empty = np.flatnonzero(run.counts == 0)
+        picks, left = [], run.counts.copy()
+        for dist, idx, lab in zip(part.cand_d[pos], part.cand_i[pos], part.cand_l[pos]):
+            if len(picks) == empty.size:
+                break
+            if idx < 0 or dist <= 0 or left[lab] <= 1:
+                continue
+            left[lab] -= 1
+            picks.append((int(idx), int(lab)))
+        if len(picks) < empty.size:
+            run.state = "failed"
+            run.error = (
+                f"k={run.k} exceeds the number of distinct points: "
+                f"{empty.size} empty cluster(s) and no point left to move into them"
+            )
+            continue
+        plans.append((run, empty, picks))
+        wanted.update(i for i, _ in picks)
+    patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if not plans:
+        return patches
+    order = np.array(sorted(wanted))
+    fetched = take_rows(x, order, f"kmclust-relocate-{uuid.uuid4().hex}").compute()
+    rows = dict(zip(order.tolist(), np.asarray(fetched, dtype=np.float64)))
+    for run, empty, picks in plans:
+        for e, (idx, lab) in zip(empty, picks):
+            run.sums[lab] -= rows[idx]
+            run.counts[lab] -= 1
+            run.sums[e] = rows[idx]
+            run.counts[e] = 1
+        patches[run.index] = (np.array([i for i, _ in picks]), empty.astype(np.int64))
+        run.n_relocated += empty.size
+        _move(run, run.sums / run.counts[:, None])
+        if stopping.stop(math.inf, 0.0, run.n_iter, max_iter)[0]:
+            run.state = "eval"
+    return patches
+
+
+def _labels_of(part: kernels.Partial, evals: list[int], pos: int) -> list[tuple[int, np.ndarray]]:
+    """The label columns of stack position ``pos`` among the evaluated positions."""
+    col = evals.index(pos)
+    return [(start, lab[:, col]) for start, lab in part.labels]
+
+
+def _result(run: Run, n: int, scale: float) -> RunResult:
+    labels = None
+    if run.labels:
+        labels = np.concatenate([lab for _, lab in sorted(run.labels, key=lambda t: t[0])])
+    return RunResult(
+        centroids=run.c64 * scale,
+        jclust=float(run.sse / n * scale**2)
+        if not run.error
+        else math.nan,  # exact sums (Fractions) → float
+        mean_distance=float(run.dist / n * scale) if not run.error else math.nan,
+        n_iter=run.n_iter,
+        converged=run.converged,
+        n_relocated=run.n_relocated,
+        history=run.history,
+        labels=labels,
+        error=run.error,
+    )
+
+
+@one_blas_thread
+def predict(
+    x: np.ndarray | da.Array,
+    centroids: Sequence[np.ndarray],
+    *,
+    scale: float = 1.0,
+    persist: bool = False,
+    errors: bool = True,
+) -> list[tuple[np.ndarray, float, float]]:
+    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass.
+
+    ``errors=False`` skips the exact float64 distances (both are then NaN).
+    """
+    x = as_dask(x)
+    if persist:
+        x = x.persist()
+    n = x.shape[0]
+    client = default_client()
+    runs = [
+        Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval")
+        for i, c in enumerate(centroids)
+    ]
+    n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
+    out: dict[int, tuple[np.ndarray, float, float]] = {}
+    nan = math.nan
+    integer = x.dtype == np.uint8
+    for group, evals, part in Pass(x, client, n_groups, integer, stateful=False).run(
+        runs, True, errors
+    ):
+        for pos, run in enumerate(group):
+            labels = np.concatenate(
+                [lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])]
+            )
+            j, md = (
+                (float(part.eval_sse[pos] / n * scale**2), float(part.eval_dist[pos] / n * scale))
+                if errors
+                else (nan, nan)
+            )
+            out[run.index] = (labels, j, md)
+    return [out[i] for i in range(len(runs))]
