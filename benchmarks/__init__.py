@@ -1,1 +1,1 @@
-"""Benchmark harness (outside the library): kmclust against scikit-learn, faiss and dask-ml on the path users run."""
+"""Benchmark harness, outside the library: kmclust against its peers on the path users run."""

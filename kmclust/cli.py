@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -52,12 +53,13 @@ class Progress:
     def __init__(self, label: str, width: int = 30):
         self.label, self.width = label, width
         self.tty = sys.stderr.isatty()
-        self.start = __import__("time").perf_counter()
+        self.start = time.perf_counter()
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
-        elapsed = __import__("time").perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start
         fill = int(self.width * done / max(total, 1))
-        line = f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} {elapsed:5.1f}s {note}"
+        bar = "#" * fill + "." * (self.width - fill)
+        line = f"{self.label} [{bar}] {done}/{total} {elapsed:5.1f}s {note}"
         print(
             ("\r" + line) if self.tty else line,
             end="" if self.tty else "\n",

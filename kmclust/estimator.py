@@ -244,7 +244,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, Ba
         return x, None
 
     def _check_numpy(self, X, *, reset: bool) -> np.ndarray:
-        """scikit-learn's validation (2-D, finite, n_features, feature names); dtype as documented."""
+        """scikit-learn's checks (2-D, finite, n_features, feature names); dtype as documented."""
         try:
             return validate_data(self, X, reset=reset, dtype=_DTYPES)
         except KmclustError:

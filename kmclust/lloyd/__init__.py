@@ -1,1 +1,1 @@
-"""Lloyd's algorithm over a store's chunks: kernels, initialisations, pass plans, executors, the driver."""
+"""Lloyd's algorithm over a store's chunks: kernels, inits, pass plans, executors, the driver."""
