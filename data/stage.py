@@ -12,7 +12,7 @@ import sys
 import time
 
 from kmclust.cli import ArgumentParser, run_main, setup_logging
-from kmclust.data.stores import SOURCES, open_images, stage
+from kmclust.data.stores import SOURCES, stage, store_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,26 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, metavar="S", help="synthetic: random seed (default 0)"
     )
     p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    args = vars(p.parse_args(argv))
+    setup_logging(args.pop("verbose"))
     t0 = time.perf_counter()
-    path = stage(
-        args.source,
-        args.out,
-        from_dir=args.from_dir,
-        chunk_rows=args.chunk_rows,
-        force=args.force,
-        download=args.download,
-        rows=args.rows,
-        seed=args.seed,
-    )
-    seconds = time.perf_counter() - t0
-    ds = open_images(path)
-    n = ds.sizes["sample"]
-    print(
-        f"{path}: {n:,} images ({ds.attrs['n_train']:,} train, {ds.attrs['n_test']:,} test), "
-        f"staged in {seconds:.1f} s"
-    )
+    path = stage(args.pop("source"), **args)
+    print(f"{store_summary(path)}, staged in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kmclust.data.stores import FASHION_DIR, stage
+from kmclust.data.sources import FASHION_DIR
+from kmclust.data.stores import stage
 
 FASHION_SKIP = f"{FASHION_DIR} absent: apt-get install dataset-fashion-mnist"
 

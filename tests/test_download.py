@@ -17,7 +17,8 @@ import pytest
 import kmclust.data.download as download
 from kmclust.data.download import download_files
 from kmclust.data.idx import write_idx
-from kmclust.data.stores import IDX_FILES, open_images, stage
+from kmclust.data.sources import IDX_FILES
+from kmclust.data.stores import open_images, stage
 from kmclust.errors import DataError
 
 

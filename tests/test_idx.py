@@ -80,7 +80,10 @@ GOOD, _ = images_bytes(4)
 
 
 def _html() -> bytes:
-    return b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>gone</body></html>\n"
+    return (
+        b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
+        b"<body>gone</body></html>\n"
+    )
 
 
 # (file name, file bytes, kind, expected fragment of the message)
@@ -147,7 +150,7 @@ def test_bad_file_raises_one_line_idx_error(tmp_path: Path, case: str) -> None:
     path = tmp_path / name
     path.write_bytes(data)
     with pytest.raises(IDXError) as info:
-        read_idx(path, kind)
+        read_idx(path, kind, expect_shape=(28, 28))
     message = str(info.value)
     assert str(path) in message
     assert fragment in message
@@ -185,7 +188,7 @@ def test_lying_gzip_header_is_rejected_before_allocating(tmp_path: Path) -> None
 
 
 def _header_strategy() -> st.SearchStrategy[bytes]:
-    """Mostly plausible IDX headers (right magic, small dims) with random twists and payload lengths."""
+    """Mostly plausible IDX headers (right magic, small dims), random twists and payload lengths."""
     dim = st.one_of(st.integers(0, 4), st.sampled_from([2, 3, 28, 28, 2**31, 2**32 - 1]))
 
     @st.composite
@@ -215,7 +218,8 @@ def _header_strategy() -> st.SearchStrategy[bytes]:
     kind=st.sampled_from(["images", "labels"]),
     shape=st.sampled_from([(28, 28), (2, 3), None]),
 )
-# found by this fuzz: a zero dimension beside absurd ones (0 bytes of data, but no array numpy can shape)
+# found by this fuzz: a zero dimension beside absurd ones (0 bytes of data, but no array
+# numpy can shape)
 @example(
     data=b"\x00\x00\x08\x03\x00\x00\x00\x00\x81\x03\t\x1c\xfd\xfd\xfd\xfd",
     cut=None,

@@ -16,20 +16,22 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import kmclust.data.stores as datasets
+from kmclust.data import staging
 from kmclust.data.idx import write_idx
+from kmclust.data.sources import FASHION_DIR, IDX_FILES, REGISTRY, Source, load_idx_from
 from kmclust.data.stores import (
-    FASHION_DIR,
     as_float,
     default_store_path,
     fingerprint,
     flat_images,
+    image_rows,
     load_images,
     open_images,
     stage,
     verify_store,
 )
-from kmclust.errors import ConfigError, DataError
+from kmclust.data.synthetic import shift_images
+from kmclust.errors import ConfigError, DataError, IDXError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "data" / "stage.py"
@@ -167,7 +169,7 @@ def _raw_named_gz(d: Path) -> None:
 
 
 def _gz_variant(fn):
-    """Replace train images by train-images-idx3-ubyte.gz whose decompressed bytes are fn(original)."""
+    """Replace train images by train-images-idx3-ubyte.gz holding fn(original) decompressed."""
 
     def mutate(d: Path) -> None:
         p = _raw(d, "train_images")
@@ -353,8 +355,8 @@ def test_crash_mid_write_leaves_nothing_behind(
             raise RuntimeError("simulated crash")
         return original(self, start, **blocks)
 
-    original = datasets._Writer.write
-    monkeypatch.setattr(datasets._Writer, "write", failing_write)
+    original = staging.Writer.write
+    monkeypatch.setattr(staging.Writer, "write", failing_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         stage("mnist-subset", out, chunk_rows=1000, force=True)
     assert leftovers(tmp_path) == []
@@ -448,6 +450,48 @@ def test_missing_chunk_is_caught(tmp_path: Path, mnist_subset_store: Path) -> No
     (store / "labels" / "c" / "4").unlink()
     with pytest.raises(DataError, match="'labels' is missing 1 of 5 chunks"):
         verify_store(store)
+
+
+# ------------------------------------------------------------------ a source of another size
+
+
+def test_a_16x16_source_stages_and_opens_with_its_own_shape(tmp_path: Path, monkeypatch) -> None:
+    """A new source is one registry entry; its image shape and class names reach the store."""
+    rng = np.random.default_rng(16)
+    src = tmp_path / "in"
+    src.mkdir()
+    images, labels = [], []
+    for split, n in (("train", 20), ("test", 6)):
+        images.append(rng.integers(0, 256, (n, 16, 16), dtype=np.uint8))
+        labels.append(rng.integers(0, 3, n, dtype=np.uint8))
+        if split == "test":  # an all-zero last chunk (rows 24-25): written, not left to fill
+            images[-1][-2:], labels[-1][-2:] = 0, 0
+        write_idx(src / IDX_FILES[split][0], images[-1])
+        write_idx(src / IDX_FILES[split][1], labels[-1])
+    tiny = Source("tiny16", (16, 16), ("a", "b", "c"), load_idx_from, needs_from=True)
+    monkeypatch.setitem(REGISTRY, tiny.name, tiny)
+    out = stage("tiny16", tmp_path / "tiny.zarr", from_dir=src, chunk_rows=8)
+    ds = open_images(out)
+    assert ds.images.dims == ("sample", "y", "x") and ds.images.shape == (26, 16, 16)
+    assert ds.images.chunks == ((8, 8, 8, 2), (16,), (16,))
+    assert ds.images.values.tobytes() == np.concatenate(images).tobytes()
+    assert ds.labels.values.tolist() == np.concatenate(labels).tolist()
+    assert ds.split.values.tolist() == ["train"] * 20 + ["test"] * 6
+    assert ds.attrs["class_names"] == ["a", "b", "c"] and ds.attrs["source"] == "tiny16"
+    assert flat_images(ds).shape == image_rows(out, "tiny-rows").shape == (26, 256)
+    np.testing.assert_array_equal(load_images(ds), np.concatenate(images).reshape(26, 256))
+    verify_store(out)
+    # the synthetic scale-up of it keeps the size and the class names
+    syn = open_images(stage("synthetic", tmp_path / "syn.zarr", from_dir=out, rows=100, seed=2))
+    assert syn.images.shape == (100, 16, 16) and syn.attrs["class_names"] == ["a", "b", "c"]
+    parent = ds.images.values[syn.source_index.values]
+    shifted = shift_images(parent, syn.shift_y.values, syn.shift_x.values)
+    np.testing.assert_array_equal(syn.images.values, shifted)
+    verify_store(tmp_path / "syn.zarr")
+    # the source's shape is checked: 28 x 28 files are not tiny16
+    write_idx(src / IDX_FILES["test"][0], np.zeros((6, 28, 28), np.uint8))
+    with pytest.raises(IDXError, match="28x28 pixels, expected 16x16"):
+        stage("tiny16", tmp_path / "other.zarr", from_dir=src)
 
 
 # ------------------------------------------------------------------ real sources

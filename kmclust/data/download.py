@@ -30,10 +30,18 @@ MNIST_MIRRORS: tuple[str, ...] = (
 # From tensorflow/datasets, tensorflow_datasets/url_checksums/mnist.txt
 # (URL, size, SHA-256 of each file on storage.googleapis.com/cvdf-datasets).
 MNIST_SHA256: dict[str, str] = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "train-images-idx3-ubyte.gz": (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
 }
 MNIST_SIZES: dict[str, int] = {
     "train-images-idx3-ubyte.gz": 9_912_422,
@@ -87,7 +95,7 @@ def download_files(
     timeout: float = 60.0,
     max_bytes: int = MAX_DOWNLOAD,
 ) -> dict[str, Path]:
-    """Make dest_dir hold every file in `checksums` (name -> sha256), fetching from `mirrors` in turn.
+    """Make dest_dir hold every file in `checksums` (name -> sha256), trying `mirrors` in turn.
 
     A file already present with the right digest is kept. Raises DataError
     when some file cannot be had from any mirror.

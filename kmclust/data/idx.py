@@ -76,12 +76,14 @@ def _parse_header(name: str, head: bytes, kind: Kind) -> tuple[int, tuple[int, .
     want = MAGIC[kind]
     if zero != 0:
         raise IDXError(
-            f"{name}: not an IDX file (bad magic number 0x{magic:08X}, expected 0x{want:08X} for {kind})"
+            f"{name}: not an IDX file "
+            f"(bad magic number 0x{magic:08X}, expected 0x{want:08X} for {kind})"
         )
     if dtype_byte != UBYTE:
         tname = _TYPE_NAMES.get(dtype_byte, "unknown type")
         raise IDXError(
-            f"{name}: element type 0x{dtype_byte:02X} ({tname}) is not supported, expected 0x08 (uint8)"
+            f"{name}: element type 0x{dtype_byte:02X} ({tname}) is not supported, "
+            "expected 0x08 (uint8)"
         )
     if magic != want:
         if magic in MAGIC.values():
@@ -103,15 +105,14 @@ def _check_dims(
     if len(dims) != NDIM[kind]:
         raise IDXError(f"{name}: has {len(dims)} dimension(s), expected {NDIM[kind]} for {kind}")
     payload = math.prod(dims)
-    if (
-        math.prod(d for d in dims if d) > MAX_PAYLOAD
-    ):  # a zero dimension makes the payload 0, not the shape sane
-        raise IDXError(
-            f"{name}: declares a {'x'.join(map(str, dims))} array, over the {MAX_PAYLOAD:,}-byte limit"
-        )
+    shape = "x".join(map(str, dims))
+    # a zero dimension makes the payload 0, not the shape sane
+    if math.prod(d for d in dims if d) > MAX_PAYLOAD:
+        raise IDXError(f"{name}: declares a {shape} array, over the {MAX_PAYLOAD:,}-byte limit")
     if payload > MAX_PAYLOAD:
         raise IDXError(
-            f"{name}: declares {payload:,} bytes of data ({'x'.join(map(str, dims))}), over the {MAX_PAYLOAD:,}-byte limit"
+            f"{name}: declares {payload:,} bytes of data ({shape}), "
+            f"over the {MAX_PAYLOAD:,}-byte limit"
         )
     if kind == "images" and expect_shape is not None and tuple(dims[1:]) != tuple(expect_shape):
         got = "x".join(map(str, dims[1:]))
@@ -141,7 +142,8 @@ def _read_gzip(
             payload = _check_dims(name, dims, kind, expect_shape)
             if payload > _MAX_DEFLATE_RATIO * csize + 1024:
                 raise IDXError(
-                    f"{name}: declares {payload:,} bytes of data, more than a {csize:,}-byte gzip file can hold"
+                    f"{name}: declares {payload:,} bytes of data, "
+                    f"more than a {csize:,}-byte gzip file can hold"
                 )
             have = min(len(head) - hlen, payload)
             out = np.empty(min(payload, _CHUNK), dtype=np.uint8)  # room for the header's leftover
@@ -158,12 +160,14 @@ def _read_gzip(
                 have = need
             if have < payload:
                 raise IDXError(
-                    f"{name}: truncated: declares {payload:,} bytes of data but the stream holds {have:,}"
+                    f"{name}: truncated: declares {payload:,} bytes of data "
+                    f"but the stream holds {have:,}"
                 )
             extra += len(f.read(1))  # b"" only at the end of the stream, after gzip checked the CRC
             if extra:
                 raise IDXError(
-                    f"{name}: longer than declared: data continues after the declared {payload:,} bytes"
+                    f"{name}: longer than declared: "
+                    f"data continues after the declared {payload:,} bytes"
                 )
     except EOFError:
         raise IDXError(f"{name}: truncated gzip stream (the compressed data ends early)") from None
@@ -180,7 +184,8 @@ def _read_raw(
         head = f.read(4 + 4 * 255)
     if head.startswith(_GZIP_MAGIC):
         raise IDXError(
-            f"{name}: is gzip-compressed but its name does not end in .gz (rename it to {path.name}.gz)"
+            f"{name}: is gzip-compressed but its name does not end in .gz "
+            f"(rename it to {path.name}.gz)"
         )
     if _looks_like_html(head):
         raise IDXError(f"{name}: is an HTML page, not IDX data (a failed download?)")
@@ -193,7 +198,8 @@ def _read_raw(
         )
     if have > payload:
         raise IDXError(
-            f"{name}: longer than declared: {have - payload:,} bytes follow the declared {payload:,} bytes of data"
+            f"{name}: longer than declared: {have - payload:,} bytes follow "
+            f"the declared {payload:,} bytes of data"
         )
     data = np.fromfile(path, dtype=np.uint8, count=payload, offset=hlen)
     if data.size != payload:  # the file changed under us
@@ -215,11 +221,13 @@ def _first_above(data: np.ndarray, limit: int) -> int:
 
 
 def read_idx(
-    path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None = (28, 28)
+    path: str | Path, kind: Kind, expect_shape: tuple[int, ...] | None = None
 ) -> np.ndarray:
-    """Read one uint8 IDX file (`.gz` if so named) of `kind` "images" (N, *expect_shape) or "labels" (N,).
+    """Read one uint8 IDX file (`.gz` if so named): "images" (N, h, w) or "labels" (N,).
 
-    Labels must lie in 0–9. Raises IDXError naming the file and the problem.
+    Images must be `expect_shape` pixels when one is given (the caller's source
+    knows its image size; the format does not). Labels must lie in 0–9. Raises
+    IDXError naming the file and the problem.
     """
     if kind not in MAGIC:
         raise IDXError(f"{path}: unknown IDX kind {kind!r}, expected 'images' or 'labels'")
@@ -251,14 +259,15 @@ def read_idx(
 
 
 def read_idx_pair(
-    images_path: str | Path, labels_path: str | Path, expect_shape: tuple[int, ...] = (28, 28)
+    images_path: str | Path, labels_path: str | Path, expect_shape: tuple[int, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read matching images and labels files; their counts must agree."""
+    """Read an images file (of `expect_shape` pixels, if given) and its labels: counts agree."""
     images = read_idx(images_path, "images", expect_shape)
     labels = read_idx(labels_path, "labels")
     if len(images) != len(labels):
         raise IDXError(
-            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels"
+            f"{images_path} holds {len(images):,} images "
+            f"but {labels_path} holds {len(labels):,} labels"
         )
     return images, labels
 
