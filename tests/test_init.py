@@ -13,7 +13,7 @@ from sklearn.cluster import kmeans_plusplus
 from sklearn.metrics.pairwise import euclidean_distances
 
 from kmclust.errors import KmclustError
-from kmclust.lloyd import init as km_init
+from kmclust.lloyd import init_sampling
 from kmclust.lloyd.init import (
     INITS,
     data_stats,
@@ -90,7 +90,7 @@ def test_same_values_same_centroids_across_dtypes(method: str, mnist) -> None:
 def test_result_independent_of_block_size(method: str, mnist, monkeypatch) -> None:
     X = mnist[0][:700]
     ref = init_centroids(X, 8, method, 5)
-    monkeypatch.setattr(km_init, "_BLOCK_ROWS", 37)
+    monkeypatch.setattr(init_sampling, "BLOCK_ROWS", 37)
     np.testing.assert_array_equal(init_centroids(X, 8, method, 5), ref)
 
 
@@ -349,31 +349,31 @@ def test_parallel_round_by_hand() -> None:
     d2 = np.array([0.0, 1.0, 2.0, 3.0])
     u = np.array([0.0, 0.5, 0.5, 0.99])
     # p = min(1, 2 * d2 / 6) = (0, 1/3, 2/3, 1)
-    np.testing.assert_array_equal(km_init._kmeans_parallel_round(d2, u, 6.0, 2.0), [2, 3])
+    np.testing.assert_array_equal(init_sampling.parallel_round(d2, u, 6.0, 2.0), [2, 3])
     # weighted: mass = w * d2 = (0, 3, 2, 0) -> p = (0, 1, 2/3, 0)
     w = np.array([1.0, 3.0, 1.0, 0.0])
-    np.testing.assert_array_equal(km_init._kmeans_parallel_round(d2, u, 6.0, 2.0, w), [1, 2])
+    np.testing.assert_array_equal(init_sampling.parallel_round(d2, u, 6.0, 2.0, w), [1, 2])
 
 
 def test_candidate_weights_by_hand() -> None:
     block = np.array([[0.0], [1.0], [4.0], [5.0], [9.0]])
     cands = np.array([[0.0], [5.0]])
     # nearest: 0->0, 1->0, 4->5, 5->5, 9->5
-    np.testing.assert_array_equal(km_init._candidate_weights(block, cands), [2.0, 3.0])
+    np.testing.assert_array_equal(init_sampling.candidate_weights(block, cands), [2.0, 3.0])
     w = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    np.testing.assert_array_equal(km_init._candidate_weights(block, cands, w), [3.0, 12.0])
+    np.testing.assert_array_equal(init_sampling.candidate_weights(block, cands, w), [3.0, 12.0])
     # block-wise weights add up to the whole
-    whole = km_init._candidate_weights(block, cands, w)
-    parts = km_init._candidate_weights(block[:2], cands, w[:2]) + km_init._candidate_weights(
-        block[2:], cands, w[2:]
-    )
+    whole = init_sampling.candidate_weights(block, cands, w)
+    parts = init_sampling.candidate_weights(
+        block[:2], cands, w[:2]
+    ) + init_sampling.candidate_weights(block[2:], cands, w[2:])
     np.testing.assert_array_equal(parts, whole)
 
 
 def test_closest_sq_dist_by_hand() -> None:
     block = np.array([[0, 0], [3, 4], [10, 10]], dtype=np.uint8)
     centres = np.array([[0.0, 0.0], [10.0, 10.0]])
-    d2, nearest = km_init._closest_sq_dist(block, centres)
+    d2, nearest = init_sampling.closest_sq_dist(block, centres)
     np.testing.assert_array_equal(nearest, [0, 0, 1])
     np.testing.assert_array_equal(d2, [0.0, 25.0, 0.0])
 
@@ -382,7 +382,7 @@ def test_closest_sq_dist_exact_zero_despite_large_norms() -> None:
     # offset data: the expansion |x|^2 - 2x.c + |c|^2 alone leaves ~1e-9 noise
     rng = np.random.default_rng(0)
     X = 1e3 + rng.random((50, 20))
-    d2, nearest = km_init._closest_sq_dist(X, X[:5])
+    d2, nearest = init_sampling.closest_sq_dist(X, X[:5])
     np.testing.assert_array_equal(d2[:5], 0.0)
     np.testing.assert_array_equal(nearest[:5], np.arange(5))
     ref = cdist(X, X[:5], "sqeuclidean")

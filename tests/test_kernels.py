@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kmclust.lloyd import chunk as kernels
+from kmclust.lloyd.kernel import ChunkArgs, lloyd_chunk
+from kmclust.lloyd.partial import ChunkState, combine
 
 chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
 
@@ -16,6 +18,20 @@ chunks = hnp.arrays(np.uint8, st.tuples(st.integers(2, 40), st.integers(1, 6)))
 def _stack(cents: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in cents])]).astype(np.int64)
     return np.concatenate(cents), offsets
+
+
+def _args(stack: np.ndarray, offsets: np.ndarray, m: int, **named) -> ChunkArgs:
+    """A chunk task's arguments for integer data, every run of the stack, no labels wanted."""
+    base = dict(
+        centroids=stack,
+        offsets=offsets,
+        run_ids=np.arange(offsets.size - 1),
+        evals={},
+        m=m,
+        integer=True,
+        want_labels=False,
+    )
+    return ChunkArgs(**(base | named))
 
 
 def test_assign_toy_two_runs_by_hand() -> None:
@@ -31,7 +47,7 @@ def test_chunk_sums_counts_candidates_by_hand() -> None:
     stack, offsets = _stack(
         [np.array([[1.0, 0.0], [11.0, 10.0], [100.0, 100.0]], dtype=np.float32)]
     )
-    part, _ = kernels.lloyd_chunk(x, 7, stack, offsets, np.arange(1), {}, 2, True, False)
+    part, _ = lloyd_chunk(x, 7, _args(stack, offsets, 2))
     assert part.counts.tolist() == [2, 2, 0]
     np.testing.assert_array_equal(part.sums, [[2, 0], [22, 20], [0, 0]])
     assert part.sqnorm == 0 + 4 + 200 + 244
@@ -75,19 +91,17 @@ def test_partials_over_any_split_add_up(x: np.ndarray, ks: list[int], seed: int,
     rng = np.random.default_rng(seed)
     stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
     m = max(ks)
-    ids = np.arange(len(ks))
-    whole, _ = kernels.lloyd_chunk(x, 0, stack, offsets, ids, {}, m, True, False)
+    args = _args(stack, offsets, m)
+    whole, _ = lloyd_chunk(x, 0, args)
     cut = data.draw(st.integers(1, x.shape[0] - 1))
-    parts = [
-        kernels.lloyd_chunk(x[:cut], 0, stack, offsets, ids, {}, m, True, False)[0],
-        kernels.lloyd_chunk(x[cut:], cut, stack, offsets, ids, {}, m, True, False)[0],
-    ]
-    merged = kernels.combine(parts)
+    parts = [lloyd_chunk(x[:cut], 0, args)[0], lloyd_chunk(x[cut:], cut, args)[0]]
+    merged = combine(parts)
     np.testing.assert_array_equal(merged.sums, whole.sums)  # exact integer sums
     np.testing.assert_array_equal(merged.counts, whole.counts)
     assert merged.sqnorm == whole.sqnorm
-    # relocation candidates: present exactly for the runs with an empty cluster, equal over any split;
-    # distances come from the float32 expansion (ulp-level differences between BLAS tiles): a tolerance
+    # relocation candidates: present exactly for the runs with an empty cluster, equal over any
+    # split; distances come from the float32 expansion (ulp-level differences between BLAS tiles):
+    # a tolerance
     empty = np.minimum.reduceat(whole.counts, offsets[:-1]) == 0
     assert np.all((whole.cand_i[:, 0] >= 0) == empty)
     np.testing.assert_allclose(merged.cand_d[empty], whole.cand_d[empty], rtol=1e-5, atol=1e-2)
@@ -144,7 +158,8 @@ def test_lloyd_objective_never_increases(x: np.ndarray, k: int, seed: int) -> No
 def test_sums_match_brute_force_on_both_paths(
     x: np.ndarray, ks: list[int], seed: int, dense_share: int
 ) -> None:
-    """Scatter or sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64 loop, exactly."""
+    """Scatter or sparse (dense_share=0) and one-hot GEMM (huge dense_share) sums equal a float64
+    loop, exactly."""
     rng = np.random.default_rng(seed)
     _, offsets = _stack([np.zeros((k, 1)) for k in ks])
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1)
@@ -185,21 +200,18 @@ def test_sums_match_brute_force_on_both_paths(
     block=st.integers(1, 7),
 )
 def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block) -> None:
-    """uint8 rows converted a few at a time give the labels, sums and states of the same rows given as float32."""
+    """uint8 rows converted a few at a time give the labels, sums and states of the same rows given
+    as float32."""
     rng = np.random.default_rng(seed)
     stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
-    ids = np.arange(len(ks))
     evals = {0: stack[: ks[0]].astype(np.float64)}
+    args = _args(stack, offsets, max(ks), evals=evals, want_labels=True, prune=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "BLOCK_ROWS", block)
-        a, sa = kernels.lloyd_chunk(
-            x, 3, stack, offsets, ids, evals, max(ks), True, True, prune=True
-        )
+        a, sa = lloyd_chunk(x, 3, args)
         rows = np.flatnonzero(rng.random(x.shape[0]) < 0.5)
         sub = kernels.distances(x, stack, rows)
-    b, sb = kernels.lloyd_chunk(
-        x.astype(np.float32), 3, stack, offsets, ids, evals, max(ks), True, True, prune=True
-    )
+    b, sb = lloyd_chunk(x.astype(np.float32), 3, args)
     np.testing.assert_array_equal(a.sums, b.sums)
     np.testing.assert_array_equal(a.counts, b.counts)
     np.testing.assert_array_equal(sa.labels, sb.labels)
@@ -216,21 +228,20 @@ def test_uint8_chunks_converted_in_blocks_equal_float_chunks(x, ks, seed, block)
     data=st.data(),
 )
 def test_sparse_delta_partials_combine_to_the_whole_chunk(x, ks, seed, data) -> None:
-    """Delta partials carry only the columns they touch; combined over any split they equal the whole chunk's."""
+    """Delta partials carry only the columns they touch; combined over any split they equal the
+    whole chunk's."""
     rng = np.random.default_rng(seed)
     stack, offsets = _stack([rng.uniform(0, 255, (k, x.shape[1])).astype(np.float32) for k in ks])
     ids = np.arange(len(ks))
     old = np.stack([rng.integers(0, k, x.shape[0]) for k in ks], axis=1).astype(np.int32)
 
     def part(lo, hi):
-        prev = [kernels.ChunkState(ids, old[lo:hi], None, None)]
-        return kernels.lloyd_chunk(
-            x[lo:hi], lo, stack, offsets, ids, {}, max(ks), True, False, prev=prev
-        )[0]
+        prev = [ChunkState(ids, old[lo:hi], None, None)]
+        return lloyd_chunk(x[lo:hi], lo, _args(stack, offsets, max(ks)), prev)[0]
 
     whole = part(0, x.shape[0])
     cut = data.draw(st.integers(1, x.shape[0] - 1))
-    merged = kernels.combine([part(0, cut), part(cut, x.shape[0])])
+    merged = combine([part(0, cut), part(cut, x.shape[0])])
     assert whole.delta and merged.delta
     np.testing.assert_array_equal(merged.dense_sums(), whole.dense_sums())
     np.testing.assert_array_equal(merged.counts, whole.counts)

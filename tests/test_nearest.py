@@ -1,4 +1,4 @@
-"""Labels are the exact nearest centroid, whatever rows or centroids a GEMM saw (near ties included)."""
+"""Labels are the exact nearest centroid, whatever rows or centroids a GEMM saw (ties included)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import pytest
 
 from kmclust.lloyd import chunk as kernels
 from kmclust.lloyd import nearest
+from kmclust.lloyd.bounds import moved_bounds, moved_centroid_bounds
+from kmclust.lloyd.distance import error_bound, row_norms
+from kmclust.lloyd.exact import exact_sum
 
 
 def _brute(x: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
@@ -51,9 +54,24 @@ def test_labels_are_exact_nearest_with_ties_to_lowest_index(seed: int) -> None:
     np.testing.assert_array_equal(labels, ref)
 
 
+def test_settle_tie_takes_the_exact_nearest_within_the_limit() -> None:
+    """The one near-tie rule of all three steps: of the centroids whose computed value is within the
+    limit, the least float64 ‖x − c‖² wins, the lowest index among equals; the others never do."""
+    x = np.array([10.0, 0.0, 0.0, 0.0])
+    c64 = np.array([[10.0, 2, 0, 0], [10, 0, 1, 0], [10, 0, 0, 1], [10, 0, 0, 0], [9, 0, 0, 0]])
+    buf = np.empty(4)  # exact squared distances: 4, 1, 1, 0, 1
+    vals = np.array([0.0, 0.0, 0.0, 5.0, 0.0])  # the exact nearest (3) is outside the limit
+    assert nearest.settle_tie(x, c64, vals, 0, 0, 5, 1.0, -1, buf) == 1  # 1, 2, 4 tie: lowest
+    assert nearest.settle_tie(x, c64, vals, 0, 2, 5, 1.0, -1, buf) == 2  # only columns [lo, hi)
+    vals[3] = 1.0
+    assert nearest.settle_tie(x, c64, vals, 0, 0, 5, 1.0, -1, buf) == 3
+    assert nearest.settle_tie(x, c64, vals[2:], 2, 2, 5, 1.0, -1, buf) == 3  # vals from column 2
+    assert nearest.settle_tie(x, c64, np.full(5, 9.0), 0, 0, 5, 1.0, 7, buf) == 7  # none: ``arg``
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_labels_do_not_depend_on_rows_or_stack_seen(seed: int) -> None:
-    """Whole chunk, a row subset, one run alone: the same labels (the GEMM rounds differently in each)."""
+    """Whole chunk, a row subset, one run alone: the same labels (each GEMM rounds differently)."""
     x, runs = _problem(seed)
     xf = x.astype(np.float32)
     stack = np.concatenate(runs).astype(np.float32)
@@ -69,8 +87,9 @@ def test_labels_do_not_depend_on_rows_or_stack_seen(seed: int) -> None:
 
 @pytest.mark.parametrize("pixels", [False, True], ids=["float32-gemm", "uint8-kernel"])
 def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
-    """The bound exceeds the measured error of float32 ‖c‖² − 2x·c against exact integers, from the GEMM of
-    float32 rows and from the compiled kernel of uint8 rows (odd row and centroid counts, a row subset)."""
+    """The bound exceeds the measured error of float32 ‖c‖² − 2x·c against exact integers, from the
+    GEMM of float32 rows and from the compiled kernel of uint8 rows (odd row and centroid counts, a
+    row subset)."""
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, (503, 784))
     c = rng.integers(0, 256, (41, 784))
@@ -86,7 +105,7 @@ def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
     else:
         got = kernels.distances(xf, cf).astype(np.float64)
     err = np.abs(got - exact).max(axis=1)
-    bound = nearest.error_bound(
+    bound = error_bound(
         np.einsum("ij,ij->i", xf, xf),
         float((cf.astype(np.float64) ** 2).sum(1).max()),
         784,
@@ -97,8 +116,8 @@ def test_error_bound_covers_float32_gemm_error(pixels: bool) -> None:
 
 
 def test_pixel_kernel_matches_the_gemm_and_gives_the_same_labels() -> None:
-    """uint8 rows (compiled kernel) and the same rows in float32 (OpenBLAS's GEMM) differ only by rounding; labels
-    not at all; a row's distances are the same bits whichever rows come with it."""
+    """uint8 rows (compiled kernel) and the same rows in float32 (OpenBLAS's GEMM) differ only by
+    rounding; labels not at all; a row's distances are the same bits whichever rows come with it."""
     x, runs = _problem(0)
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
@@ -117,7 +136,7 @@ def test_pixel_kernel_matches_the_gemm_and_gives_the_same_labels() -> None:
 
 
 def _reassign_case(seed: int) -> tuple:
-    """A per-pair step's inputs on :func:`_problem`: 80 % of the pairs asked for, labels drawn at random."""
+    """A per-pair step's inputs on :func:`_problem`: 80 % of the pairs asked for, random labels."""
     x, runs = _problem(seed)
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
@@ -126,14 +145,15 @@ def _reassign_case(seed: int) -> tuple:
     rng = np.random.default_rng(seed)
     need = rng.random((n, r)) < 0.8
     wrong = np.stack([rng.integers(0, c.shape[0], n) for c in runs], axis=1).astype(np.int32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, x.shape[1], np.float32)
-    return x, runs, stack, offsets, ref, nearest.row_norms(x, np.float32), coef, need, wrong
+    coef = 2.0 * error_bound(1.0, 0.0, x.shape[1], np.float32)
+    return x, runs, stack, offsets, ref, row_norms(x, np.float32), coef, need, wrong
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) -> None:
-    """The compiled per-pair step: wrong labels without a lower bound are replaced by the exact nearest
-    (near ties settled); right labels with a valid lower bound are kept and their upper bound tightened."""
+    """The compiled per-pair step: wrong labels without a lower bound are replaced by the exact
+    nearest (near ties settled); right labels with a valid lower bound are kept and their upper
+    bound tightened."""
     x, runs, stack, offsets, ref, xsq, coef, need, wrong = _reassign_case(seed)
     n, r = ref.shape
     labels, dmin, upper, lower = (
@@ -154,7 +174,7 @@ def test_reassign_gives_exact_nearest_and_keeps_only_proven_labels(seed: int) ->
         own[:, p] = exact[np.arange(n), ref[:, p]]
         exact[np.arange(n), ref[:, p]] = np.inf
         others[:, p] = exact.min(axis=1)
-    # computed squared distances: within one error bound of the exact ones (the bounds' slack covers it)
+    # computed squared distances: within one error bound of the exact ones (the slack covers it)
     err = coef / 2 * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
     assert np.all(np.abs(upper[need] ** 2 - own[need]) <= err[need])
     assert np.all(
@@ -180,11 +200,11 @@ def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
     ref = np.stack([e.argmin(1) for e in exact], axis=1)
     own = np.stack([e.min(1) for e in exact], axis=1)
     others = np.stack([np.sort(e, axis=1)[:, 1] for e in exact], axis=1)
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    xsq = row_norms(x, np.float32)
+    coef = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     window = coef * (xsq[:, None] + 2 * np.array([(c**2).sum(1).max() for c in runs])[None])
-    # the distance to the assigned centroid is computed (off by at most window / 2): beyond 1.5 windows the
-    # lower bound clears it for sure
+    # the distance to the assigned centroid is computed (off by at most window / 2): beyond 1.5
+    # windows the lower bound clears it for sure
     proven = others - own > 1.5 * window
     assert 0.2 < proven.mean() < 1  # both kinds of pairs occur
     labels, upper = ref.astype(np.int32), np.full(ref.shape, np.inf)
@@ -218,7 +238,7 @@ def test_reassign_keeps_proven_labels_and_tightens_their_upper_bound() -> None:
 
 
 def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
-    """Recomputed pairs: label, second-nearest (index), its distance and the third-nearest's, as computed."""
+    """Recomputed pairs: label, runner-up (index), its and the third-nearest's computed distance."""
     rng = np.random.default_rng(11)
     x = rng.integers(0, 256, (300, 784)).astype(np.uint8)
     runs = [
@@ -227,8 +247,8 @@ def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
     stack = np.concatenate(runs).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
     n, r = x.shape[0], len(runs)
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    xsq = row_norms(x, np.float32)
+    coef = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     labels, dmin, upper = (
         np.zeros((n, r), dtype=np.int32),
         np.zeros((n, r)),
@@ -272,16 +292,17 @@ def test_reassign_names_the_runner_up_and_bounds_the_rest() -> None:
 
 
 def test_moved_bounds_track_the_runner_up_apart() -> None:
-    """After moves, kept labels are the exact nearest of the moved centroids, and the bounds hold. Rows near
-    centroid 0 with centroid 1 as runner-up, the others far: when a far centroid moves a lot, the runner-up's
-    own bound keeps the rows (one Hamerly bound, shrunk by the largest move, fails every row)."""
+    """After moves, kept labels are the exact nearest of the moved centroids, and the bounds hold.
+    Rows near centroid 0 with centroid 1 as runner-up, the others far: when a far centroid moves a
+    lot, the runner-up's own bound keeps the rows (one Hamerly bound, shrunk by the largest move,
+    fails every row)."""
     rng = np.random.default_rng(4)
     c = rng.uniform(0, 255, (6, 784))
     c[1] = c[0] + rng.normal(0, 18, 784)  # ~500 from centroid 0; the others ~2,900
     c = c.astype(np.float32)
     x = np.clip(np.rint(c[0] + rng.normal(0, 10, (400, 784))), 0, 255).astype(np.uint8)
     offsets = np.array([0, 6])
-    xsq = nearest.row_norms(x, np.float32)
+    xsq = row_norms(x, np.float32)
     labels, dmin, upper, lower, second = kernels.assign(x, c, offsets, bounds=True, xsq=xsq)
     assert np.all(labels[:, 0] == 0) and np.all(second[:, 0] == 1)
     step = (
@@ -289,9 +310,9 @@ def test_moved_bounds_track_the_runner_up_apart() -> None:
     )  # centroid 5: ~1,000
     moved_c = (c + step).astype(np.float32)
     moved = np.sqrt(((moved_c.astype(np.float64) - c) ** 2).sum(1))
-    slack = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    slack = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
-    new_upper, new_lower, need = nearest.moved_bounds(
+    new_upper, new_lower, need = moved_bounds(
         labels,
         upper,
         lower,
@@ -337,8 +358,9 @@ def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
 
 
 def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails() -> None:
-    """The rest cleared, the runner-up's bound failed: the pair gets the exact nearest of the two, the loser as
-    runner-up with its computed distance, and the rest's bound untouched (no full recompute)."""
+    """The rest cleared, the runner-up's bound failed: the pair gets the exact nearest of the two,
+    the loser as runner-up with its computed distance, and the rest's bound untouched (no full
+    recompute)."""
     rng = np.random.default_rng(5)
     c = rng.uniform(0, 255, (5, 784))
     c[:2] = rng.uniform(60, 195, 784)
@@ -349,8 +371,8 @@ def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails
     exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
     near = exact[:, :2].argmin(1)
     assert 0.2 < near.mean() < 0.8 and np.all(exact[:, 2:].min(1) > 2 * exact[:, :2].max(1))
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    xsq = row_norms(x, np.float32)
+    coef = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     window = coef * (xsq.astype(np.float64) + 2 * (c.astype(np.float64) ** 2).sum(1).max())
     labels = rng.integers(0, 2, (300, 1)).astype(np.int32)  # right or wrong between 0 and 1
     second = (1 - labels).astype(np.int32)
@@ -391,7 +413,7 @@ def _with_centroid_bounds(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...
         c,
         np.array([0, c.shape[0]]),
         bounds=True,
-        xsq=nearest.row_norms(x, np.float32),
+        xsq=row_norms(x, np.float32),
         cbound=cbound,
     )
     return labels, dmin, upper, cbound
@@ -399,8 +421,9 @@ def _with_centroid_bounds(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...
 
 @pytest.mark.parametrize("seed", range(3))
 def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(seed: int) -> None:
-    """Elkan's step with no knowledge (all bounds 0): exact nearest (near ties settled), each checked centroid's
-    bound at most its distance (up to the computed distances' error), the upper bound its computed distance."""
+    """Elkan's step with no knowledge (all bounds 0): exact nearest (near ties settled), each
+    checked centroid's bound at most its distance (up to the computed distances' error), the upper
+    bound its computed distance."""
     x, runs, stack, offsets, ref, xsq, coef, need, wrong = _reassign_case(seed)
     n, r = ref.shape
     labels, dmin, upper = wrong.copy(), np.zeros((n, r)), np.zeros((n, r))
@@ -425,8 +448,9 @@ def test_reassign_centroids_gives_exact_nearest_and_bounds_below_every_distance(
 
 
 def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
-    """Valid bounds just below the distances: a centroid whose bound clears the assigned one's distance keeps
-    its bound (no distance computed); the rest get theirs, and labels are the exact nearest."""
+    """Valid bounds just below the distances: a centroid whose bound clears the assigned one's
+    distance keeps its bound (no distance computed); the rest get theirs, and labels are the exact
+    nearest."""
     rng = np.random.default_rng(8)
     c = rng.uniform(0, 255, (40, 784)).astype(np.float32)
     x = np.clip(
@@ -434,8 +458,8 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
     ).astype(np.uint8)
     exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
     ref = exact.argmin(1)
-    xsq = nearest.row_norms(x, np.float32)
-    coef = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    xsq = row_norms(x, np.float32)
+    coef = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     window = coef * (xsq.astype(np.float64) + 2 * (c.astype(np.float64) ** 2).sum(1).max())
     given = (0.999 * np.sqrt(exact)).astype(np.float32)
     labels = rng.integers(0, 40, (500, 1)).astype(np.int32)  # mostly wrong
@@ -457,8 +481,8 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
         cbound,
     )
     np.testing.assert_array_equal(labels[:, 0], ref)
-    # the assigned distance is computed (off by at most window / 2): beyond 1.5 windows a bound clears it for
-    # sure, below 0.5 windows it fails for sure
+    # the assigned distance is computed (off by at most window / 2): beyond 1.5 windows a bound
+    # clears it for sure, below 0.5 windows it fails for sure
     margin = given.astype(np.float64) ** 2 - assigned[:, None]
     proven, failed = margin > 1.5 * window[:, None], margin < 0.5 * window[:, None]
     proven[np.arange(500), start] = False
@@ -470,25 +494,26 @@ def test_reassign_centroids_computes_only_centroids_whose_bound_fails() -> None:
 
 
 def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances() -> None:
-    """After moves, the per-centroid bounds (lowered in place) stay below the moved centroids' distances, kept
-    labels are the exact nearest, ``fails`` counts the other centroids whose bound does not clear; a far move
-    of one centroid costs only its own bound (one bound per run shrinks by it for every row)."""
+    """After moves, the per-centroid bounds (lowered in place) stay below the moved centroids'
+    distances, kept labels are the exact nearest, ``fails`` counts the other centroids whose bound
+    does not clear; a far move of one centroid costs only its own bound (one bound per run shrinks
+    by it for every row)."""
     rng = np.random.default_rng(4)
     c = rng.uniform(0, 255, (6, 784))
     c[1] = c[0] + rng.normal(0, 18, 784)
     c = c.astype(np.float32)
     x = np.clip(np.rint(c[0] + rng.normal(0, 10, (400, 784))), 0, 255).astype(np.uint8)
     offsets = np.array([0, 6])
-    xsq = nearest.row_norms(x, np.float32)
+    xsq = row_norms(x, np.float32)
     labels, _, upper, cbound = _with_centroid_bounds(x, c)
     step = rng.normal(0, 1, c.shape) * np.array([0.2, 0.2, 0.2, 0.2, 0.2, 36.0])[:, None]
     moved_c = (c + step).astype(np.float32)
     moved = np.sqrt(((moved_c.astype(np.float64) - c) ** 2).sum(1))
-    slack = 2.0 * nearest.error_bound(1.0, 0.0, 784, np.float32)
+    slack = 2.0 * error_bound(1.0, 0.0, 784, np.float32)
     csq_max = float((moved_c.astype(np.float64) ** 2).sum(1).max())
     before = cbound.copy()
     row_slack, run_slack = slack * xsq.astype(np.float64), np.array([slack * 2 * csq_max])
-    new_upper, need, fails = nearest.moved_centroid_bounds(
+    new_upper, need, fails = moved_centroid_bounds(
         labels, upper, cbound, moved, offsets, row_slack, run_slack
     )
     exact = ((x.astype(np.float64)[:, None] - moved_c.astype(np.float64)[None]) ** 2).sum(-1)
@@ -510,7 +535,7 @@ def test_moved_centroid_bounds_keep_proven_labels_and_stay_below_the_distances()
 
 
 def test_exact_sum_is_the_exact_sum_in_any_grouping() -> None:
-    """Against Fraction arithmetic: no rounding at any magnitude, so chunks' sums add up to the whole's."""
+    """Against Fractions: no rounding at any magnitude, so chunks' sums add up to the whole's."""
     from fractions import Fraction
 
     rng = np.random.default_rng(4)
@@ -522,10 +547,8 @@ def test_exact_sum_is_the_exact_sum_in_any_grouping() -> None:
         ]
     )
     ref = sum((Fraction(float(a)) for a in v), Fraction(0))
-    assert nearest.exact_sum(v) == ref
-    assert sum(nearest.exact_sum(part) for part in np.array_split(rng.permutation(v), 7)) == ref
-    assert nearest.exact_sum(np.zeros(0)) == 0
-    assert (
-        float(nearest.exact_sum(np.full(10, 0.1))) == 1.0 and sum([0.1] * 10) != 1.0
-    )  # float sums round
-    assert np.isnan(nearest.exact_sum(np.array([1.0, np.nan])))
+    assert exact_sum(v) == ref
+    assert sum(exact_sum(part) for part in np.array_split(rng.permutation(v), 7)) == ref
+    assert exact_sum(np.zeros(0)) == 0
+    assert float(exact_sum(np.full(10, 0.1))) == 1.0 and sum([0.1] * 10) != 1.0  # float sums round
+    assert np.isnan(exact_sum(np.array([1.0, np.nan])))

@@ -1,12 +1,17 @@
-"""Batched Lloyd iterations as Dask map-reduce: the driver over one batch of runs (graphs and pools: kmclust.lloyd.executors).
+"""Batched Lloyd iterations as Dask map-reduce: the driver over one batch of runs.
 
-Every iteration maps :func:`kmclust.lloyd.chunk.lloyd_chunk` over the data's row
-chunks (× a few groups of runs, so that small data still keeps every worker
-busy), combines the partials with a fixed-order tree reduction and computes
-all groups in one round trip. On a cluster, with the chunks persisted, one
-task per worker thread runs the kernel over the chunks its worker holds and
-the driver reduces their partials in the same order: a task costs a few ms
-of round trips per pass, more than a settled pass's kernels.
+Every iteration plans one pass (:mod:`kmclust.lloyd.plan`: the runs split
+into a few groups, so that small data still keeps every worker busy; what
+each chunk task computes; the fixed-order reduction tree) and hands it to an
+executor (:mod:`kmclust.lloyd.executors`), which maps
+:func:`kmclust.lloyd.kernel.lloyd_chunk` over the data's row chunks and
+reduces each group's partials along that tree. The driver picks the
+executor once per call: on a cluster with every chunk persisted, one task
+per worker thread over the chunks its worker holds (``"slots"``); on a
+cluster otherwise, one dask graph a pass (``"graph"``); without a cluster,
+a thread pool for in-memory chunks on dask's threaded scheduler
+(``"pool"``), else a graph on dask's local scheduler. The bits are the same
+whichever runs the pass.
 
 The driver then updates each run in float64, relocates empty clusters to
 the farthest points, and drops converged runs; a converged run spends one
@@ -26,16 +31,37 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
+import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 
 from kmclust.data.select import take_rows
-from kmclust.lloyd import chunk as kernels
 from kmclust.lloyd import stopping
-from kmclust.lloyd.executors import Pass, one_blas_thread
-from kmclust.lloyd.placement import as_dask, default_client, n_threads, persist_balanced
+from kmclust.lloyd.chunk import compute_dtype
+from kmclust.lloyd.executors import (
+    Executor,
+    GraphExecutor,
+    PoolExecutor,
+    SlotExecutor,
+    one_blas_thread,
+)
+from kmclust.lloyd.partial import Partial
+from kmclust.lloyd.placement import (
+    as_dask,
+    chunk_refs,
+    default_client,
+    n_threads,
+    persist_balanced,
+    worker_slots,
+)
+from kmclust.lloyd.plan import Layout, layout, plan_pass
 from kmclust.lloyd.runs import Run, RunResult
+
+#: The executors a caller may force (``executor=``; None: the driver's choice).
+EXECUTORS = ("pool", "graph", "slots")
 
 
 @one_blas_thread
@@ -54,6 +80,7 @@ def lloyd(
     integer: bool | None = None,
     prune: bool = True,
     stream: bool = False,
+    executor: str | None = None,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -70,55 +97,41 @@ def lloyd(
     uint8 data stay uint8 in memory (a quarter of float32's bytes), the
     kernels convert a cache-sized block of rows at a time.
     ``prune`` (integer data) skips rows whose label provably cannot change
-    (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid, as Elkan's, for a batch
-    of one run or of runs of many centroids); results are bit-identical to the unpruned
-    computation because labels are the exact nearest centroid
-    (:mod:`kmclust.lloyd.nearest`). Runs needing many rows share one GEMM over
-    their rows' union, the others a compiled per-pair step; ``prune=False``
-    keeps one GEMM over all rows (the reference the bench compares with).
+    (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid,
+    as Elkan's, for a batch of one run or of runs of many centroids); results
+    are bit-identical to the unpruned computation because labels are the
+    exact nearest centroid (:mod:`kmclust.lloyd.nearest`). Runs needing many
+    rows share one GEMM over their rows' union, the others a compiled
+    per-pair step; ``prune=False`` keeps one GEMM over all rows (the
+    reference the bench compares with).
     ``stream=True`` reads the chunks from their source every pass and keeps
     no per-row state between passes (implies ``persist=False``, no delta sums,
     no pruning): worker memory stays bounded by the chunk size for data far
     larger than the cluster's memory. Results are bit-identical either way.
+    ``executor`` forces one of ``EXECUTORS`` (tests; results are the same).
     """
-    x = as_dask(x)
-    persist = persist and not stream
-    n, d = x.shape
-    client = default_client()
-    if integer is None:
-        integer = x.dtype == np.uint8
-    if persist:
-        x = persist_balanced(x)
-    if n_groups is None:
-        n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
-    runs = [Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
-    for run in runs:
-        if run.c64.ndim != 2 or run.c64.shape[1] != d:
-            run.state, run.error = (
-                "failed",
-                f"initial centroids have shape {run.c64.shape}, expected (k, {d})",
-            )
-        elif not 1 <= run.k <= n:
-            run.state, run.error = (
-                "failed",
-                f"k={run.k} must be between 1 and the number of samples ({n})",
-            )
-        elif not np.all(np.isfinite(run.c64)):
-            run.state, run.error = "failed", "initial centroids contain NaN or inf"
+    engine = _engine(
+        x,
+        persist=persist and not stream,
+        balance=True,
+        integer=integer,
+        n_groups=n_groups,
+        stateful=not stream,
+        prune=prune,
+        executor=executor,
+    )
+    n, d = engine.x.shape
+    runs = _start(inits, scale, n, d)
     if on_done is not None:
         for run in runs:
             if run.state == "failed":
                 on_done(run.index, _result(run, n, scale))
-    passes = Pass(x, client, n_groups, integer, stateful=not stream, prune=prune)
     tol_raw = tol / scale
     patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     sqnorm = math.nan  # Σ‖x‖², from the first pass
-    while True:
-        live = [r for r in runs if r.state in ("active", "eval")]
-        if not live:
-            break
-        relocations: list[tuple[Run, kernels.Partial, int]] = []
-        for group, evals, part in passes.run(live, return_labels, patches=patches):
+    while live := [r for r in runs if r.state in ("active", "eval")]:
+        relocations: list[tuple[Run, Partial, int]] = []
+        for group, evals, part in engine.run(live, labels=return_labels, patches=patches):
             if not math.isnan(part.sqnorm):
                 sqnorm = part.sqnorm
             offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
@@ -142,8 +155,8 @@ def lloyd(
                 else:
                     _update(run, tol_raw, max_iter)
         if relocations and any(part.pruned for _, part, _ in relocations):
-            relocations = _exact_candidates(passes, [run for run, _, _ in relocations])
-        patches = _relocate(x, relocations, max_iter) if relocations else {}
+            relocations = _exact_candidates(engine, [run for run, _, _ in relocations])
+        patches = _relocate(engine.x, relocations, max_iter) if relocations else {}
         if on_done is not None:
             for run in live:
                 if run.state in ("done", "failed"):
@@ -153,18 +166,144 @@ def lloyd(
     return [_result(r, n, scale) for r in runs]
 
 
+@one_blas_thread
+def predict(
+    x: np.ndarray | da.Array,
+    centroids: Sequence[np.ndarray],
+    *,
+    scale: float = 1.0,
+    persist: bool = False,
+    errors: bool = True,
+    executor: str | None = None,
+) -> list[tuple[np.ndarray, float, float]]:
+    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass.
+
+    ``errors=False`` skips the exact float64 distances (both are then NaN).
+    """
+    engine = _engine(x, persist=persist, balance=False, executor=executor)
+    n = engine.x.shape[0]
+    runs = [
+        Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval")
+        for i, c in enumerate(centroids)
+    ]
+    out: dict[int, tuple[np.ndarray, float, float]] = {}
+    for group, evals, part in engine.run(runs, labels=True, errors=errors):
+        for pos, run in enumerate(group):
+            labels = np.concatenate(
+                [lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])]
+            )
+            j, md = math.nan, math.nan
+            if errors:
+                j = float(part.eval_sse[pos] / n * scale**2)
+                md = float(part.eval_dist[pos] / n * scale)
+            out[run.index] = (labels, j, md)
+    return [out[i] for i in range(len(runs))]
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """What ``lloyd`` and ``predict`` share: the data, its passes' layout, who runs them."""
+
+    x: da.Array  # (N, D) row chunks, persisted as asked
+    layout: Layout
+    executor: Executor
+
+    def run(
+        self,
+        runs: list[Run],
+        *,
+        labels: bool,
+        errors: bool = True,
+        patches: dict | None = None,
+        stateless: bool = False,
+    ) -> list[tuple[tuple[Run, ...], list[int], Partial]]:
+        """One pass; per group: its runs, the stack positions being evaluated, the partial.
+
+        ``stateless``: neither use nor replace the chunks' states (nor prune).
+        """
+        lay = replace(self.layout, stateful=False, prune=False) if stateless else self.layout
+        # fresh keys every pass: nothing to hash, nothing shared with a failed pass
+        plan = plan_pass(runs, lay, uuid.uuid4().hex, labels=labels, errors=errors, patches=patches)
+        parts = self.executor.run(plan)
+        return [(group, plan.evals(g), parts[g]) for g, group in enumerate(plan.groups)]
+
+
+def _engine(
+    x: np.ndarray | da.Array,
+    *,
+    persist: bool,
+    balance: bool,
+    integer: bool | None = None,
+    n_groups: int | None = None,
+    stateful: bool = False,
+    prune: bool = False,
+    executor: str | None = None,
+) -> _Engine:
+    """The setup of a call: ``x`` as row chunks (persisted, placed evenly if ``balance``), the
+    passes' layout and the executor."""
+    x = as_dask(x)
+    if persist:
+        x = persist_balanced(x) if balance else x.persist()
+    client = default_client()
+    if integer is None:
+        integer = x.dtype == np.uint8
+    if n_groups is None:
+        n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
+    lay = layout(x.chunks[0], n_groups, compute_dtype(x.dtype), integer, stateful, prune)
+    return _Engine(x, lay, _executor(x, client, executor))
+
+
+def _executor(x: da.Array, client, name: str | None) -> Executor:
+    """The executor ``name`` for ``x``'s chunks, or (None) the one that suits them best."""
+    source, chunks = chunk_refs(x)
+    slots = worker_slots(client, chunks) if client is not None else None
+    in_memory = not source and all(isinstance(c, np.ndarray) for c in chunks)
+    threaded = dask.base.get_scheduler() in (None, dask.threaded.get)
+    if name is None:
+        if client is not None:
+            name = "slots" if slots is not None else "graph"
+        else:
+            name = "pool" if in_memory and threaded else "graph"
+    if name == "slots" and slots is not None:
+        return SlotExecutor(client, chunks, slots)
+    if name == "pool" and in_memory:
+        return PoolExecutor(chunks, n_threads(None))
+    if name == "graph":
+        return GraphExecutor(source, chunks, client)
+    if name in EXECUTORS:
+        raise ValueError(
+            f"executor {name!r} cannot run these chunks: 'slots' needs every chunk persisted on a "
+            "distributed cluster, 'pool' every chunk in this process's memory"
+        )
+    raise ValueError(f"unknown executor {name!r}: one of {', '.join(EXECUTORS)}")
+
+
+def _start(inits: Sequence[np.ndarray], scale: float, n: int, d: int) -> list[Run]:
+    """The runs from their initial centroids; a run that cannot start has failed already."""
+    runs = [Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
+    for run in runs:
+        if run.c64.ndim != 2 or run.c64.shape[1] != d:
+            run.error = f"initial centroids have shape {run.c64.shape}, expected (k, {d})"
+        elif not 1 <= run.k <= n:
+            run.error = f"k={run.k} must be between 1 and the number of samples ({n})"
+        elif not np.all(np.isfinite(run.c64)):
+            run.error = "initial centroids contain NaN or inf"
+        if run.error:
+            run.state = "failed"
+    return runs
+
+
 def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
-    """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no float32 cancellation)."""
+    """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no cancellation)."""
     return float(
         sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c)
     )
 
 
-def _exact_candidates(passes: Pass, runs: list[Run]) -> list[tuple[Run, kernels.Partial, int]]:
+def _exact_candidates(engine: _Engine, runs: list[Run]) -> list[tuple[Run, Partial, int]]:
     """Relocation candidates from an unpruned pass (pruned passes only know upper bounds)."""
-    plain = Pass(passes.x, passes.client, passes.n_groups, passes.integer, stateful=False)
     found = {}
-    for group, _, part in plain.run(runs, False, False):
+    for group, _, part in engine.run(runs, labels=False, errors=False, stateless=True):
         for pos, run in enumerate(group):
             found[run.index] = (run, part, pos)
     return [found[r.index] for r in runs]
@@ -234,7 +373,7 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
     return patches
 
 
-def _labels_of(part: kernels.Partial, evals: list[int], pos: int) -> list[tuple[int, np.ndarray]]:
+def _labels_of(part: Partial, evals: list[int], pos: int) -> list[tuple[int, np.ndarray]]:
     """The label columns of stack position ``pos`` among the evaluated positions."""
     col = evals.index(pos)
     return [(start, lab[:, col]) for start, lab in part.labels]
@@ -257,45 +396,3 @@ def _result(run: Run, n: int, scale: float) -> RunResult:
         labels=labels,
         error=run.error,
     )
-
-
-@one_blas_thread
-def predict(
-    x: np.ndarray | da.Array,
-    centroids: Sequence[np.ndarray],
-    *,
-    scale: float = 1.0,
-    persist: bool = False,
-    errors: bool = True,
-) -> list[tuple[np.ndarray, float, float]]:
-    """Labels, Σ‖x − z‖² / N and Σ‖x − z‖ / N of ``x`` for each centroid set, in one pass.
-
-    ``errors=False`` skips the exact float64 distances (both are then NaN).
-    """
-    x = as_dask(x)
-    if persist:
-        x = x.persist()
-    n = x.shape[0]
-    client = default_client()
-    runs = [
-        Run(i, np.asarray(c, dtype=np.float64) / scale, state="eval")
-        for i, c in enumerate(centroids)
-    ]
-    n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
-    out: dict[int, tuple[np.ndarray, float, float]] = {}
-    nan = math.nan
-    integer = x.dtype == np.uint8
-    for group, evals, part in Pass(x, client, n_groups, integer, stateful=False).run(
-        runs, True, errors
-    ):
-        for pos, run in enumerate(group):
-            labels = np.concatenate(
-                [lab for _, lab in sorted(_labels_of(part, evals, pos), key=lambda t: t[0])]
-            )
-            j, md = (
-                (float(part.eval_sse[pos] / n * scale**2), float(part.eval_dist[pos] / n * scale))
-                if errors
-                else (nan, nan)
-            )
-            out[run.index] = (labels, j, md)
-    return [out[i] for i in range(len(runs))]

@@ -1,62 +1,61 @@
-"""Running a pass over the chunks: a thread pool, a dask graph, or one task per worker thread."""
+"""Executors: each turns a :class:`~kmclust.lloyd.plan.PassPlan` into work and keeps what the
+chunks remember between passes.
+
+- :class:`PoolExecutor`: chunk tasks straight to a thread pool (in-memory chunks, no graph);
+- :class:`GraphExecutor`: one plain dask graph a pass, on a distributed client or dask's local
+  scheduler;
+- :class:`SlotExecutor`: one task per worker thread over the chunks its worker holds.
+
+Each has one method, ``run(plan) -> list[Partial]`` (one per group, reduced along
+``plan.tree``, so the bits never depend on the executor), and its own chunk states.
+"""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import os
 import signal
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import dask
-import dask.array as da
 import dask.threaded
 import numpy as np
 from dask.utils import parse_bytes
 from threadpoolctl import threadpool_limits
 
-from kmclust.lloyd import chunk as kernels
-from kmclust.lloyd.placement import by_worker, n_threads
-from kmclust.lloyd.plan import PassArgs, chunk_refs, group_runs, reduce_parts, tree_graph
-from kmclust.lloyd.runs import Run
+from kmclust.lloyd import kernel
+from kmclust.lloyd.kernel import ChunkArgs
+from kmclust.lloyd.partial import ChunkState, Partial, combine
+from kmclust.lloyd.plan import PassPlan, fold
 
 #: distributed's size above which the client warns that it sends a large graph.
 _LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
 
-
-#: Driver-side objects above this size get a graph key of their own under a distributed Client.
+#: Chunk-task arguments above this size get a graph key of their own under a distributed Client.
 SHARE_BYTES = 64 * 2**10
-
 
 #: Test-only fault hook: a worker process whose chunk task stacks a run with this k kills itself.
 KILL_K_ENV = "KMCLUST_TEST_KILL_K"
 
 
-def _chunk_task(*args):
-    """Worker-side entry of a chunk task: the fault hook (distributed workers only), then the pure kernel."""
+class Executor(Protocol):
+    """Runs passes; keeps the chunks' states from one pass to the next."""
+
+    def run(self, plan: PassPlan) -> list[Partial]:
+        """Compute one pass: per group of ``plan``, its partials reduced along ``plan.tree``."""
+        ...
+
+
+def _chunk_task(x: np.ndarray, start: int, args: ChunkArgs, prev: list[ChunkState] | None):
+    """Entry of a chunk task: the fault hook (distributed workers only), then the kernel."""
     kill_k = os.environ.get(KILL_K_ENV)
-    if kill_k and int(kill_k) in np.diff(args[3]) and _in_worker():
+    if kill_k and int(kill_k) in np.diff(args.offsets) and _in_worker():
         os.kill(os.getpid(), signal.SIGKILL)
-    return kernels.lloyd_chunk(*args)
-
-
-def _slot_task(blocks: list, starts: list, prevs: list, prev_index: list, args: PassArgs):
-    """Worker-side entry of a slot task: the chunk task for each of one worker thread's chunks in turn.
-
-    ``prevs`` are the previous pass's slot results holding these chunks'
-    states; ``prev_index[i]`` lists (result, position) pairs, flattened, for
-    chunk ``i``. Returns the chunks' partials (in ``blocks`` order) and states.
-    """
-    head, tail = args.value  # the chunk task's arguments before and after its previous states
-    parts, states = [], []
-    for blk, start, where in zip(blocks, starts, prev_index):
-        prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or None
-        part, state = _chunk_task(blk, start, *head, prev, *tail)
-        parts.append(part)
-        states.append(state)
-    return parts, states
+    return kernel.lloyd_chunk(x, start, args, prev)
 
 
 def _in_worker() -> bool:
@@ -69,320 +68,232 @@ def _in_worker() -> bool:
         return False
 
 
-class Pass:
-    """Map-reduce passes of the kernel over all chunks for a set of runs.
+class PoolExecutor:
+    """Chunk tasks straight to a pool of as many threads as dask's (``num_workers``), no graph.
 
-    For integer-valued data each chunk task also leaves its labels on the
-    worker as state for the next pass (kept there, never gathered), so the
-    kernel can send only changes of the cluster sums.
-
-    Each pass is one plain task graph (dask's custom-graph dicts) computed in
-    one call: building it through ``dask.delayed`` cost ~5 ms per pass in
-    expression handling, more than a settled pass's kernels take. On dask's
-    threaded scheduler with in-memory chunks the chunk tasks skip the graph
-    and go to a thread pool (:meth:`_pool`); the partials are added in the
-    same order either way, so the bits do not depend on the scheduler.
+    For in-memory chunks on dask's threaded scheduler: dask's local scheduler
+    spent more time converting, ordering and tracking a pass's tasks than a
+    settled pass's kernels take.
     """
 
-    def __init__(
-        self, x: da.Array, client, n_groups: int, integer: bool, stateful: bool, prune: bool = False
-    ):
-        self.x = x
+    def __init__(self, chunks: list[np.ndarray], threads: int):
+        self.chunks = chunks
+        self.threads = threads
+        self.states: list[list[ChunkState]] | None = None  # per chunk, per group
+
+    def run(self, plan: PassPlan) -> list[Partial]:
+        pool = _thread_pool(self.threads)
+        prev = self.states if plan.stateful else None
+        pending = [
+            [
+                pool.submit(_chunk_task, blk, start, args, prev[c] if prev else None)
+                for c, (blk, start) in enumerate(zip(self.chunks, plan.starts))
+            ]
+            for args in plan.tasks
+        ]
+        done = [[f.result() for f in per_group] for per_group in pending]
+        if plan.stateful:
+            self.states = [[per_group[c][1] for per_group in done] for c in range(len(self.chunks))]
+        return [fold([part for part, _ in per_group], plan.tree, combine) for per_group in done]
+
+
+class GraphExecutor:
+    """One plain task graph a pass (dask's custom-graph dicts), computed in one call.
+
+    Building it through ``dask.delayed`` cost more in expression handling
+    than a settled pass's kernels take. On a distributed ``client`` the
+    states stay on the workers as futures (never gathered); without one,
+    dask's current local scheduler computes the graph. ``source`` is the
+    graph the chunk references need (streamed chunks), else empty.
+    """
+
+    def __init__(self, source: dict, chunks: list, client=None):
+        self.source = source
+        self.chunks = chunks
         self.client = client
-        self.n_groups = n_groups
-        self.integer = integer
-        self.stateful = stateful and integer
-        self.prune = prune and self.stateful
-        self.source, self.chunks = chunk_refs(x)
-        self.starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).tolist()
-        self.cdtype = kernels.compute_dtype(x.dtype)
-        self.states: list[list] | None = (
-            None  # per chunk: the previous pass's states (objects or futures)
-        )
-        self._held: list = []  # futures no longer needed, dropped only after the next submission (see _submit)
-        self._carried = 0  # bytes of centroids the pass being built carries (see _submit)
-        self.slots = self._slots()
+        self.states: list[list] | None = None  # per chunk, per group: futures or ChunkStates
+        self._held: list = []  # futures dropped only after the next submission (see _submit)
 
-    def _slots(self) -> list[list[int]] | None:
-        """Chunk indices per worker thread when every chunk is persisted on a cluster, else None.
-
-        Each pass then runs one task per thread over its chunks instead of one
-        per chunk: on a LocalCluster of this 2-vCPU machine every task costs a
-        few ms of scheduler and worker round trips per pass, more than a
-        settled pass's kernels take (see BENCHMARKS.md). A slot task's result,
-        held as its chunks' state until the next pass, also keeps their
-        partials there (int32 sums: ΣK × D × 4 bytes a chunk, sparse after
-        the first passes).
-        """
-        per_worker = by_worker(self.client, self.chunks) if self.client is not None else None
-        if per_worker is None:
-            return None
-        nthreads = self.client.nthreads()
-        slots = []
-        for w in sorted(per_worker):
-            mine = per_worker[w]
-            n = min(len(mine), max(1, nthreads.get(w, 1)))
-            slots.extend(mine[i::n] for i in range(n))
-        return slots
-
-    def _share(self, dsk: dict, key: str, obj, nbytes: int):
-        """A driver-side object for the pass's tasks: inline, or (large, on a cluster) one data key.
-
-        As a key a 4 MB centroid stack travels once per pass instead of once per chunk task. Slot tasks
-        (one per worker thread) take it inline: a data key would cost a task and a hop between workers.
-        """
-        if self.client is None or self.slots is not None or nbytes < SHARE_BYTES:
-            return obj
-        dsk[key] = obj
-        return key
-
-    def run(
-        self,
-        runs: list[Run],
-        want_labels: bool,
-        want_errors: bool = True,
-        patches: dict | None = None,
-    ) -> list[tuple[list[Run], list[int], kernels.Partial]]:
-        """Compute one pass; per group: its runs, the stack positions being evaluated, the partial."""
-        groups = group_runs(runs, self.n_groups)
-        self._carried = 0
-        token = (
-            uuid.uuid4().hex
-        )  # fresh keys every pass: nothing to hash, nothing shared with a failed pass
+    def run(self, plan: PassPlan) -> list[Partial]:
+        token = plan.token
         dsk = dict(self.source)
-        roots, eval_pos, slot_parts = [], [], []
+        roots: list = []
         state_keys: list[list] = [[] for _ in self.chunks]
-        patches = patches or {}
-        patches_ref = self._share(
-            dsk,
-            f"kmclust-patches-{token}",
-            patches,
-            sum(i.nbytes + lab.nbytes for i, lab in patches.values()),
-        )
-        drift = {r.index: r.drift for r in runs if r.drift is not None} if self.prune else None
-        pool = self._pool()
-        pending: list[list] = []  # per group, the pool's futures of its chunk tasks
-        for g, group in enumerate(groups):
-            stack = np.concatenate([r.c64 for r in group]).astype(self.cdtype)
-            offsets = np.concatenate([[0], np.cumsum([r.k for r in group])]).astype(np.int64)
-            run_ids = np.array([r.index for r in group], dtype=np.int64)
-            evals = {p: r.c64 for p, r in enumerate(group) if r.state == "eval"}
-            self._carried += stack.nbytes + sum(c.nbytes for c in evals.values())
-            eval_pos.append(sorted(evals))
-            m = max(r.k for r in group)
-            stack_ref = self._share(dsk, f"kmclust-stack-{token}-{g}", stack, stack.nbytes)
-            evals_ref = self._share(
-                dsk, f"kmclust-evals-{token}-{g}", evals, sum(c.nbytes for c in evals.values())
-            )
-            if self.slots is not None:
-                args = (
-                    (
-                        stack_ref,
-                        offsets,
-                        run_ids,
-                        evals_ref,
-                        m,
-                        self.integer,
-                        want_labels,
-                        want_errors,
-                    ),
-                    (patches_ref, drift, self.prune),
-                )
-                slot_parts.append(self._slot_graph(dsk, token, g, args, state_keys))
-                continue
-            if pool is not None:
-                pending.append(
-                    [
-                        pool.submit(
-                            _chunk_task,
-                            blk,
-                            start,
-                            stack,
-                            offsets,
-                            run_ids,
-                            evals,
-                            m,
-                            self.integer,
-                            want_labels,
-                            want_errors,
-                            self.states[c] if self.states else None,
-                            patches,
-                            drift,
-                            self.prune,
-                        )
-                        for c, (blk, start) in enumerate(zip(self.chunks, self.starts))
-                    ]
-                )
-                continue
+        carried = 0  # bytes of centroids in the graph: once per chunk task unless shared
+        for g, args in enumerate(plan.tasks):
+            ref = self._share(dsk, f"kmclust-args-{token}-{g}", args)
+            carried += args.nbytes * (1 if ref is not args else len(self.chunks))
             parts = []
-            for c, (blk, start) in enumerate(zip(self.chunks, self.starts)):
-                prev = self.states[c] if self.stateful and self.states else None
+            for c, (blk, start) in enumerate(zip(self.chunks, plan.starts)):
+                prev = self.states[c] if plan.stateful and self.states else None
                 task = (f"kmclust-chunk-{token}", g, c)
-                dsk[task] = (
-                    _chunk_task,
-                    blk,
-                    start,
-                    stack_ref,
-                    offsets,
-                    run_ids,
-                    evals_ref,
-                    m,
-                    self.integer,
-                    want_labels,
-                    want_errors,
-                    prev,
-                    patches_ref,
-                    drift,
-                    self.prune,
-                )
+                dsk[task] = (_chunk_task, blk, start, ref, prev)
                 dsk[(f"kmclust-part-{token}", g, c)] = (operator.getitem, task, 0)
                 parts.append((f"kmclust-part-{token}", g, c))
-                if self.stateful:
+                if plan.stateful:
                     dsk[(f"kmclust-state-{token}", g, c)] = (operator.getitem, task, 1)
                     state_keys[c].append((f"kmclust-state-{token}", g, c))
-            roots.append(tree_graph(dsk, parts, f"kmclust-combine-{token}-{g}"))
-        if self.slots is not None:
-            return self._run_slots(dsk, groups, eval_pos, slot_parts, state_keys)
-        if pool is not None:
-            return self._finish_pool(groups, eval_pos, pending)
+            roots.append(fold(parts, plan.tree, _add_combine(dsk, f"kmclust-combine-{token}-{g}")))
         flat = [k for per_chunk in state_keys for k in per_chunk]
-        if self.client is not None:  # one submission: states stay on the workers as futures
-            futures = self._submit(dsk, roots + flat)
-            try:
-                results = self.client.gather(futures[: len(roots)])
-            except BaseException:
-                # drop the pass's queued tasks: left running, a task that kills its worker would go
-                # on killing workers while the caller reloads data or retries other runs
-                self.client.cancel(futures + [f for per in self.states or [] for f in per])
-                raise
-            states = futures[len(roots) :]
-        else:
+        if self.client is None:
             get = dask.base.get_scheduler() or dask.threaded.get
             out = get(dsk, roots + flat)
             results, states = out[: len(roots)], out[len(roots) :]
-        if self.stateful:
-            per = len(groups)
+        else:  # one submission: states stay on the workers as futures
+            futures = _submit(self.client, dsk, roots + flat, carried)
+            self._held = [futures]
+            earlier = [f for per_chunk in self.states or [] for f in per_chunk]
+            results = _gather(self.client, futures, len(roots), earlier)
+            states = futures[len(roots) :]
+        if plan.stateful:
+            per = len(plan.tasks)
             if self.client is not None:
                 self._held.append(self.states)
-            self.states = [states[c * per : (c + 1) * per] for c in range(len(self.chunks))]
-        return list(zip(groups, eval_pos, results))
+            self.states = [list(states[c * per : (c + 1) * per]) for c in range(len(self.chunks))]
+        return list(results)
 
-    def _pool(self) -> ThreadPoolExecutor | None:
-        """Threads for this pass's chunk tasks, when dask's threaded scheduler would run them on in-memory chunks.
+    def _share(self, dsk: dict, key: str, args: ChunkArgs):
+        """A group's arguments for its chunk tasks: inline, or (large, on a cluster) one data key.
 
-        The tasks then go straight to a pool of as many threads as dask's
-        (``num_workers``), no graph: dask's local scheduler spent ~4 ms a
-        pass converting, ordering and tracking the ~25 tasks of a pass (one
-        k=20 run: more than a settled pass's kernels). Any other scheduler
-        (``sync``, ``processes``, a client) and chunks that must be read
-        (streaming) keep the dask graph.
+        As a key a large centroid stack travels once per pass instead of once per chunk task.
         """
-        if (
-            self.client is not None
-            or self.source
-            or dask.base.get_scheduler() not in (None, dask.threaded.get)
-        ):
-            return None
-        return _thread_pool(n_threads(None))
+        if self.client is None or args.nbytes < SHARE_BYTES:
+            return args
+        dsk[key] = args
+        return key
 
-    def _finish_pool(self, groups: list, eval_pos: list, pending: list[list]) -> list:
-        """Wait for a pool pass; reduce each group's partials in chunk order (as :func:`tree_graph`); keep the states."""
-        done = [[f.result() for f in per_group] for per_group in pending]
-        if self.stateful:
-            self.states = [
-                [done[g][c][1] for g in range(len(groups))] for c in range(len(self.chunks))
-            ]
-        return list(
-            zip(
-                groups,
-                eval_pos,
-                [reduce_parts([part for part, _ in per_group]) for per_group in done],
-            )
-        )
 
-    def _submit(self, dsk: dict, keys: list) -> list:
-        """Submit a pass's graph; only then drop the futures of earlier passes (held until now).
+def _add_combine(dsk: dict, name: str) -> Callable[[list], tuple]:
+    """A ``merge`` for :func:`~kmclust.lloyd.plan.fold` that adds a combine task to ``dsk``."""
+    counter = itertools.count()
 
-        The client sends both the graph and the release of dropped futures
-        through one batched stream, at most one message per 10 ms: releases
-        sent at the end of a pass held the next pass's graph back by up to
-        10 ms, and the scheduler's own 5 ms batches to the workers (freeing
-        those keys) then held the tasks back again (LocalCluster, k=20 run:
-        ~9 ms of a 20-35 ms pass; see BENCHMARKS.md). Sent after the graph,
-        the releases delay nothing.
-        """
-        # The graph carries the pass's centroids (inline once per slot task): by design, so distributed's
-        # "Sending large graph" warning (10 MB by default; 12 MB a pass in `make sweep`) is raised above that.
-        copies = len(self.slots) if self.slots is not None else 1
-        limit = max(parse_bytes(dask.config.get(_LARGE_GRAPH, "10MB")), 2 * copies * self._carried)
-        with dask.config.set({_LARGE_GRAPH: limit}):
-            futures = self.client.get(dsk, keys, sync=False)
+    def merge(keys: list) -> tuple:
+        key = (name, next(counter))
+        dsk[key] = (combine, keys)
+        return key
+
+    return merge
+
+
+def _slot_task(blocks: list, starts: list, prevs: list, prev_index: list, args: ChunkArgs):
+    """Entry of a slot task: the chunk task for each of one worker thread's chunks in turn.
+
+    ``prevs`` are the previous pass's slot results holding these chunks'
+    states; ``prev_index[i]`` lists (result, position) pairs, flattened, for
+    chunk ``i``. Returns the chunks' partials (in ``blocks`` order) and states.
+    """
+    parts, states = [], []
+    for blk, start, where in zip(blocks, starts, prev_index):
+        prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or None
+        part, state = _chunk_task(blk, start, args, prev)
+        parts.append(part)
+        states.append(state)
+    return parts, states
+
+
+class SlotExecutor:
+    """One task per worker thread and group over the chunks its worker holds (all persisted).
+
+    ``slots`` lists the chunk indices of each worker thread
+    (:func:`kmclust.lloyd.placement.worker_slots`). A slot task's result, held
+    as its chunks' state until the next pass, also keeps their partials there
+    (int32 sums, sparse after the first passes); the driver reduces the
+    gathered partials along the plan's tree. Slot tasks take their arguments
+    inline: a data key would cost a task and a hop between workers.
+    """
+
+    def __init__(self, client, chunks: list, slots: list[list[int]]):
+        self.client = client
+        self.chunks = chunks
+        self.slots = slots
+        self.states: list[list] | None = None  # per chunk, per group: (slot future, position)
+        self._held: list = []  # futures dropped only after the next submission (see _submit)
+
+    def run(self, plan: PassPlan) -> list[Partial]:
+        dsk: dict = {}
+        part_keys = []  # per group, per slot
+        state_keys: list[list] = [[] for _ in self.chunks]  # per chunk: (slot task key, position)
+        for g, args in enumerate(plan.tasks):
+            for s, members in enumerate(self.slots):
+                refs, where = (
+                    self._previous(members) if plan.stateful else ([], [[]] * len(members))
+                )
+                task = (f"kmclust-slot-{plan.token}", g, s)
+                blocks = [self.chunks[c] for c in members]
+                dsk[task] = (
+                    _slot_task,
+                    blocks,
+                    [plan.starts[c] for c in members],
+                    refs,
+                    where,
+                    args,
+                )
+                dsk[(f"kmclust-part-{plan.token}", g, s)] = (operator.getitem, task, 0)
+                part_keys.append((f"kmclust-part-{plan.token}", g, s))
+                for j, c in enumerate(members):
+                    state_keys[c].append((task, j))
+        tasks = sorted({key for per in state_keys for key, _ in per}) if plan.stateful else []
+        futures = _submit(self.client, dsk, part_keys + tasks, len(self.slots) * plan.carried)
         self._held = [futures]
-        return futures
-
-    def _slot_graph(
-        self, dsk: dict, token: str, g: int, args: tuple, state_keys: list[list]
-    ) -> list:
-        """Add group ``g``'s slot tasks and their partials' keys to ``dsk``; return those keys.
-
-        ``state_keys[c]`` receives (slot task key, position) for chunk ``c``.
-        """
-        keys = []
-        for s, members in enumerate(self.slots):
-            prevs: dict[str, int] = {}
-            refs, where = [], []
-            for c in members:
-                flat = []
-                for fut, j in self.states[c] if self.stateful and self.states else []:
-                    if fut.key not in prevs:
-                        prevs[fut.key] = len(refs)
-                        refs.append(fut)
-                    flat += [prevs[fut.key], j]
-                where.append(flat)
-            task = (f"kmclust-slot-{token}", g, s)
-            dsk[task] = (
-                _slot_task,
-                [self.chunks[c] for c in members],
-                [self.starts[c] for c in members],
-                refs,
-                where,
-                PassArgs(args, f"{token}-{g}"),
-            )
-            dsk[(f"kmclust-part-{token}", g, s)] = (operator.getitem, task, 0)
-            keys.append((f"kmclust-part-{token}", g, s))
-            for j, c in enumerate(members):
-                state_keys[c].append((task, j))
-        return keys
-
-    def _run_slots(
-        self, dsk: dict, groups: list, eval_pos: list, slot_parts: list, state_keys: list[list]
-    ) -> list:
-        """Compute a slot-task pass: gather each slot's per-chunk partials, reduce them in chunk order here."""
-        tasks = (
-            sorted({key for per_chunk in state_keys for key, _ in per_chunk})
-            if self.stateful
-            else []
-        )
-        flat = [k for keys in slot_parts for k in keys]
-        futures = self._submit(dsk, flat + tasks)
-        try:
-            gathered = self.client.gather(futures[: len(flat)], direct=True)
-        except BaseException:
-            self.client.cancel(futures + [f for per in self.states or [] for f, _ in per])
-            raise
-        if self.stateful:
-            held = dict(zip(tasks, futures[len(flat) :]))
+        earlier = [f for per_chunk in self.states or [] for f, _ in per_chunk]
+        gathered = _gather(self.client, futures, len(part_keys), earlier, direct=True)
+        if plan.stateful:
+            held = dict(zip(tasks, futures[len(part_keys) :]))
             self._held.append(self.states)
-            self.states = [[(held[key], j) for key, j in per_chunk] for per_chunk in state_keys]
-        results, at = [], 0
-        for keys in slot_parts:
+            self.states = [[(held[key], j) for key, j in per] for per in state_keys]
+        results, n = [], len(self.slots)
+        for g in range(len(plan.tasks)):
             by_chunk: list = [None] * len(self.chunks)
-            for members, parts in zip(self.slots, gathered[at : at + len(keys)]):
+            for members, parts in zip(self.slots, gathered[g * n : (g + 1) * n]):
                 for c, part in zip(members, parts):
                     by_chunk[c] = part
-            at += len(keys)
-            results.append(reduce_parts(by_chunk))
-        return list(zip(groups, eval_pos, results))
+            results.append(fold(by_chunk, plan.tree, combine))
+        return results
+
+    def _previous(self, members: list[int]) -> tuple[list, list[list[int]]]:
+        """The previous slot results holding the states of chunks ``members``, and per chunk its
+        (result, position) pairs, flattened."""
+        index: dict[str, int] = {}
+        refs, where = [], []
+        for c in members:
+            flat = []
+            for fut, j in self.states[c] if self.states else []:
+                if fut.key not in index:
+                    index[fut.key] = len(refs)
+                    refs.append(fut)
+                flat += [index[fut.key], j]
+            where.append(flat)
+        return refs, where
+
+
+def _submit(client, dsk: dict, keys: list, carried: int) -> list:
+    """Submit a pass's graph; the caller drops the futures of earlier passes only after this.
+
+    The client sends both the graph and the release of dropped futures
+    through one batched stream, at most one message per batch interval:
+    releases sent at the end of a pass held the next pass's graph back, and
+    the scheduler's own batches to the workers (freeing those keys) then held
+    the tasks back again (see BENCHMARKS.md). Sent after the graph, the
+    releases delay nothing. The graph carries the pass's centroids
+    (``carried`` bytes, inline in tasks) by design, so distributed's
+    "Sending large graph" warning is raised above that.
+    """
+    limit = max(parse_bytes(dask.config.get(_LARGE_GRAPH, "10MB")), 2 * carried)
+    with dask.config.set({_LARGE_GRAPH: limit}):
+        return client.get(dsk, keys, sync=False)
+
+
+def _gather(client, futures: list, n: int, earlier: list, direct: bool | None = None) -> list:
+    """The results of the first ``n`` futures; on failure cancel the pass and the earlier states.
+
+    Left running, a task that kills its worker would go on killing workers
+    while the caller reloads data or retries other runs.
+    """
+    try:
+        return client.gather(futures[:n], direct=direct)
+    except BaseException:
+        client.cancel(futures + earlier)
+        raise
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Where the data live: row-chunked dask arrays, even chunks, and chunks placed evenly over the workers."""
+"""Where the data live: row-chunked dask arrays, even chunks placed evenly over the workers, and
+what a pass's tasks take for each chunk."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import dask
 import dask.array as da
 import numpy as np
 
-from kmclust.lloyd.plan import chunk_refs
-
 
 def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000) -> da.Array:
     """A (N, D) dask array chunked by rows only."""
@@ -20,16 +19,15 @@ def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000) -> da.Array:
 
 
 def even_chunks(x: da.Array, threads: int) -> da.Array:
-    """uint8 rows re-cut into a multiple of ``threads`` equal chunks, unless their count already is one.
+    """uint8 rows re-cut into a multiple of ``threads`` equal chunks (unless they already are).
 
     Every pass waits for its slowest thread: 7 chunks on 2 threads left one
-    thread idle an eighth of each pass (one k=20 run on Fashion-MNIST: 19.6
-    vs 17.8 ms an iteration with 8 chunks; 14 chunks of 5,000 rows cost more
-    per chunk than they balance). Results do not depend on the chunking:
-    labels are exact, integer sums and the eval sums are exact
-    (:func:`kmclust.lloyd.nearest.exact_sum`). Float data keep their chunks (their
-    float sums would round differently). A single chunk stays one: runs are
-    then split into groups instead (``n_groups``).
+    thread idle an eighth of each pass (8 chunks measured faster; twice as
+    many smaller chunks cost more per chunk than they balance). Results do
+    not depend on the chunking: labels are exact, integer sums and the eval
+    sums are exact (:func:`kmclust.lloyd.exact.exact_sum`). Float data keep
+    their chunks (their float sums would round differently). A single chunk
+    stays one: runs are then split into groups instead (``n_groups``).
     """
     nb, n = x.numblocks[0], x.shape[0]
     if x.dtype != np.uint8 or nb < 2 or nb % threads == 0 or n < threads:
@@ -38,14 +36,14 @@ def even_chunks(x: da.Array, threads: int) -> da.Array:
 
 
 def persist_balanced(x: da.Array) -> da.Array:
-    """Persist ``x`` in evenly many chunks (:func:`even_chunks`); under distributed also place them evenly over
-    the workers' threads.
+    """Persist ``x`` in evenly many chunks (:func:`even_chunks`); under distributed also place them
+    evenly over the workers' threads.
 
     Chunk tasks run where their chunk (and its state) lives, so an uneven
     placement leaves workers idle every pass: 4 of 6 chunks landed on one of
-    two workers, which then computed 39.5 s of the grid's 70.5 s (on this
-    project's 2-vCPU VM the balanced placement measured no faster: the two
-    vCPUs slow each other down; see BENCHMARKS.md).
+    two workers, which then computed most of the grid (on this project's
+    2-vCPU VM the balanced placement measured no faster: the two vCPUs slow
+    each other down; see BENCHMARKS.md).
     ``client.rebalance`` does not help: it only moves data off workers above
     30 % memory use. Each chunk is copied once to its worker under a new key
     (preferred, not required: a lost worker's chunks are recomputed elsewhere).
@@ -76,8 +74,60 @@ def persist_balanced(x: da.Array) -> da.Array:
     return placed
 
 
+def chunk_refs(x: da.Array) -> tuple[dict, list]:
+    """What a pass's chunk tasks take for each chunk of ``x``, and the graph those references need.
+
+    A persisted chunk is passed as itself (a numpy array, or a future on a
+    cluster): no graph entry. Through an alias key (as after ``concatenate``)
+    every pass would recompute the alias on some worker and move the chunk
+    there, undoing the placement. Any other chunk is the key of the task that
+    reads it, with ``x``'s graph.
+    """
+    from distributed import Future
+
+    graph = dict(x.__dask_graph__())
+    refs, needs_graph = [], False
+    for row in x.__dask_keys__():
+        key = row[0]
+        while _is_key(graph.get(key), graph):  # follow aliases
+            key = graph[key]
+        value = graph.get(key)
+        if isinstance(value, (np.ndarray, Future)):
+            refs.append(value)
+        else:
+            refs.append(key)
+            needs_graph = True
+    return (graph if needs_graph else {}), refs
+
+
+def _is_key(value, graph: dict) -> bool:
+    try:
+        return isinstance(value, (str, tuple)) and value in graph
+    except TypeError:  # a task tuple holding unhashable arguments
+        return False
+
+
+def worker_slots(client, refs: list) -> list[list[int]] | None:
+    """Indices of ``refs`` per worker thread, when every ref is a future on the cluster; else None.
+
+    A pass then runs one task per thread over its chunks instead of one per
+    chunk: every task costs scheduler and worker round trips each pass, more
+    than a settled pass's kernels take on a small cluster (see BENCHMARKS.md).
+    """
+    per_worker = by_worker(client, refs)
+    if per_worker is None:
+        return None
+    nthreads = client.nthreads()
+    slots = []
+    for w in sorted(per_worker):
+        mine = per_worker[w]
+        n = min(len(mine), max(1, nthreads.get(w, 1)))
+        slots.extend(mine[i::n] for i in range(n))
+    return slots
+
+
 def by_worker(client, refs: list) -> dict[str, list[int]] | None:
-    """Indices of ``refs`` per worker holding them ("": held by none), or None if some ref is not a future."""
+    """Indices of ``refs`` per worker holding them ("": by none); None if some ref is no future."""
     from distributed import Future
 
     if not all(isinstance(r, Future) for r in refs):
@@ -91,9 +141,9 @@ def by_worker(client, refs: list) -> dict[str, list[int]] | None:
 
 
 def _balanced(client, x: da.Array) -> bool:
-    """Every chunk of ``x`` is persisted, and each worker holds its threads' share of them (within one chunk).
+    """Every chunk of ``x`` is persisted, and each worker holds its threads' share of them (± 1).
 
-    Then placing again would only copy every chunk (~45 ms a call for Fashion-MNIST here).
+    Then placing again would only copy every chunk.
     """
     refs = chunk_refs(x)[1]
     held = by_worker(client, refs)
@@ -120,7 +170,7 @@ def default_client():
 
 
 def n_threads(client) -> int:
-    """Threads running chunk tasks: the cluster's, else dask's local ``num_workers`` (as :meth:`Pass._pool`)."""
+    """Threads running chunk tasks: the cluster's, else dask's local ``num_workers``."""
     if client is None:
         return dask.config.get("num_workers", None) or os.cpu_count() or 1
     return max(1, sum(client.nthreads().values()))

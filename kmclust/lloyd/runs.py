@@ -41,9 +41,7 @@ class Run:
     history: list[float] = field(default_factory=list)
     labels: list[tuple[int, np.ndarray]] = field(default_factory=list)
     error: str = ""
-    sse: Fraction | float = (
-        math.nan
-    )  # exact sums of the final pass (kmclust.lloyd.nearest.exact_sum)
+    sse: Fraction | float = math.nan  # exact sums of the final pass (kmclust.lloyd.exact.exact_sum)
     dist: Fraction | float = math.nan
     sums: np.ndarray | None = None  # running per-cluster sums (raw units, float64) and counts
     counts: np.ndarray | None = None

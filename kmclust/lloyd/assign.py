@@ -1,0 +1,134 @@
+"""Labels and distance bounds of every (row, run) from a chunk's distance matrix (the GEMM path).
+
+The rows a pass computes in full (every row in a first pass, the rows that
+too many runs need later) get their distances from one GEMM or from
+:func:`kmclust.lloyd.distance.pixel_distances`; here each (row, run) gets its
+exact nearest centroid by the rules of :mod:`kmclust.lloyd.nearest` (near ties
+settled by float64 sums), and the bounds that let later passes skip it
+(:mod:`kmclust.lloyd.bounds`). One compiled pass over the (m, ΣK) matrix
+instead of numpy's argmin and partition over small axes.
+
+Compiled with numba; ``nogil`` so chunk tasks run in parallel threads.
+numba's cache follows each function's own file only, and a caller's cached
+code holds its compiled callees: after editing a compiled helper of
+:mod:`~kmclust.lloyd.nearest` or :mod:`~kmclust.lloyd.bounds`, delete
+``kmclust/lloyd/__pycache__``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from kmclust.lloyd.bounds import down32
+from kmclust.lloyd.nearest import best_three, set_bounds, settle_tie
+
+
+def assign_rows(
+    dist: np.ndarray,
+    offsets: np.ndarray,
+    x: np.ndarray,
+    rows: np.ndarray,
+    runs: np.ndarray,
+    c64: np.ndarray,
+    window: np.ndarray,
+    xsq: np.ndarray,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    second: np.ndarray,
+    cbound: np.ndarray | None = None,
+    col0: np.ndarray | None = None,
+) -> None:
+    """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
+
+    ``dist`` holds ‖c‖² − 2x·c (‖x‖² left out) for rows ``rows`` of ``x``
+    against the stacked centroids ``c64`` (float64) with ``offsets``;
+    ``window`` is twice each row's error bound, ``xsq`` the rows' ‖x‖² in
+    ``dist``'s dtype. For stack position p, column ``runs[p]`` of the (n, R)
+    outputs receives: the label, the computed squared distance to it
+    (clipped at 0), in float64 its root (an upper bound), and the two lower
+    bounds of :func:`kmclust.lloyd.bounds.moved_bounds`: ``second``, the
+    second-nearest centroid (local index), with the root of its computed
+    distance in ``lower[..., 0]``, and the root of the third-nearest in
+    ``lower[..., 1]`` (below every centroid but those two). When a near tie
+    was settled, ``second`` is −1 and both hold the nearest computed distance
+    (below every other centroid). inf where the run has no such centroid.
+    With ``cbound`` (n, ΣK) float32, stack position p's centroids also get
+    per-centroid lower bounds (the roots of their computed distances, rounded
+    down) in the columns from ``col0[p]`` on
+    (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`).
+    """
+    if cbound is None:
+        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    _assign_rows(
+        dist,
+        np.asarray(offsets, dtype=np.int64),
+        x,
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(runs, dtype=np.int64),
+        c64,
+        window,
+        xsq,
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+        cbound,
+        np.asarray(col0, dtype=np.int64),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _assign_rows(  # pragma: no cover - compiled
+    dist,  # IN (m, ΣK) float32/64: computed ‖c‖² − 2x·c of the m rows against the stack
+    offsets,  # IN (P + 1,) int64: stack position p's columns are offsets[p] … offsets[p + 1] − 1
+    x,  # IN (n, D) uint8/float: the chunk's rows
+    rows,  # IN (m,) int64: the row of ``x`` (and of the outputs) of each row of ``dist``
+    runs,  # IN (P,) int64: the output column of each stack position
+    c64,  # IN (ΣK, D) float64: the stacked centroids
+    window,  # IN (m,) float64: twice each row's error bound
+    xsq,  # IN (m,) dist's dtype: the rows' ‖x‖²
+    labels,  # OUT (n, R) int: label per (row, run), local index
+    dmin,  # OUT (n, R) float: computed squared distance to it, clipped at 0
+    upper,  # OUT (n, R) float64: its root, an upper bound
+    lower,  # OUT (n, R, 2) float64: the runner-up's and the third's roots (lower bounds)
+    second,  # OUT (n, R) int: the runner-up, local index (−1 after a settled tie)
+    cbound,  # OUT (n, ·) float32: per-centroid lower bounds; (0, 0): none wanted
+    col0,  # IN (P,) int64: position p's first column in ``cbound``
+):
+    zero = dist.dtype.type(0)
+    buf = np.empty(x.shape[1])
+    for i in range(dist.shape[0]):
+        r = rows[i]
+        row = dist[i]
+        for p in range(offsets.size - 1):
+            lo, hi = offsets[p], offsets[p + 1]
+            arg, best, sec_arg, sec, third = best_three(row, lo, hi)
+            if sec - best <= window[i]:  # near tie: settle exactly
+                arg = settle_tie(x[r], c64, row, 0, lo, hi, best + window[i], arg, buf)
+                sec_arg = -1  # the label may be any near one: only the minimum bounds the others
+                sec = third = best
+            set_bounds(
+                labels,
+                dmin,
+                upper,
+                lower,
+                second,
+                r,
+                runs[p],
+                arg,
+                lo,
+                max(row[arg] + xsq[i], zero),
+                sec_arg,
+                max(sec + xsq[i], zero),
+                max(third + xsq[i], zero),
+            )
+            if cbound.shape[0] > 0:
+                c0 = col0[p] - lo
+                for j in range(lo, hi):
+                    cbound[r, c0 + j] = down32(
+                        np.sqrt(max(np.float64(row[j]) + np.float64(xsq[i]), 0.0))
+                    )

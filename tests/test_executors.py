@@ -1,0 +1,124 @@
+"""Pass plans and the executors that run them: one reduction order, the same partials anywhere."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from dask.base import tokenize
+
+from kmclust.lloyd import driver
+from kmclust.lloyd.executors import GraphExecutor, PoolExecutor
+from kmclust.lloyd.kernel import ChunkArgs
+from kmclust.lloyd.partial import Partial
+from kmclust.lloyd.placement import chunk_refs
+from kmclust.lloyd.plan import FAN_IN, fold, layout, plan_pass, reduction_tree
+from kmclust.lloyd.runs import Run
+
+
+def _nested(n: int) -> object:
+    """The reduction order of ``n`` items as nested tuples, written out independently: runs of
+    ``FAN_IN`` neighbours, level by level (a lone leftover is still combined on its own)."""
+    items: list = list(range(n))
+    while len(items) > 1:
+        items = [tuple(items[i : i + FAN_IN]) for i in range(0, len(items), FAN_IN)]
+    return items[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 9, 20, 64, 65])
+def test_reduction_tree_combines_runs_of_neighbours_level_by_level(n: int) -> None:
+    assert fold(list(range(n)), reduction_tree(n), tuple) == _nested(n)
+
+
+def test_chunk_args_are_known_to_dask_by_their_token() -> None:
+    """Tokenizing never reads the centroids (nothing is hashed): equal tokens, equal names."""
+    stack = np.zeros((3, 4), dtype=np.float32)
+    offsets = np.array([0, 3])
+
+    def args(centroids: np.ndarray, token: str) -> ChunkArgs:
+        return ChunkArgs(centroids, offsets, np.arange(1), {}, 3, True, False, token=token)
+
+    assert tokenize(args(stack, "a")) == tokenize(args(stack + 1, "a"))
+    assert tokenize(args(stack, "a")) != tokenize(args(stack, "b"))
+    assert ChunkArgs(stack, offsets, np.arange(1), {}, 3, True, False).token  # fresh by default
+
+
+def test_plan_pass_groups_runs_and_flags_evaluations() -> None:
+    rng = np.random.default_rng(0)
+    runs = [Run(i, rng.random((k, 4))) for i, k in enumerate((5, 3, 8, 2))]
+    runs[1].state = "eval"
+    for run in runs:
+        run.drift = np.zeros(run.k)
+    lay = layout((10, 10, 5), 2, np.float32, integer=True, stateful=True, prune=True)
+    plan = plan_pass(runs, lay, "tok", labels=True)
+    assert plan.starts == (0, 10, 20) and plan.stateful and len(plan.tree) == 1
+    # greedy by k: 8 | 5, 3 | 2 joins the first of the two equal loads; each group ordered by k
+    assert [[r.index for r in g] for g in plan.groups] == [[3, 2], [1, 0]]
+    assert [plan.evals(g) for g in range(2)] == [[], [0]]
+    assert [t.token for t in plan.tasks] == ["tok-0", "tok-1"]
+    assert plan.tasks[0].offsets.tolist() == [0, 2, 10]
+    assert plan.tasks[1].centroids.dtype == np.float32 and plan.tasks[0].prune
+    assert set(plan.tasks[0].drift) == {0, 1, 2, 3}
+    plain = layout((10, 10, 5), 2, np.float32, integer=False, stateful=True, prune=True)
+    assert not plain.stateful and not plain.prune  # state needs integer data, pruning state
+    assert plan_pass(runs, plain, "t", labels=False).tasks[0].drift is None
+
+
+def _same(a: Partial, b: Partial) -> None:
+    for name in ("sums", "counts", "cand_d", "cand_i", "cand_l", "eval_sse", "eval_dist"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.sqnorm == b.sqnorm or (np.isnan(a.sqnorm) and np.isnan(b.sqnorm))
+    assert (a.delta, a.pruned) == (b.delta, b.pruned)
+    assert [s for s, _ in a.labels] == [s for s, _ in b.labels]
+    for (_, la), (_, lb) in zip(a.labels, b.labels):
+        np.testing.assert_array_equal(la, lb)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.uint8])
+def test_executors_return_the_same_partials_pass_after_pass(dtype) -> None:
+    """The pool and a graph on the threaded and the synchronous scheduler, fed the same plans:
+    the same partials bit for bit over 20 chunks (float sums: the one reduction order), and for
+    integer rows the same delta partials from the states each kept, pruned by bounds."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2000, 16)).astype(dtype)
+    chunks = chunk_refs(da.from_array(x, chunks=(100, 16)).persist())[1]
+    integer = dtype == np.uint8
+    lay = layout([100] * 20, 2, np.float32 if integer else np.float64, integer, True, True)
+    executors = {
+        "pool": PoolExecutor(chunks, 2),
+        "graph-threads": GraphExecutor({}, chunks),
+        "graph-sync": GraphExecutor({}, chunks),
+    }
+    runs = [Run(i, rng.uniform(0, 255, (k, 16))) for i, k in enumerate((3, 7, 12))]
+    runs[2].state = "eval"
+    got: dict[str, list[list[Partial]]] = {}
+    for name, executor in executors.items():
+        with dask.config.set(scheduler="sync" if name == "graph-sync" else "threads"):
+            first = executor.run(plan_pass(runs, lay, f"{name}-1", labels=True))
+            for run in runs:
+                run.drift = np.zeros(run.k)  # same centroids: the bounds hold for every row
+            second = executor.run(plan_pass(runs, lay, f"{name}-2", labels=True))
+            for run in runs:
+                run.drift = None
+        got[name] = [first, second]
+    reference = got["pool"]
+    assert reference[1][0].delta == integer and reference[1][0].pruned == integer
+    for passes in got.values():
+        for parts, ref_parts in zip(passes, reference):
+            for part, ref in zip(parts, ref_parts):
+                _same(part, ref)
+
+
+def test_a_forced_executor_must_suit_the_chunks() -> None:
+    x = np.random.default_rng(2).integers(0, 256, (200, 4), dtype=np.uint8)
+    init = [x[:3].astype(np.float64)]
+    with pytest.raises(ValueError, match="'slots' needs every chunk persisted"):
+        driver.lloyd(x, init, executor="slots")
+    with pytest.raises(ValueError, match="'pool' every chunk in this process's memory"):
+        lazy = da.from_array(x, chunks=(50, 4)).map_blocks(np.copy)  # chunks computed by tasks
+        driver.lloyd(lazy, init, persist=False, executor="pool")
+    with pytest.raises(ValueError, match="unknown executor 'nope'"):
+        driver.predict(x, init, executor="nope")
+    (a,), (b,) = (driver.lloyd(x, init, tol=0, executor=e) for e in ("pool", "graph"))
+    np.testing.assert_array_equal(a.centroids, b.centroids)
