@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="mnist-subset",
-        help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); default %(default)s",
+        help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); "
+        "default %(default)s",
     )
     p.add_argument(
         "--k",
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init",
         default="random,data",
-        help="initialisations: random, data, k-means++, k-means|| (comma list; default %(default)s)",
+        help="initialisations: random, data, k-means++, k-means|| "
+        "(comma list; default %(default)s)",
     )
     p.add_argument(
         "--seeds",
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-per-class",
         type=int,
         default=100,
-        help="stratified training sample size per class; the rest is held out (default %(default)s)",
+        help="stratified training sample size per class; the rest is held out "
+        "(default %(default)s)",
     )
     train.add_argument(
         "--train", choices=["all"], help="'all': use the store's own train/test split"
@@ -147,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     values, out = check_args(args)
+    from kmclust.lloyd.placement import n_threads
     from kmclust.sweep import run as sweep
 
-    config = sweep.SweepConfig(**values)
+    config = options.SweepConfig(**values)
     print(sweep.estimate_runs(config))
     if args.dry_run:
         print(f"would write {out} (resume={args.resume}) using scheduler {args.scheduler!r}")
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             resume=args.resume,
             overwrite=args.overwrite,
-            parallel=sweep.worker_threads(client),
+            parallel=n_threads(client),
             on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"),
         )
     import xarray as xr
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     results = xr.open_zarr(out)
     print(report.format_table(report.summary_table(results)))
     print(
-        f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; results: {out}"
+        f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; "
+        f"results: {out}"
     )
     if not args.no_report:
         path = report.write_report(results, out.with_name(out.stem + "-report"))

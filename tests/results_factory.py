@@ -16,6 +16,8 @@ import numpy as np
 import xarray as xr
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from kmclust.sweep import schema
+
 DIGITS = tuple(str(d) for d in range(10))
 SIDE = 28
 ABSURD = 1e9
@@ -48,7 +50,11 @@ def make_results(
     dataset: str = "fake-mnist",
     rng_seed: int = 0,
 ) -> xr.Dataset:
-    """Return a results Dataset with dims k × init × seed obeying the sweep's schema."""
+    """Return a results Dataset with dims k × init × seed obeying the sweep's schema.
+
+    Every variable of kmclust.sweep.schema is present; those this factory does not
+    simulate keep their fill value.
+    """
     ks = [int(k) for k in ks]
     inits = list(inits)
     seed_ids = list(range(seeds))
@@ -58,11 +64,11 @@ def make_results(
     protos = _prototypes(class_names)
     grid = (nk, ni, ns)
 
-    def full(shape: tuple[int, ...], value: float, dtype: str = "f8") -> np.ndarray:
-        return np.full(shape, value, dtype=dtype)
-
+    extent = {"cluster": nc, "iteration": max_iter, "y": SIDE, "x": SIDE}
+    arrays = schema.empty(grid, extent, ("y", "x"))  # every variable at its fill value
+    data = {name: arr for name, (_, arr) in arrays.items()}
     v = {
-        name: full(grid, np.nan)
+        name: data[name]
         for name in (
             "jclust",
             "mean_distance",
@@ -74,13 +80,11 @@ def make_results(
             "seconds",
         )
     }
-    n_iter, n_reloc = full(grid, 0, "i4"), full(grid, 0, "i4")
-    converged = np.zeros(grid, dtype=bool)
-    sizes, labels = full(grid + (nc,), np.nan), full(grid + (nc,), np.nan)
-    cents = full(grid + (nc, SIDE, SIDE), np.nan, "f4")
-    hist = full(grid + (max_iter,), np.nan)
-    status = np.full(grid, "done", dtype=object)
-    error = np.full(grid, "", dtype=object)
+    n_iter, n_reloc, converged = data["n_iter"], data["n_relocated"], data["converged"]
+    sizes, labels = data["cluster_size"], data["cluster_label"]
+    cents, hist = data["centroids"], data["jclust_history"]
+    status, error = data["status"], data["error"]
+    status[...] = "done"
 
     for a, k in enumerate(ks):
         for b, init in enumerate(inits):
@@ -96,6 +100,7 @@ def make_results(
                 train = 0.45 + 0.25 * (1 - np.exp(-(k - 5) / 8)) - (0.01 if is_random else 0)
                 train += rng.normal(0, 0.01)
                 v["train_accuracy"][a, b, s] = train
+                data["purity"][a, b, s] = train  # majority labels: purity is train accuracy
                 v["test_accuracy"][a, b, s] = (
                     train - 0.03 + rng.normal(0, 0.01) if n_test else np.nan
                 )
@@ -125,24 +130,14 @@ def make_results(
                 state,
                 ("RuntimeError: simulated failure" if state == "failed" else ""),
             )
-            for arr in v.values():
-                arr[c] = ABSURD
-            n_iter[c], n_reloc[c] = 99999, 99999
-            sizes[c], labels[c], cents[c], hist[c] = ABSURD, 7, 1e6, ABSURD
+            for arr in data.values():
+                if arr.dtype.kind == "f":
+                    arr[c] = ABSURD
+                elif arr.dtype.kind == "i":
+                    arr[c] = 99999
+            labels[c], cents[c] = 7, 1e6
 
-    g = ("k", "init", "seed")
-    data_vars = {name: (g, arr) for name, arr in v.items()}
-    data_vars |= {
-        "n_iter": (g, n_iter),
-        "converged": (g, converged),
-        "n_relocated": (g, n_reloc),
-        "status": (g, status),
-        "error": (g, error),
-        "cluster_size": (g + ("cluster",), sizes),
-        "cluster_label": (g + ("cluster",), labels),
-        "centroids": (g + ("cluster", "y", "x"), cents),
-        "jclust_history": (g + ("iteration",), hist),
-    }
+    data_vars = {name: (dims, data[name]) for name, (dims, _) in arrays.items()}
     config = {
         "dataset": dataset,
         "k": ks,
@@ -154,6 +149,7 @@ def make_results(
         "data_seed": 0,
     }
     attrs = {
+        schema.RESULTS_MARK: schema.SCHEMA_VERSION,
         "config": json.dumps(config),
         "dataset": dataset,
         "fingerprint": "sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",

@@ -43,7 +43,8 @@ import pytest
 import xarray as xr
 
 from kmclust.lloyd.driver import lloyd
-from kmclust.sweep.run import SweepConfig, run_sweep
+from kmclust.sweep.config import SweepConfig
+from kmclust.sweep.run import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).resolve().parent / "pinned"

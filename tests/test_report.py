@@ -16,6 +16,8 @@ from scipy import stats
 
 from kmclust.errors import ConfigError, DataError
 from kmclust.report import document as report
+from kmclust.report import results
+from kmclust.report.stats import elbow, paired_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = (6, "random", 1)
@@ -152,8 +154,8 @@ def test_choosing_k_section(built):
 
 # ----------------------------------------------------------------------------- statistics
 def test_paired_differences_match_a_hand_computed_t_interval(truth):
-    vals = report.metric_values(truth)
-    diff = report.paired_differences(vals, "jclust", "random", "data")
+    vals = results.metric_values(truth)
+    diff = paired_differences(vals, "jclust", "random", "data")
     for k in KS:
         both = [s for s in _done_seeds(k, "random") if s in _done_seeds(k, "data")]
         d = truth.jclust.values[KS.index(k), 0, both] - truth.jclust.values[KS.index(k), 1, both]
@@ -172,15 +174,15 @@ def test_paired_differences_match_a_hand_computed_t_interval(truth):
 
 def test_elbow_finds_the_knee_of_a_handmade_curve():
     ks = np.arange(1, 9)
-    assert report.elbow(ks, [100, 50, 20, 15, 12, 10, 9, 8.5]) == 3
-    assert report.elbow(ks, [40, 30, 20, 10, 9.5, 9, 8.5, 8]) == 4  # two straight pieces
-    assert report.elbow(ks[::-1], [8, 8.5, 9, 9.5, 10, 20, 30, 40]) == 4  # order does not matter
-    assert report.elbow(ks, 50 - 2.0 * ks) is None  # a straight line has no elbow
-    assert report.elbow([5, 6], [3.0, 2.0]) is None
+    assert elbow(ks, [100, 50, 20, 15, 12, 10, 9, 8.5]) == 3
+    assert elbow(ks, [40, 30, 20, 10, 9.5, 9, 8.5, 8]) == 4  # two straight pieces
+    assert elbow(ks[::-1], [8, 8.5, 9, 9.5, 10, 20, 30, 40]) == 4  # order does not matter
+    assert elbow(ks, 50 - 2.0 * ks) is None  # a straight line has no elbow
+    assert elbow([5, 6], [3.0, 2.0]) is None
 
 
 def test_default_representatives_take_largest_k_and_median_seed(truth):
-    vals = report.metric_values(truth)
+    vals = results.metric_values(truth)
     chosen = report.choose_representatives(truth, vals)
     for init in INITS:
         seeds = _done_seeds(8, init)
@@ -190,7 +192,7 @@ def test_default_representatives_take_largest_k_and_median_seed(truth):
 
 
 def test_explicit_representative_is_checked(truth):
-    vals = report.metric_values(truth)
+    vals = results.metric_values(truth)
     assert report.choose_representatives(truth, vals, (7, "data", 1)) == {"data": (7, 1)}
     with pytest.raises(ConfigError, match="not done"):
         report.choose_representatives(truth, vals, FAILED)
@@ -263,6 +265,6 @@ def test_cli_writes_next_to_the_store_for_a_chosen_cell(truth, tmp_path):
 
 
 def test_init_names_become_distinct_safe_file_names():
-    names = [report.slug(n) for n in ("random", "data", "k-means++", "k-means||")]
+    names = [results.slug(n) for n in ("random", "data", "k-means++", "k-means||")]
     assert len(set(names)) == 4
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from kmclust.lloyd.placement import n_threads
 from kmclust.sweep import run as sweep
+from kmclust.sweep.config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "jobs" / "sweep.py"
@@ -119,7 +121,7 @@ def test_default_job_small_grid_end_to_end(mnist_subset_store: Path, tmp_path: P
     assert list(report.glob("*.png"))
 
 
-def _config(store: Path, **kw) -> sweep.SweepConfig:
+def _config(store: Path, **kw) -> SweepConfig:
     base = dict(
         dataset=str(store),
         ks=(5, 8, 12),
@@ -128,7 +130,7 @@ def _config(store: Path, **kw) -> sweep.SweepConfig:
         train_per_class=50,
     )
     base.update(kw)
-    return sweep.SweepConfig(**base)
+    return SweepConfig(**base)
 
 
 @pytest.mark.slow
@@ -148,9 +150,7 @@ def test_same_numbers_threads_local_clusters_and_remote_scheduler(
             ) as c,
             Client(c) as client,
         ):
-            got = sweep.run_sweep(
-                config, tmp_path / f"local{n}.zarr", parallel=sweep.worker_threads(client)
-            )
+            got = sweep.run_sweep(config, tmp_path / f"local{n}.zarr", parallel=n_threads(client))
         assert_same_numbers(reference, xr.open_zarr(got.path))
     port = free_port()
     dask = str(Path(sys.executable).with_name("dask"))
@@ -191,9 +191,7 @@ def test_same_numbers_threads_local_clusters_and_remote_scheduler(
             )
         with sweep.scheduler(f"tcp://127.0.0.1:{port}", None, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
-            got = sweep.run_sweep(
-                config, tmp_path / "remote.zarr", parallel=sweep.worker_threads(client)
-            )
+            got = sweep.run_sweep(config, tmp_path / "remote.zarr", parallel=n_threads(client))
         assert_same_numbers(reference, xr.open_zarr(got.path))
     finally:
         for p in procs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +23,31 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kmclust.report.document import (
+from kmclust.report.results import (
     COMPARED,
     attr_json,
     class_names,
+    image_dims,
     init_names,
     slug,
     summary_inits,
 )
+from kmclust.sweep.schema import VARIABLES
 
 log = logging.getLogger(__name__)
 
 DPI = 150
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 BAND = "±1 s.d. over seeds"
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The report's figures: file names relative to the report folder."""
+
+    vs_k: tuple[tuple[str, str], ...]  # (alt text, file) of each metric drawn against k
+    comparison: str | None  # the paired init comparison (None with a single init)
+    representatives: dict[str, str]  # init → its cluster representatives
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -238,7 +250,7 @@ def representatives(
     title: str,
     path: Path,
 ) -> Path:
-    """A grid of 28×28 centroid images (gray, [0, 1]) titled with label name and size.
+    """A grid of centroid images (gray, [0, 1]) titled with label name and size.
 
     images (k, h, w); sizes (k,) training images per cluster; names (k,) the
     majority label's class name; empty (k,) True for an empty cluster (drawn
@@ -289,94 +301,81 @@ def report_figures(
     knees: Mapping[str, int | None],
     reps: Mapping[str, tuple[int, int]],
     out: Path,
-) -> dict[str, str]:
-    """Draw every figure of the report into out; return figure key → file name.
+) -> Figures:
+    """Draw every figure of the report into out: the metrics the results schema plots against
+    k, accuracy, the init comparison and each init's representatives.
 
     vals: metric_values (NaN where not done); summary: summary_table; comps:
     (first, second) → compare_inits; knees: init → elbow k; reps: init → (k, seed).
     """
     name = ds.attrs.get("dataset", "")
     n = vals.sizes["seed"]
-    figs: dict[str, str] = {}
-
-    max_iter = float(attr_json(ds, "config").get("max_iter", np.nan))
-    capped = {"hline": (max_iter, "max_iter")} if np.nanmax(vals.n_iter.values) >= max_iter else {}
-    for m, file, ylabel, title, extra in (
-        (
-            "jclust",
-            "jclust",
-            "J_clust = mean ‖x − z‖² (pixel intensity², pixels in [0, 1])",
-            "Clustering objective J_clust vs k",
-            {"knees": knees},
-        ),
-        (
-            "mean_distance",
-            "mean_distance",
-            "mean ‖x − z‖ (pixel intensity, pixels in [0, 1])",
-            "Mean distance to the assigned centroid vs k",
-            {},
-        ),
-        (
-            "n_iter",
-            "iterations",
-            "Lloyd iterations run (count)",
-            "Iterations until convergence vs k",
-            capped,
-        ),
-        (
-            "n_relocated",
-            "relocations",
-            "empty-cluster relocations per run (count)",
-            "Empty clusters re-seeded during a run vs k",
-            {},
-        ),
-    ):
-        figs[m] = f"{file}_vs_k.png"
+    config = attr_json(ds, "config")
+    vs_k = []
+    for var in VARIABLES:
+        plot = var.plot
+        if plot is None or var.name not in vals:
+            continue
+        extra: dict = {"knees": knees} if plot.knees else {}
+        if plot.cap is not None:
+            cap = float(config.get(plot.cap, np.nan))
+            if np.nanmax(vals[var.name].values) >= cap:
+                extra["hline"] = (cap, plot.cap)
         metric_vs_k(
             summary,
-            vals[m].values,
-            m,
-            ylabel=ylabel,
-            path=out / figs[m],
-            title=f"{title} — {name}, {n} seed(s)",
+            vals[var.name].values,
+            var.name,
+            ylabel=plot.ylabel,
+            path=out / plot.file,
+            title=f"{plot.title} — {name}, {n} seed(s)",
             **extra,
         )
-    figs["accuracy"] = "accuracy_vs_k.png"
-    accuracy_vs_k(
-        summary, title=f"Majority-label accuracy vs k — {name}", path=out / figs["accuracy"]
-    )
+        vs_k.append((plot.alt, plot.file))
+    accuracy = "accuracy_vs_k.png"
+    accuracy_vs_k(summary, title=f"Majority-label accuracy vs k — {name}", path=out / accuracy)
+    vs_k.append(("accuracy vs k", accuracy))
+    comparison = None
     if comps:
-        figs["comparison"] = "init_comparison.png"
-        panels = [(m, f"Δ {label} ({unit})") for m, label, unit, *_ in COMPARED]
+        comparison = "init_comparison.png"
         init_comparison(
             {f"{a} − {b}": c for (a, b), c in comps.items()},
-            panels,
-            path=out / figs["comparison"],
+            [(m, f"Δ {c.label} ({c.unit})") for m, c in COMPARED],
+            path=out / comparison,
             title="Paired differences between inits for the same seed: mean and 95% "
             f"t-interval — {name}\n(above 0: the first init has the larger value)",
         )
-    classes = class_names(ds)
-    for init, (k, seed) in reps.items():
-        cell = _cell(ds, k, init, seed)
-        size, label = cell.cluster_size.values, cell.cluster_label.values
-        empty = ~(size > 0) | (label < 0)
-        names = [
-            classes[int(v)] if 0 <= v < len(classes) else str(int(v))
-            for v in np.nan_to_num(label, nan=-1)
-        ]
-        order = np.lexsort((-np.nan_to_num(size), np.where(empty, np.inf, label)))
-        j = vals.jclust.sel(k=k, init=init, seed=seed).item()
-        acc = vals.test_accuracy.sel(k=k, init=init, seed=seed).item()
-        acc_text = f"test accuracy = {acc:.3f}" if np.isfinite(acc) else "no test set"
-        figs[f"rep:{init}"] = f"representatives_{slug(init)}.png"
-        representatives(
-            cell.centroids.transpose("cluster", "y", "x").values[order],
-            size[order],
-            [names[i] for i in order],
-            empty[order],
-            path=out / figs[f"rep:{init}"],
-            title=f"Cluster centroids — {name}, k = {k}, init = {init}, seed = {seed}\n"
-            f"J_clust = {j:.3f}, {acc_text}; title: majority label, "
-            "n = training images in the cluster",
-        )
-    return figs
+    drawn = {
+        init: _draw_representatives(ds, vals, init, k, seed, out)
+        for init, (k, seed) in reps.items()
+    }
+    return Figures(tuple(vs_k), comparison, drawn)
+
+
+def _draw_representatives(
+    ds: xr.Dataset, vals: xr.Dataset, init: str, k: int, seed: int, out: Path
+) -> str:
+    """Draw the centroids of one cell, sorted by label; return the file name."""
+    name, classes = ds.attrs.get("dataset", ""), class_names(ds)
+    cell = _cell(ds, k, init, seed)
+    size, label = cell.cluster_size.values, cell.cluster_label.values
+    empty = ~(size > 0) | (label < 0)
+    names = [
+        classes[int(v)] if 0 <= v < len(classes) else str(int(v))
+        for v in np.nan_to_num(label, nan=-1)
+    ]
+    order = np.lexsort((-np.nan_to_num(size), np.where(empty, np.inf, label)))
+    j = vals.jclust.sel(k=k, init=init, seed=seed).item()
+    acc = vals.test_accuracy.sel(k=k, init=init, seed=seed).item()
+    acc_text = f"test accuracy = {acc:.3f}" if np.isfinite(acc) else "no test set"
+    file = f"representatives_{slug(init)}.png"
+    representatives(
+        cell.centroids.transpose("cluster", *image_dims(ds)).values[order],
+        size[order],
+        [names[i] for i in order],
+        empty[order],
+        path=out / file,
+        title=f"Cluster centroids — {name}, k = {k}, init = {init}, seed = {seed}\n"
+        f"J_clust = {j:.3f}, {acc_text}; title: majority label, "
+        "n = training images in the cluster",
+    )
+    return file

@@ -11,15 +11,19 @@ plain directory, a file, or the working directory or one of its parents.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from kmclust.errors import ConfigError
 from kmclust.lloyd.init import INITS  # numpy only
+from kmclust.lloyd.stopping import RULE_VERSION
+from kmclust.sweep.schema import RESULTS_MARK  # numpy only
 
 #: seeds are int64 coordinates of the results store
 MAX_SEED = 2**63 - 1
@@ -27,8 +31,11 @@ MAX_SEED = 2**63 - 1
 MAX_INT32 = 2**31 - 1
 #: values on one grid axis: a bound that keeps a typo like 1:1000000000 from building a huge list
 MAX_AXIS = 100_000
-#: attribute that marks a store as kmclust results (its value is the results schema version)
-RESULTS_MARK = "kmclust_results"
+#: the stopping rule of a stored config that predates the rule's version
+FIRST_RULE = 1
+
+#: (k index, init index, seed index) of a cell of the grid
+Cell = tuple[int, int, int]
 
 
 def _whole(value: object) -> bool:
@@ -128,6 +135,64 @@ def check_seeds(seeds: tuple[int, ...], text: str | None = None) -> tuple[int, .
     if max(seeds) > MAX_SEED:
         raise ConfigError(f"--seeds {text}: a seed must be at most {MAX_SEED}")
     return seeds
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that determines a sweep's numbers (``out`` and scheduler do not)."""
+
+    dataset: str = "mnist-subset"
+    ks: tuple[int, ...] = tuple(range(5, 21))
+    inits: tuple[str, ...] = ("random", "data")
+    seeds: tuple[int, ...] = tuple(range(10))
+    train_per_class: int | None = 100  # None: the store's own train split
+    data_seed: int = 0
+    tol: float = 1e-6
+    max_iter: int = 100
+    chunk_rows: int | None = None  # None: the store's chunking
+
+    def __post_init__(self) -> None:
+        """Refuse values no sweep can run (the CLI checks the same values before any import)."""
+        check_ks(self.ks)
+        check_inits(self.inits)
+        check_seeds(self.seeds)
+        if self.train_per_class is not None:
+            integer("--train-per-class", self.train_per_class, 1)
+        integer("--data-seed", self.data_seed, 0, MAX_SEED)
+        number("--tol", self.tol)
+        integer("--max-iter", self.max_iter, 1)
+        if self.chunk_rows is not None:
+            integer("--chunk-rows", self.chunk_rows, 1)
+
+    def identity(self) -> dict:
+        """The JSON-able fields a resumed store must match, with the stopping rule's version."""
+        d = dataclasses.asdict(self)
+        d = {key: list(v) if isinstance(v, tuple) else v for key, v in d.items()}
+        return d | {"rule_version": RULE_VERSION}
+
+    def differences(self, stored: dict) -> list[str]:
+        """The identity keys where ``stored`` (a store's config) differs from this config.
+
+        A stored config without ``rule_version`` predates it: its rule was the first.
+        """
+        theirs = {"rule_version": FIRST_RULE} | stored
+        mine = self.identity()
+        return sorted(key for key in set(theirs) | set(mine) if theirs.get(key) != mine.get(key))
+
+    def cell_name(self, cell: Cell) -> str:
+        """``k=5 init=data seed=0``: a cell as the job reports it."""
+        ki, ii, si = cell
+        return f"k={self.ks[ki]} init={self.inits[ii]} seed={self.seeds[si]}"
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The number of k values, inits and seeds."""
+        return len(self.ks), len(self.inits), len(self.seeds)
+
+
+def grid_size(config: SweepConfig) -> int:
+    """Number of cells of the grid."""
+    return math.prod(config.grid)
 
 
 def _attrs(path: Path) -> dict:
