@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark kmclust against scikit-learn and dask-ml on Fashion-MNIST.
 
-Modes (each prints a table and appends a dated section to BENCHMARKS.md):
+Modes (each prints a table and appends a dated record to the History of BENCHMARKS.md):
   grid       the k × init × seed grid as one kmclust batch vs a loop of sklearn KMeans
   iteration  seconds per Lloyd iteration: kmclust, sklearn lloyd/elkan, dask-ml
   scale      streaming a large synthetic store from zarr vs persisted data
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from kmclust.cli import run_main, setup_logging
 from kmclust.errors import ConfigError
+from kmclust.lloyd.init import INITS
 
 log = logging.getLogger("kmclust.jobs.bench")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(
-    0, str(ROOT)
-)  # the benchmark harness (benchmarks/) lives beside the library, not in it
+sys.path.insert(0, str(ROOT))  # the harness (benchmarks/) lives beside the library, not in it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-dir",
         type=Path,
         default=Path("data"),
-        help="where fashion-mnist.zarr (and synthetic stores) live or are staged (default %(default)s)",
+        help="where fashion-mnist.zarr (and synthetic stores) live or are staged "
+        "(default %(default)s)",
     )
     common.add_argument(
         "--record",
@@ -61,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prune",
         dest="prune",
         action="store_false",
-        help="grid/iteration: run kmclust without its Hamerly-style bounds (driver.lloyd(prune=False))",
+        help="grid/iteration: run kmclust without its distance bounds (lloyd(prune=False))",
     )
     common.add_argument("-v", "--verbose", action="store_true")
     modes = p.add_subparsers(dest="mode", required=True)
     g = modes.add_parser("grid", parents=[common], help="whole grid: kmclust batch vs sklearn loop")
     g.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
     g.add_argument("--k", default="5:20", help="range 5:20 or list 5,10 (default %(default)s)")
-    g.add_argument("--init", default="random,data", help="(default %(default)s)")
+    g.add_argument(
+        "--init", default="random,data", help=f"any of {','.join(INITS)} (default %(default)s)"
+    )
     g.add_argument("--seeds", default="3", help="count or list (default %(default)s)")
     g.add_argument("--rows", type=int, default=None, help="first N training rows only (quick runs)")
     g.add_argument("--max-iter", type=int, default=100, help="(default %(default)s)")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-float64",
         dest="float64",
         action="store_false",
-        help="skip the float64 scikit-learn loop (the fixed-point reference; ~2x sklearn's time)",
+        help="skip the float64 scikit-learn loop (the fixed-point reference; the slowest tool)",
     )
     i = modes.add_parser("iteration", parents=[common], help="seconds per Lloyd iteration per tool")
     i.add_argument("--k", default="10,20,256", help="(default %(default)s)")
@@ -124,44 +125,15 @@ def _positive(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {v}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from benchmarks import harness as bench
+def _config(args: argparse.Namespace):
+    """The frozen config of ``args.mode`` from the options, checked."""
+    from benchmarks.common import SCHEDULERS, ClusterSpec
+    from benchmarks.grid import GridConfig
+    from benchmarks.iteration import IterationConfig
+    from benchmarks.scale import ScaleConfig
+    from kmclust.sweep.config import parse_inits, parse_ks, parse_seeds
 
-    if args.unset_openblas_env:
-        env = bench.clean_env(dict(os.environ))
-        if env is not None:
-            if argv is not None:
-                raise ConfigError("--unset-openblas-env works only when run as a command")
-            print(f"re-running without {env[bench.UNSET_MARK]}", file=sys.stderr, flush=True)
-            os.execve(sys.executable, sys.orig_argv, env)
-    setup_logging(args.verbose)
-    import kmclust
-
-    here = Path(__file__).resolve().parents[1]
-    if (
-        Path(kmclust.__file__).resolve().parents[1] != here
-    ):  # a stale editable install measures other code
-        print(
-            f"warning: kmclust is imported from {Path(kmclust.__file__).resolve().parent}, not from {here}; "
-            f"run `pip install -e {here}` to measure this checkout",
-            file=sys.stderr,
-        )
-    import distributed  # noqa: F401 - sets its own logger levels on import; override them below
-
-    for noisy in (
-        "",
-        "distributed",
-        "bokeh",
-        "tornado",
-        "dask_ml",
-    ):  # "": root (dask-ml logs there)
-        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
-    logging.getLogger("kmclust").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _positive(workers=args.workers, threads_per_worker=args.threads_per_worker, rows=args.rows)
-    print(
-        f"BLAS (threadpoolctl): {'; '.join(bench.blas_kernels()) or 'none loaded yet'}", flush=True
-    )
     kw = {"n_workers": args.workers, "threads_per_worker": args.threads_per_worker}
     if args.mode == "scale":
         _positive(
@@ -171,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk_rows=args.chunk_rows,
             subset_rows=args.subset_rows,
         )
-        cfg = bench.ScaleConfig(
+        return ScaleConfig(
             store_dir=args.store_dir,
             rows=args.rows,
             k=args.k,
@@ -179,55 +151,63 @@ def main(argv: list[str] | None = None) -> int:
             iterations=args.iterations,
             chunk_rows=args.chunk_rows,
             subset_rows=args.subset_rows,
-            cluster=bench.ClusterSpec(("local",), memory_limit=args.memory_limit, **kw),
+            cluster=ClusterSpec(("local",), memory_limit=args.memory_limit, **kw),
         )
-        outcome = bench.run_scale(cfg)
-    else:
-        from kmclust.sweep import config as sweep
+    scheds = tuple(t.strip() for t in args.schedulers.split(",") if t.strip())
+    if not scheds or set(scheds) - set(SCHEDULERS):
+        raise ConfigError(f"--schedulers {args.schedulers!r}: choose from {', '.join(SCHEDULERS)}")
+    spec = ClusterSpec(scheds, **kw)
+    if args.mode == "grid":
+        _positive(max_iter=args.max_iter)
+        return GridConfig(
+            store_dir=args.store_dir,
+            ks=parse_ks(args.k),
+            inits=parse_inits(args.init),
+            seeds=parse_seeds(args.seeds),
+            rows=args.rows,
+            max_iter=args.max_iter,
+            prune=args.prune,
+            float64=args.float64,
+            cluster=spec,
+        )
+    _positive(iterations=args.iterations, repeats=args.repeats)
+    return IterationConfig(
+        store_dir=args.store_dir,
+        ks=parse_ks(args.k),
+        iterations=args.iterations,
+        rows=args.rows,
+        repeats=args.repeats,
+        prune=args.prune,
+        cluster=spec,
+    )
 
-        scheds = tuple(t.strip() for t in args.schedulers.split(",") if t.strip())
-        if not scheds or set(scheds) - set(bench.SCHEDULERS):
-            raise ConfigError(
-                f"--schedulers {args.schedulers!r}: choose from {', '.join(bench.SCHEDULERS)}"
-            )
-        spec = bench.ClusterSpec(scheds, **kw)
-        if args.mode == "grid":
-            _positive(max_iter=args.max_iter)
-            outcome = bench.run_grid(
-                bench.GridConfig(
-                    store_dir=args.store_dir,
-                    ks=sweep.parse_ks(args.k),
-                    inits=sweep.parse_inits(args.init),
-                    seeds=sweep.parse_seeds(args.seeds),
-                    rows=args.rows,
-                    max_iter=args.max_iter,
-                    prune=args.prune,
-                    float64=args.float64,
-                    cluster=spec,
-                )
-            )
-        else:
-            _positive(iterations=args.iterations, repeats=args.repeats)
-            outcome = bench.run_iteration(
-                bench.IterationConfig(
-                    store_dir=args.store_dir,
-                    ks=sweep.parse_ks(args.k),
-                    iterations=args.iterations,
-                    rows=args.rows,
-                    repeats=args.repeats,
-                    prune=args.prune,
-                    cluster=spec,
-                )
-            )
-            if not outcome.figures["dask_ml"]:
-                print(
-                    "dask-ml is not installed; install it with: pip install -e '.[bench]'",
-                    file=sys.stderr,
-                )
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from benchmarks import common
+    from benchmarks.grid import run_grid
+    from benchmarks.history import record
+    from benchmarks.iteration import run_iteration
+    from benchmarks.scale import run_scale
+
+    if args.unset_openblas_env:
+        common.reexec_without_openblas_env(as_command=argv is None)
+    setup_logging(args.verbose)
+    common.warn_if_other_checkout()
+    common.quiet_peers(args.verbose)
+    cfg = _config(args)
+    print(
+        f"BLAS (threadpoolctl): {'; '.join(common.blas_kernels()) or 'none loaded yet'}", flush=True
+    )
+    outcome = {"grid": run_grid, "iteration": run_iteration, "scale": run_scale}[args.mode](cfg)
+    if args.mode == "iteration" and not outcome.figures["dask_ml"]:
+        print(
+            "dask-ml is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr
+        )
     print(f"\n{outcome.title}\n\n{outcome.text()}")
     if not args.no_record:
         command = "python jobs/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        bench.record(args.record, outcome, command)
+        record(args.record, outcome, command)
         print(f"\nrecorded in {args.record}")
     return 0
 

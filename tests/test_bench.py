@@ -1,4 +1,4 @@
-"""jobs/bench.py and kmclust.bench on tiny inputs: the harness runs and its figures are sane.
+"""jobs/bench.py and benchmarks/ on tiny inputs: the harness runs and its figures are sane.
 
 No timing asserts: only that every mode runs, that kmclust reaches the same
 fixed points as scikit-learn (an independent implementation) from the same
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import harness as bench
+from benchmarks import common, grid, history, iteration, scale
+from kmclust.data import sources
 from kmclust.data import stores as datasets
 from kmclust.lloyd.init import cell_seed
 
@@ -33,15 +34,19 @@ def _job_module():
     return module
 
 
-#: Set in this process by distributed's nanny once any test has started a LocalCluster: inherited, they would run
-#: the job's scikit-learn single-threaded (its float32 inertia then rounds differently: 1.26e-6 off, not ≤ 1e-6).
+#: Set in this process by distributed's nanny once any test has started a LocalCluster: inherited,
+#: they would run the job's scikit-learn single-threaded (its float32 inertia then rounds
+#: differently: 1.26e-6 off, not ≤ 1e-6).
 LEAKED_BY_NANNY = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _run_job(
     *args: str, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """The job as a user runs it (a given ``env`` as is; else this process's, without the nanny's thread caps)."""
+    """The job as a user runs it.
+
+    A given ``env`` as is; else this process's, without the nanny's thread caps.
+    """
     if env is None:
         env = {k: v for k, v in os.environ.items() if k not in LEAKED_BY_NANNY}
     return subprocess.run(
@@ -109,16 +114,16 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
 
     from kmclust.lloyd.init import init_centroids
 
-    cfg = bench.GridConfig(
+    cfg = grid.GridConfig(
         store_dir=fashion_store.parent,
         ks=(5,),
         inits=("data",),
         seeds=(0, 1),
         rows=1500,
         prune=prune,
-        cluster=bench.ClusterSpec(("threads",)),
+        cluster=common.ClusterSpec(("threads",)),
     )
-    out = bench.run_grid(cfg)
+    out = grid.run_grid(cfg)
     x = datasets.load_images(datasets.open_images(fashion_store))[:1500]
     xf = x.astype(np.float32) / np.float32(255)
     total = 0
@@ -133,15 +138,15 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
 
 
 def test_iteration_every_tool_positive(fashion_store: Path) -> None:
-    cfg = bench.IterationConfig(
+    cfg = iteration.IterationConfig(
         store_dir=fashion_store.parent,
         ks=(5,),
         iterations=2,
         rows=3000,
         repeats=1,
-        cluster=bench.ClusterSpec(("threads",)),
+        cluster=common.ClusterSpec(("threads",)),
     )
-    out = bench.run_iteration(cfg)
+    out = iteration.run_iteration(cfg)
     per_iter = out.figures["per_iteration"]
     expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]"}
     if importlib.util.find_spec("dask_ml") is not None:
@@ -186,7 +191,7 @@ def test_scale_streams_and_persists(fashion_store: Path, tmp_path: Path) -> None
     store_dir = tmp_path / "stores"
     store_dir.mkdir()
     (store_dir / "fashion-mnist.zarr").symlink_to(fashion_store)
-    cfg = bench.ScaleConfig(
+    cfg = scale.ScaleConfig(
         store_dir=store_dir,
         rows=12_000,
         k=4,
@@ -194,20 +199,20 @@ def test_scale_streams_and_persists(fashion_store: Path, tmp_path: Path) -> None
         iterations=2,
         chunk_rows=4_000,
         subset_rows=6_000,
-        cluster=bench.ClusterSpec(("local",), memory_limit="1GiB"),
+        cluster=common.ClusterSpec(("local",), memory_limit="1GiB"),
     )
-    out = bench.run_scale(cfg)
+    out = scale.run_scale(cfg)
     fig = out.figures
     assert fig["rows"] == 12_000 and fig["runs"] == 2
     for label in ("streamed from zarr", "persisted in memory"):
         assert len(fig[label]["passes"]) == 3  # 2 iterations + the final evaluation pass
         assert fig[label]["rows_runs_per_s"] > 0 and fig[label]["peak_worker_rss"] > 0
     assert datasets.open_images(store_dir / "synthetic-12000.zarr").attrs["rows"] == 12_000
-    assert bench.synthetic_store(cfg) == store_dir / "synthetic-12000.zarr"  # reused, not restaged
+    assert scale.synthetic_store(cfg) == store_dir / "synthetic-12000.zarr"  # reused, not restaged
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path / "absent")
+    monkeypatch.setattr(sources, "FASHION_DIR", tmp_path / "absent")
     from kmclust.cli import run_main
 
     code = run_main(
@@ -227,14 +232,14 @@ def test_clean_env_removes_only_openblas_tuning() -> None:
         "OPENBLAS_L2_SIZE": "1048576",
         "OMP_NUM_THREADS": "1",
     }
-    out = bench.clean_env(env)
+    out = common.clean_env(env)
     assert out is not None
-    assert {k: v for k, v in out.items() if k != bench.UNSET_MARK} == {
+    assert {k: v for k, v in out.items() if k != common.UNSET_MARK} == {
         "PATH": "/bin",
         "OMP_NUM_THREADS": "1",
     }
-    assert "OPENBLAS_CORETYPE=Haswell" in out[bench.UNSET_MARK]
-    assert bench.clean_env({"PATH": "/bin"}) is None
+    assert "OPENBLAS_CORETYPE=Haswell" in out[common.UNSET_MARK]
+    assert common.clean_env({"PATH": "/bin"}) is None
 
 
 def test_unset_openblas_env_reexecutes_once(tmp_path: Path) -> None:
@@ -258,21 +263,36 @@ def test_unset_openblas_env_reexecutes_once(tmp_path: Path) -> None:
 def test_sse64_is_squared_distance_to_assigned_centroid() -> None:
     x = np.array([[0, 0], [3, 4], [6, 8]], dtype=np.uint8)
     c = np.array([[0.0, 0.0], [6.0, 8.0]])
-    assert bench.sse64(x, c, np.array([0, 0, 1]), block=2) == 25.0
+    assert grid.sse64(x, c, np.array([0, 0, 1]), block=2) == 25.0
 
 
 def test_record_appends_dated_sections(tmp_path: Path) -> None:
     path = tmp_path / "B.md"
-    outcome = bench.Outcome(
+    outcome = history.Outcome(
         "grid",
         "grid — test",
         {},
-        bench.markdown_table(["a", "b"], [[1, 2.5]]),
+        history.markdown_table(["a", "b"], [[1, 2.5]]),
         ["a note"],
         {"nproc": 2, "cpu": "CPU", "blas": ["openblas x"], "loadavg": (1.0, 2.0, 3.0)},
     )
-    bench.record(path, outcome, "python jobs/bench.py grid")
-    bench.record(path, outcome, "python jobs/bench.py grid")
+    history.record(path, outcome, "python jobs/bench.py grid")
+    history.record(path, outcome, "python jobs/bench.py grid")
     text = path.read_text()
     assert text.count("# Benchmarks") == 1 and text.count("— grid — test") == 2
     assert "| 1 | 2.5 |" in text and "- a note" in text and "before: 1.00 / 2.00 / 3.00" in text
+
+
+def test_record_lands_in_history_below_the_summary(tmp_path: Path) -> None:
+    """A record goes to the History part (the file's last section), never above the summary."""
+    outcome = history.Outcome("scale", "scale — test", {}, "| a |\n|---|\n| 1 |", [], {})
+    kept = tmp_path / "kept.md"
+    kept.write_text("# Benchmarks\n\n## Current figures\n\nsummary\n\n## History\n\nold\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("# Benchmarks\n\n## Current figures\n\nsummary\n")
+    for path in (kept, bare):
+        history.record(path, outcome, "python jobs/bench.py scale")
+        text = path.read_text()
+        assert text.count("## History") == 1
+        assert text.index("## Current figures") < text.index("## History")
+        assert text.index("## History") < text.index("### ") < text.index("— scale — test")

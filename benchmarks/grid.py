@@ -1,0 +1,291 @@
+"""The whole k × init × seed grid as one kmclust batch against a loop of scikit-learn fits.
+
+Both run to strict convergence (tol=0) from the same initial centroids, the
+sweep's own (:func:`kmclust.lloyd.init.cell_seed`), so the comparison also
+checks results: Lloyd iterations, the final J and labels per run, against
+scikit-learn on float32 data and on float64 data (free of float32 rounding
+in the distances: the reference for fixed points). The share of this
+machine's float32 GEMM roofline tells how much of the grid is arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import (
+    SCALE,
+    ClusterSpec,
+    cluster_note,
+    fashion_rows,
+    kmclust_name,
+    machine_info,
+    metered,
+    scheduler,
+    sklearn_fit,
+    worker_blas,
+)
+from benchmarks.history import Outcome, markdown_table
+from kmclust.errors import DataError
+from kmclust.lloyd.driver import lloyd
+from kmclust.lloyd.init import cell_seed, init_centroids
+from kmclust.lloyd.placement import persist_balanced
+
+log = logging.getLogger(__name__)
+
+#: the study's two initialisations (any of kmclust.lloyd.init.INITS may be given)
+STUDY_INITS = ("random", "data")
+COLUMNS = (
+    ("wall s", "wall", None),
+    ("CPU s", "cpu", None),
+    ("load", "load", None),
+    ("Lloyd iterations", "iterations", None),
+    ("ms / iteration", "ms_per_iteration", None),
+    ("speed-up vs sklearn", "speedup", 1.0),
+    ("CPU-time ratio", "cpu_speedup", 1.0),
+    ("max rel. J diff", "max_rel_j_diff", float("nan")),
+    ("same, vs float64 J, equal labels", "max_rel_j64_diff_same_labels", float("nan")),
+    ("runs with other labels", "runs_labels_differ", "–"),
+    ("runs with other n_iter", "runs_n_iter_differ", "–"),
+    ("max rel. J diff vs sklearn float64", "max_rel_j_diff_vs_float64", "–"),
+    ("runs with other labels than sklearn float64", "runs_labels_differ_vs_float64", "–"),
+    ("useful GFLOP/s", "gflops", None),
+)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    store_dir: Path = Path("data")
+    ks: tuple[int, ...] = tuple(range(5, 21))
+    inits: tuple[str, ...] = STUDY_INITS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rows: int | None = None  # first N training rows; None: all
+    max_iter: int = 100
+    prune: bool = True  # lloyd(prune=...): Hamerly-style bounds (the default) or not
+    float64: bool = True  # also a float64 sklearn loop: fixed points free of float32 rounding
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+
+
+def gemm_roofline(m: int = 8192, d: int = 784, k: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of a float32 (m × d) @ (d × k) product: the GEMM ceiling."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((m, d), dtype=np.float32), rng.random((d, k), dtype=np.float32)
+    a @ b
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best.append(time.perf_counter() - t0)
+    return 2.0 * m * d * k / min(best) / 1e9
+
+
+def sse64(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, block: int = 4096) -> float:
+    """Σ‖x − z_label‖² by direct float64 differences (an independent J reference), in row blocks."""
+    total = 0.0
+    c64 = np.asarray(centroids, dtype=np.float64)
+    for lo in range(0, x.shape[0], block):
+        diff = x[lo : lo + block].astype(np.float64) - c64[labels[lo : lo + block]]
+        total += float(np.einsum("ij,ij->", diff, diff))
+    return total
+
+
+def n_iter_of(fit) -> int:
+    """Lloyd iterations of a kmclust result (``n_iter``) or a scikit-learn fit (``n_iter_``)."""
+    return fit.n_iter_ if hasattr(fit, "n_iter_") else fit.n_iter
+
+
+def compare(
+    results: Sequence,
+    j: Sequence[float],
+    labels: Sequence[np.ndarray],
+    ref: Sequence,
+    ref_j64: Sequence[float],
+) -> dict:
+    """Final J and labels of one tool's runs against a scikit-learn loop's (``ref``), same inits."""
+    signed = np.array([(a - m.inertia_) / m.inertia_ for a, m in zip(j, ref)])
+    exact = np.array([(a - b) / b for a, b in zip(j, ref_j64)])
+    same = np.array([np.array_equal(lab, m.labels_) for lab, m in zip(labels, ref)])
+    n_iter = np.array([n_iter_of(r) for r in results])
+    ref_iter = np.array([n_iter_of(m) for m in ref])
+    other = ~same
+    return {
+        "max_rel_j_diff": float(np.abs(signed).max()),
+        "max_rel_j64_diff_same_labels": float(np.abs(exact[same]).max())
+        if same.any()
+        else float("nan"),
+        "runs_labels_differ": int(other.sum()),
+        "runs_n_iter_differ": int((n_iter != ref_iter).sum()),
+        "other_fixed_points": {
+            "kmclust_lower_j": int((signed[other] < 0).sum()),
+            "kmclust_higher_j": int((signed[other] > 0).sum()),
+            "median_rel_j_diff": float(np.median(signed[other])) if other.any() else 0.0,
+        },
+        "per_run": {
+            "n_iter": n_iter.tolist(),
+            "sklearn_n_iter": ref_iter.tolist(),
+            "rel_j_diff": signed.tolist(),
+            "same_labels": same.tolist(),
+        },
+    }
+
+
+def _vs_float64(res_j: Sequence[float], labels: Sequence[np.ndarray], sk64: Sequence) -> dict:
+    """The two columns against the float64 scikit-learn loop."""
+    vs = compare(sk64, res_j, labels, sk64, [m.inertia_ for m in sk64])
+    return {
+        "max_rel_j_diff_vs_float64": vs["max_rel_j_diff"],
+        "runs_labels_differ_vs_float64": vs["runs_labels_differ"],
+    }
+
+
+def _sklearn_loops(x_np: np.ndarray, inits: list[np.ndarray], cfg: GridConfig):
+    """The float32 loop (and the float64 one): fits, figures, float64 J of the float32 fits."""
+    xf = x_np.astype(np.float32) / np.float32(255)
+    log.info("scikit-learn: %d runs", len(inits))
+    with metered() as m32:
+        sk = [sklearn_fit(xf, c, "lloyd", cfg.max_iter) for c in inits]
+    sk_j64 = [sse64(x_np, m.cluster_centers_ / SCALE, m.labels_) * SCALE**2 for m in sk]
+    tools = {"sklearn": _figures(m32, sk)}
+    sk64 = None
+    if cfg.float64:
+        log.info("scikit-learn float64: %d runs", len(inits))
+        x64 = x_np.astype(np.float64) * SCALE
+        with metered() as m64:
+            sk64 = [sklearn_fit(x64, c, "lloyd", cfg.max_iter) for c in inits]
+        del x64
+        tools["sklearn float64"] = {
+            **_figures(m64, sk64, m32),
+            **compare(sk64, [m.inertia_ for m in sk64], [m.labels_ for m in sk64], sk, sk_j64),
+            "max_rel_j_diff_vs_float64": 0.0,
+            "runs_labels_differ_vs_float64": 0,
+        }
+        tools["sklearn"].update(
+            _vs_float64([m.inertia_ for m in sk], [m.labels_ for m in sk], sk64)
+        )
+    return sk, sk64, sk_j64, tools
+
+
+def _figures(meter, fits: Sequence, base=None) -> dict:
+    """Wall, CPU, load, Lloyd iterations (and the ratios to ``base``'s meter) of one tool."""
+    n_iter = [n_iter_of(f) for f in fits]
+    out = {
+        "wall": meter.wall,
+        "cpu": meter.cpu,
+        "load": meter.load_text(),
+        "iterations": int(sum(n_iter)),
+        "n_iter": np.array(n_iter),
+    }
+    if base is not None:
+        out |= {"speedup": base.wall / meter.wall, "cpu_speedup": base.cpu / meter.cpu}
+    return out
+
+
+def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machine: dict):
+    """One engine batch of every run on scheduler ``name``: its meter and its results."""
+    with scheduler(name, cfg.cluster) as client:
+        worker_blas(client, machine)
+        xp = persist_balanced(x)  # loaded and placed before the clock starts, as the sweep does
+        log.info("kmclust on %s: %d runs in one batch", name, len(inits))
+        with metered() as meter:
+            res = lloyd(
+                xp,
+                inits,
+                tol=0.0,
+                max_iter=cfg.max_iter,
+                scale=SCALE,
+                return_labels=True,
+                prune=cfg.prune,
+            )
+    bad = [r.error for r in res if r.error]
+    if bad:
+        raise DataError(f"kmclust run failed: {bad[0]}")
+    return meter, res
+
+
+def run_grid(cfg: GridConfig) -> Outcome:
+    """The grid as one kmclust batch (each scheduler) vs a loop of scikit-learn KMeans runs."""
+    machine = machine_info()
+    x = fashion_rows(cfg.store_dir, cfg.rows, "train")
+    x_np = np.asarray(x.compute())
+    n, d = x_np.shape
+    cells = [(k, init, s) for k in cfg.ks for init in cfg.inits for s in cfg.seeds]
+    inits = [init_centroids(x_np, k, init, cell_seed(s, k, init)) * SCALE for k, init, s in cells]
+    gemm = gemm_roofline()
+    flop_per_iter = np.array([2.0 * n * d * k for k, _, _ in cells])
+
+    sk, sk64, sk_j64, tools = _sklearn_loops(x_np, inits, cfg)
+    sk_meter = tools["sklearn"]
+    for name in cfg.cluster.schedulers:
+        meter, res = _kmclust_batch(x, inits, cfg, name, machine)
+        j, labels = [r.jclust * n for r in res], [r.labels for r in res]
+        tool = {
+            **_figures(meter, res),
+            "speedup": sk_meter["wall"] / meter.wall,
+            "cpu_speedup": sk_meter["cpu"] / meter.cpu,
+            **compare(res, j, labels, sk, sk_j64),
+        }
+        if sk64 is not None:
+            tool |= _vs_float64(j, labels, sk64)
+        tools[kmclust_name(name, cfg.prune)] = tool
+    for t in tools.values():
+        t["gflops"] = float(t.pop("n_iter") @ flop_per_iter / t["wall"] / 1e9)
+        t["roofline_share"] = t["gflops"] / gemm
+        t["ms_per_iteration"] = 1e3 * t["wall"] / t["iterations"]
+    rows = [
+        [name]
+        + [t.get(key, missing) for _, key, missing in COLUMNS]
+        + [f"{100 * t['roofline_share']:.1f} %"]
+        for name, t in tools.items()
+    ]
+    table = markdown_table(["tool", *(h for h, _, _ in COLUMNS), "of roofline"], rows)
+    return Outcome(
+        "grid",
+        f"grid — Fashion-MNIST, {len(cells)} runs",
+        {"n": n, "runs": len(cells), "roofline_gflops": gemm, "tools": tools},
+        table,
+        _notes(cfg, n, d, len(cells), gemm, sk64 is not None, tools, machine),
+        machine,
+    )
+
+
+def _notes(
+    cfg: GridConfig, n: int, d: int, runs: int, gemm: float, f64: bool, tools: dict, machine: dict
+) -> list[str]:
+    """What the grid's table measured and how to read it."""
+    return [
+        f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
+        f"{runs} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × "
+        f"{len(cfg.seeds)} seeds; tol=0 (strict convergence), max_iter={cfg.max_iter}; "
+        "same initial centroids for every tool",
+        "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
+        "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
+        + (
+            "; sklearn float64: the same loop on float64 data (distances free of float32 "
+            "rounding: the reference for fixed points; its ratio column compares its time "
+            "with float32 sklearn's)"
+            if f64
+            else ""
+        ),
+        f"float32 GEMM roofline (8192×784 @ 784×2048, best of 5, driver BLAS threads): "
+        f"{gemm:.1f} GFLOP/s; useful flops = Σ n_iter · 2·N·D·k (distance GEMM only) / wall",
+        *cluster_note(cfg.cluster, machine),
+        "J diff: |kmclust jclust·N − sklearn inertia_| / inertia_, max over runs (sklearn's "
+        "inertia_ is accumulated in float32: ~2e-6 off on 60,000 rows); 'vs float64 J': "
+        "against Σ‖x − z‖² of sklearn's labels and centroids recomputed here in float64, over "
+        "the runs whose final labels equal sklearn's; CPU s: driver + worker processes; load: "
+        "1-min load average before → after that tool; ratios: sklearn / kmclust",
+        *[
+            f"{t}: of the runs that ended at another fixed point than sklearn (float32 near-ties "
+            f"decided differently on the way), its J is lower in "
+            f"{v['other_fixed_points']['kmclust_lower_j']} and higher in "
+            f"{v['other_fixed_points']['kmclust_higher_j']}, median relative difference "
+            f"{v['other_fixed_points']['median_rel_j_diff']:+.2e}"
+            for t, v in tools.items()
+            if v.get("runs_labels_differ")
+        ],
+    ]
