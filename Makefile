@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kmclust-installed
 
-.PHONY: sweep test test-fast bench stage report clean
+.PHONY: sweep test test-fast lint bench stage report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)
 	$(PY) jobs/sweep.py --scheduler local --resume
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

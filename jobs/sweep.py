@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=10,
-        help="seconds to wait for a scheduler (default %(default)s)",
+        help="seconds to wait for a scheduler and, for a cluster it builds, its first worker "
+        "(default %(default)s)",
     )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true", help="print the grid and exit")

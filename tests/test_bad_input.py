@@ -41,7 +41,7 @@ def run(script: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (and ``root`` itself) with its bytes' sha256 (``dir`` for folders)."""
+    """Every path under ``root`` (and ``root``) with its bytes' sha256 (``dir`` for folders)."""
     out = {".": "dir" if root.is_dir() else hashlib.sha256(root.read_bytes()).hexdigest()}
     if root.is_dir():
         for p in sorted(root.rglob("*")):

@@ -1,4 +1,4 @@
-"""kmclust.KMeans: scikit-learn's estimator checks, agreement with sklearn.cluster.KMeans, bad input."""
+"""kmclust.KMeans: scikit-learn's estimator checks, agreement with sklearn's KMeans, bad input."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ none survives the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -148,10 +149,8 @@ class Procs:
 
     @staticmethod
     def kill(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def finish(self, job: subprocess.Popen, timeout: float = BOUND) -> tuple[int | None, str, str]:
         """Wait for a job; on timeout kill its group and return rc None (it hung)."""
@@ -168,10 +167,8 @@ class Procs:
             self.kill(p, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.started:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for p in self.started:
             self.kill(p)
             p.wait()
@@ -234,7 +231,7 @@ def n_done(out: Path) -> int:
 
 
 def assert_same_numbers(reference: Path, got: Path, only_done: bool = False) -> None:
-    """Every compared variable equal (NaN padding included); with only_done, just got's done cells."""
+    """Every compared variable equal (NaN padding included); only_done: just got's done cells."""
     a, b = xr.open_zarr(reference), xr.open_zarr(got)
     done = statuses(got) == "done"
     if not only_done:
@@ -446,10 +443,13 @@ def test_job_killed_while_writing_then_resume(mnist_subset_store, reference, pro
     kills = 0
     for _ in range(3):
         job = procs.job(*args, *(["--resume"] if out.exists() else []), env=clean_env(**BLAS1))
-        wait_until(lambda: job.poll() is not None or (out / "zarr.json").is_file())
+        wait_until(lambda job=job: job.poll() is not None or (out / "zarr.json").is_file())
         seen = status_mtimes(out)
         # a k slab is written when its status chunk is replaced (status last): kill just after one
-        wait_until(lambda: job.poll() is not None or status_mtimes(out) != seen, step=0.01)
+        wait_until(
+            lambda job=job, seen=seen: job.poll() is not None or status_mtimes(out) != seen,
+            step=0.01,
+        )
         time.sleep(rng.uniform(0, 0.05))
         if job.poll() is not None:
             break
@@ -495,7 +495,9 @@ def assert_memory_failure_reported(rc: int | None, stderr: str, out: Path) -> No
 
 @pytest.mark.slow
 def test_worker_over_memory_limit_is_reported(fashion_store, procs, tmp_path):
-    """A 60,000-row chunk on a worker limited to 300 MB (an idle worker holds ~210 MiB here): it must be reported.
+    """A 60,000-row chunk on a worker limited to 300 MB (an idle worker holds ~210 MiB here).
+
+    The overload must be reported.
 
     Pausing is disabled here, as documented for clusters (see finding D), so the
     nanny kills the worker at 95 % and the scheduler gives up after one retry.
@@ -539,8 +541,9 @@ def test_worker_over_memory_limit_is_reported(fashion_store, procs, tmp_path):
 
 @pytest.mark.slow
 def test_memory_paused_local_cluster_does_not_hang(fashion_store, procs, tmp_path):
-    """A LocalCluster profile (default dask config) whose worker pauses (> 80 % memory) before any task
-    pushes it over the 95 % kill threshold: a paused worker runs nothing more, so nothing frees memory."""
+    """A LocalCluster profile (default dask config) whose worker pauses (> 80 % memory) before any
+    task pushes it over the 95 % kill threshold: a paused worker runs nothing more, so nothing
+    frees memory."""
     config = tmp_path / "cluster.yaml"
     config.write_text(
         "profiles:\n  tight:\n    module: distributed\n    class: LocalCluster\n"
@@ -595,8 +598,9 @@ def test_memory_paused_local_cluster_does_not_hang(fashion_store, procs, tmp_pat
                 pytest.mark.slow,
                 pytest.mark.xfail(
                     strict=True,
-                    reason="the job's own error is one line, but the worker process logs distributed's "
-                    "'Compute Failed' report with a traceback to the same stderr first",
+                    reason="the job's own error is one line, but the worker process logs "
+                    "distributed's 'Compute Failed' report with a traceback to the same stderr "
+                    "first",
                 ),
             ],
         ),
@@ -646,7 +650,7 @@ def test_corrupted_store_chunk_is_a_clear_data_error(
     assert not out.exists() or not (statuses(out) == "done").any()
 
 
-# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+# ------------------------------------------------ bad input: one line, exit 2, nothing written
 
 
 def _idx_dir(path: Path, rows: slice) -> Path:
@@ -782,8 +786,8 @@ BAD_YAML = {
             "wrong-kwarg",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="LocalCluster starts worker processes before the bad kwarg is caught; their tracebacks "
-                "flood stderr: see notes, finding F",
+                reason="LocalCluster starts worker processes before the bad kwarg is caught; "
+                "their tracebacks flood stderr: see notes, finding F",
             ),
         ),
     ],

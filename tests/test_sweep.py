@@ -80,6 +80,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, seconds: float = 60) -> None:
+    """Block until something listens on 127.0.0.1:port (a scheduler subprocess is up)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_default_job_small_grid_end_to_end(mnist_subset_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "results" / "r.zarr"
     proc = run_cli(
@@ -189,6 +202,7 @@ def test_same_numbers_threads_local_clusters_and_remote_scheduler(
                     stderr=subprocess.DEVNULL,
                 )
             )
+        wait_for_port(port)  # connect() reports a refused connection at once
         with sweep.scheduler(f"tcp://127.0.0.1:{port}", None, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
             got = sweep.run_sweep(config, tmp_path / "remote.zarr", parallel=n_threads(client))

@@ -1,0 +1,116 @@
+"""Ctrl-C on a `--scheduler local` sweep: one line, exit 130, workers quiet, shutdown fast.
+
+A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the
+job and every worker process it spawned. So the job runs in its own session
+here and SIGINT goes to that process group, as from a terminal. Before the
+fix each worker printed its own KeyboardInterrupt traceback, the nannies
+waited 4 s before killing them and the job printed 44-84 lines in 4.7 s; a
+Ctrl-C that Python handled inside distributed's gc callback was even lost and
+the sweep ran on to the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "jobs" / "sweep.py"
+#: Seconds from SIGINT to exit; the fixed job takes about 1 s, the old one 2.4-6.5 s.
+SHUTDOWN_BOUND = 10.0
+#: Lines the job may print after SIGINT: the `error: interrupted` line (and a spare).
+LINES_BOUND = 2
+
+
+def start_sweep(store: Path, out: Path, log: Path) -> subprocess.Popen:
+    """The default grid on the `local` LocalCluster, in its own session, stderr to ``log``."""
+    with log.open("w") as err:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(SWEEP),
+                "--scheduler",
+                "local",
+                "--k",
+                "5:20",
+                "--seeds",
+                "10",
+                "--dataset",
+                str(store),
+                "--no-report",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def wait_for_line(proc: subprocess.Popen, log: Path, needle: str, seconds: float = 120) -> int:
+    """Wait until ``needle`` is on stderr; return the number of stderr lines so far."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if needle in text:
+            return len(text.splitlines())
+        assert proc.poll() is None, f"the sweep ended before printing {needle!r}:\n{text}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {needle!r} on stderr within {seconds} s:\n{log.read_text()}")
+
+
+def family(pid: int) -> list[psutil.Process]:
+    """A process and everything it spawned."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("moment", "needle", "delay"),
+    [
+        ("cluster starting", "starting distributed.LocalCluster", 0.3),
+        ("cluster up", "Dask dashboard", 0.3),
+        ("computing", "Dask dashboard", 3.0),  # the first progress line comes only after ~20 s
+    ],
+)
+def test_ctrl_c_ends_with_one_line_fast(mnist_subset_store, tmp_path, moment, needle, delay):
+    log = tmp_path / "stderr.txt"
+    proc = start_sweep(mnist_subset_store, tmp_path / "r.zarr", log)
+    processes = []
+    try:
+        before = wait_for_line(proc, log, needle)
+        time.sleep(delay)
+        assert proc.poll() is None, f"the sweep ended before the Ctrl-C ({moment})"
+        processes = family(proc.pid)
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sweep ignored Ctrl-C ({moment}):\n{log.read_text()}")
+        seconds = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = log.read_text()
+    after = stderr.splitlines()[before:]
+    assert proc.returncode == 130, stderr
+    assert after and after[-1] == "error: interrupted", stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert len(after) <= LINES_BOUND, "\n".join(after)
+    assert seconds < SHUTDOWN_BOUND, seconds
+    # the worker processes (and the resource tracker) end with the job
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
