@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmclust import cluster
+from kmclust.cluster.build import local_config
 from kmclust.data import sources, stores
 from kmclust.errors import ConfigError, DataError
 
@@ -300,7 +300,7 @@ def scheduler(name: str, spec: ClusterSpec) -> Iterator[object]:
     from distributed import Client, LocalCluster
 
     with (
-        dask.config.set(cluster.local_config()),
+        dask.config.set(local_config()),
         LocalCluster(
             n_workers=spec.n_workers,
             threads_per_worker=spec.threads_per_worker,

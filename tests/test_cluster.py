@@ -24,7 +24,8 @@ import psutil
 import pytest
 from distributed import LocalCluster, Security
 
-from kmclust.cluster import connect, describe, find_config, load_profiles
+from kmclust.cluster.connect import connect, describe
+from kmclust.cluster.profiles import find_config, load_profiles
 from kmclust.errors import ConfigError, SchedulerError
 
 REPO = Path(__file__).resolve().parents[1]

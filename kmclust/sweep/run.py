@@ -356,13 +356,13 @@ def _sweep(
 def scheduler(
     spec: str, cluster_config: str | Path | None, timeout: float = 10
 ) -> Iterator[object]:
-    """``threads`` → dask's threaded scheduler (no cluster); else kmclust.cluster.connect."""
+    """``threads`` → dask's threaded scheduler (no cluster); else kmclust.cluster's connect."""
     if spec == "threads":
         yield None
         return
-    from kmclust import cluster
+    from kmclust.cluster.connect import connect
 
-    with cluster.connect(spec, cluster_config, timeout=timeout) as client:
+    with connect(spec, cluster_config, timeout=timeout) as client:
         yield client
 
 
