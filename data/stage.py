@@ -1,49 +1,13 @@
 #!/usr/bin/env python
-"""Stage an MNIST-like source into a chunked zarr store: data/stage.py SOURCE [options].
+"""Stage an MNIST-like source into a chunked zarr store.
 
-Sources: mnist-subset (built in), mnist (--from DIR or --download),
-fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), synthetic
-(--from STORE --rows N [--seed S]). See data/README.md.
+A shim: the code is `kmclust stage` (kmclust/commands/stage.py).
 """
 
-from __future__ import annotations
-
 import sys
-import time
 
-from kmclust.cli import ArgumentParser, run_main, setup_logging
-from kmclust.data.stores import SOURCES, stage, store_summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("source", choices=SOURCES)
-    p.add_argument(
-        "--from",
-        dest="from_dir",
-        metavar="DIR",
-        help="input directory (mnist, fashion-mnist) or parent store (synthetic)",
-    )
-    p.add_argument("--out", metavar="PATH", help="store to write (default data/SOURCE.zarr)")
-    p.add_argument(
-        "--chunk-rows", type=int, default=10_000, metavar="N", help="rows per chunk (default 10000)"
-    )
-    p.add_argument("--force", action="store_true", help="replace an existing store")
-    p.add_argument(
-        "--download", action="store_true", help="mnist: fetch the IDX files from public mirrors"
-    )
-    p.add_argument("--rows", type=int, metavar="N", help="synthetic: number of rows")
-    p.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="synthetic: random seed (default 0)"
-    )
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = vars(p.parse_args(argv))
-    setup_logging(args.pop("verbose"))
-    t0 = time.perf_counter()
-    path = stage(args.pop("source"), **args)
-    print(f"{store_summary(path)}, staged in {time.perf_counter() - t0:.1f} s")
-    return 0
-
+from kmclust.cli import run_main
+from kmclust.commands.stage import main
 
 if __name__ == "__main__":
     sys.exit(run_main(main))
