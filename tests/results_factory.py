@@ -109,6 +109,10 @@ def make_results(
                 if k == n_classes:
                     v["acc"][a, b, s] = 0.53 + rng.normal(0, 0.02)
                 v["seconds"][a, b, s] = rng.uniform(0.5, 3.0)
+                # label-free indices: on digits, none has a sharp optimum
+                data["davies_bouldin"][a, b, s] = 2.6 - 0.03 * k + rng.normal(0, 0.04)
+                data["calinski_harabasz"][a, b, s] = 160.0 / np.sqrt(k) + rng.normal(0, 1.5)
+                data["silhouette"][a, b, s] = 0.07 - 0.002 * k + rng.normal(0, 0.004)
                 lab = np.concatenate([rng.permutation(n_classes), rng.integers(0, n_classes, k)])[
                     :k
                 ]

@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
 from kmclust.sweep.metrics import (
     ari,
     evaluate,
     hungarian_acc,
+    internal_indices,
     label_accuracy,
     majority_labels,
     nmi,
     purity,
+    sample_distances,
+    silhouette_rows,
 )
 
 # The 6-sample case used throughout (k = 3 clusters, 3 classes):
@@ -224,3 +228,94 @@ def test_majority_and_accuracy_match_plain_loops(case) -> None:
     assert label_accuracy(pred, true, labels) == pytest.approx(right / len(true))
     # majority labelling on the training set is exactly purity
     assert label_accuracy(pred, true, labels) == pytest.approx(purity(true, pred))
+
+
+# ------------------------------------------------- label-free indices against scikit-learn
+def _blobs(n: int, k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows in [0, 1] around k centres, and their (known) cluster ids."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    x = rng.uniform(0.2, 0.8, (k, d))[labels] + rng.normal(0, 0.05, (n, d))
+    return np.clip(x, 0, 1).astype(np.float32), labels
+
+
+def _sklearn(x: np.ndarray, labels: np.ndarray, sample: np.ndarray) -> dict[str, float]:
+    x64 = x.astype(np.float64)
+    return {
+        "davies_bouldin": davies_bouldin_score(x64, labels),
+        "calinski_harabasz": calinski_harabasz_score(x64, labels),
+        "silhouette": silhouette_score(x64[sample], labels[sample]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "d", "size", "seed"),
+    [(300, 4, 20, 100, 0), (500, 12, 784, 2000, 1), (200, 2, 3, 50, 2), (400, 7, 16, 399, 3)],
+)
+def test_internal_indices_equal_sklearn(n, k, d, size, seed) -> None:
+    x, labels = _blobs(n, k, d, seed)
+    sample = silhouette_rows(n, size, seed)
+    got, want = internal_indices(x, labels, sample), _sklearn(x, labels, sample)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+    # the same with the sample's distances computed beforehand (as the sweep does per seed)
+    again = internal_indices(x, labels, sample, sample_distances(x, sample))
+    assert again["silhouette"] == pytest.approx(want["silhouette"], rel=1e-6)
+
+
+def test_internal_indices_ignore_empty_clusters_and_odd_ids() -> None:
+    # ids 0, 3, 9 of a k = 10 run: sklearn sees three labels, so must we
+    x, labels = _blobs(240, 3, 10, 4)
+    ids = np.array([0, 3, 9])[labels]
+    sample = silhouette_rows(240, 120, 5)
+    got, want = internal_indices(x, ids, sample), _sklearn(x, ids, sample)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_internal_indices_with_a_single_member_cluster() -> None:
+    x, labels = _blobs(100, 3, 8, 6)
+    labels[17] = 3  # a cluster of one row (no spread of its own)
+    sample = np.arange(100)
+    got, want = internal_indices(x, labels, sample), _sklearn(x, labels, sample)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [np.zeros(6, np.int64), np.arange(6), np.array([], np.int64)],
+    ids=["all in one cluster", "every row its own cluster", "no rows"],
+)
+def test_internal_indices_are_nan_where_sklearn_refuses(labels) -> None:
+    x = np.random.default_rng(7).uniform(0, 1, (len(labels), 5)).astype(np.float32)
+    got = internal_indices(x, labels, np.arange(len(labels)))
+    assert all(math.isnan(v) for v in got.values())
+    if len(labels):  # scikit-learn refuses each of them
+        for score in (davies_bouldin_score, calinski_harabasz_score, silhouette_score):
+            with pytest.raises(ValueError):
+                score(x.astype(np.float64), labels)
+
+
+def test_coincident_rows_give_sklearns_values() -> None:
+    # every cluster a single repeated point: no within spread
+    x = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]], np.float32), 4, axis=0)
+    labels = np.repeat(np.arange(3), 4)
+    got, want = internal_indices(x, labels, np.arange(12)), _sklearn(x, labels, np.arange(12))
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_silhouette_sample_is_seeded_sorted_and_optional() -> None:
+    a, b = silhouette_rows(1000, 200, 3), silhouette_rows(1000, 200, 3)
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) == 200 and (np.diff(a) > 0).all() and a.max() < 1000
+    assert not np.array_equal(a, silhouette_rows(1000, 200, 4))
+    np.testing.assert_array_equal(silhouette_rows(50, 2000, 3), np.arange(50))
+    x, labels = _blobs(60, 3, 4, 8)
+    none = silhouette_rows(60, 0, 3)
+    assert math.isnan(internal_indices(x, labels, none)["silhouette"])
+    assert math.isnan(internal_indices(x, labels, none, sample_distances(x, none))["silhouette"])
+    # a sample holding one cluster only has no silhouette; the other indices stay defined
+    got = internal_indices(x, labels, np.flatnonzero(labels == 1))
+    assert math.isnan(got["silhouette"]) and math.isfinite(got["davies_bouldin"])

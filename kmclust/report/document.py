@@ -8,7 +8,6 @@ Markdown report whose sentences are generated from the numbers it shows.
 from __future__ import annotations
 
 import logging
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,8 @@ import pandas as pd
 import xarray as xr
 
 from kmclust.errors import ConfigError, DataError
+from kmclust.report.choosing_k import INDEX_FIGURES, choosing_k_section
+from kmclust.report.markdown import markdown_table, pm
 from kmclust.report.results import (
     COMPARED,
     GRID,
@@ -29,7 +30,6 @@ from kmclust.report.results import (
     open_results,
     status_counts,
     strings,
-    summary_inits,
 )
 from kmclust.report.stats import compare_inits, conclusion, elbow
 from kmclust.sweep.schema import VARIABLES
@@ -73,18 +73,12 @@ def summary_table(ds: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["k", "init"])
 
 
-def _pm(mean: float, std: float, dec: int) -> str:
-    if not np.isfinite(mean):
-        return "—"
-    return f"{mean:.{dec}f}" if not np.isfinite(std) else f"{mean:.{dec}f} ± {std:.{dec}f}"
-
-
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """The summary as strings "mean ± std" (the columns REPORT.md and the console show)."""
     out = pd.DataFrame(index=df.index)
     out["done"] = [f"{d}/{d + f + p}" for d, f, p in zip(df.n_done, df.n_failed, df.n_pending)]
     for m, (label, dec) in SHOWN:
-        out[label] = [_pm(a, b, dec) for a, b in zip(df[f"{m}_mean"], df[f"{m}_std"])]
+        out[label] = [pm(a, b, dec) for a, b in zip(df[f"{m}_mean"], df[f"{m}_std"])]
     out["Σ relocations"] = [("—" if not np.isfinite(s) else f"{s:.0f}") for s in df.n_relocated_sum]
     return out.reset_index()
 
@@ -92,16 +86,6 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
 def format_table(df: pd.DataFrame) -> str:
     """A summary_table as fixed-width text for the console."""
     return display_table(df).to_string(index=False)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame of strings as a GitHub Markdown table (no tabulate needed)."""
-    head = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += [
-        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)
-    ]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- representatives
@@ -272,64 +256,6 @@ def _comparison_section(summary, comps) -> list[str]:
     return lines
 
 
-def _choosing_k_section(summary, knees) -> list[str]:
-    lines = [
-        "## Choosing k",
-        "",
-        "The minimum of J_clust is not a choice of k: adding a cluster can only lower the best "
-        "achievable J (the new centroid can take over the points it is closest to), and at k = N "
-        "every image is its own centroid with J = 0. So J is smallest at the largest k tried:",
-        "",
-    ]
-    for init in summary_inits(summary):
-        j = summary.xs(init, level="init").jclust_mean.dropna()
-        if len(j) >= 2:
-            falls = int((np.diff(j.to_numpy()) < 0).sum())
-            lines.append(
-                f"- {init}: mean J_clust {j.iloc[0]:.3f} at k = {j.index[0]} → {j.iloc[-1]:.3f} "
-                f"at k = {j.index[-1]}; it falls at {falls} of {len(j) - 1} steps in k."
-            )
-    lines += [
-        "",
-        "**Elbow estimate.** The k whose point on the mean-J-vs-k curve lies farthest from the "
-        "chord joining the curve's end points, both axes scaled to [0, 1] (the kneedle "
-        "construction): "
-        + "; ".join(
-            f"{i}: k = {knees[i] if knees[i] is not None else 'none'}"
-            for i in summary_inits(summary)
-        )
-        + " (★ in the J figure). It is a heuristic: it moves with the range of k tried, and a "
-        "smooth curve has only a weak elbow.",
-        "",
-        "**Held-out accuracy.**",
-        "",
-    ]
-    if not np.isfinite(summary.test_accuracy_mean).any():
-        lines += ["No held-out test set in this store: training accuracy (optimistic) instead.", ""]
-    for init in summary_inits(summary):
-        sub = summary.xs(init, level="init")
-        col = "test_accuracy" if np.isfinite(sub.test_accuracy_mean).any() else "train_accuracy"
-        m, sd, n = sub[f"{col}_mean"].dropna(), sub[f"{col}_std"], sub.n_done
-        if m.empty:
-            continue
-        best = m.idxmax()
-        se = sd[best] / math.sqrt(n[best]) if np.isfinite(sd[best]) else 0.0
-        small = int(m[m >= m[best] - se].index.min())
-        lines.append(
-            f"- {init}: {col.replace('_', ' ')} {m.iloc[0]:.3f} at k = {m.index[0]} → "
-            f"{m.iloc[-1]:.3f} at k = {m.index[-1]}; best {m[best]:.3f} at k = {best}; the "
-            f"smallest k within one standard error of the best is k = {small}."
-        )
-    lines += [
-        "",
-        "Majority labelling gets finer as k grows, so accuracy also tends to favour large k; "
-        "the gain per added cluster (and the train–test gap) is what to weigh against the cost "
-        "of more clusters.",
-        "",
-    ]
-    return lines
-
-
 def _markdown(ds, vals, summary, comps, knees, counts, reps, figs: Figures, chosen: bool) -> str:
     name = ds.attrs.get("dataset") or attr_json(ds, "config").get("dataset", "?")
     lines = [f"# k-means sweep report: {name}", ""] + _run_section(ds, vals, counts)
@@ -346,11 +272,12 @@ def _markdown(ds, vals, summary, comps, knees, counts, reps, figs: Figures, chos
         "",
     ]
     for alt, file in figs.vs_k:
-        lines += [f"![{alt}]({file})", ""]
+        if file not in INDEX_FIGURES:
+            lines += [f"![{alt}]({file})", ""]
     lines += _comparison_section(summary, comps)
     if figs.comparison is not None:
         lines += [f"![paired init comparison]({figs.comparison})", ""]
-    lines += _choosing_k_section(summary, knees)
+    lines += choosing_k_section(summary, knees, figs)
     lines += [
         "## Cluster representatives",
         "",

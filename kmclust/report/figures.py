@@ -314,8 +314,8 @@ def report_figures(
     vs_k = []
     for var in VARIABLES:
         plot = var.plot
-        if plot is None or var.name not in vals:
-            continue
+        if plot is None or var.name not in vals or not np.isfinite(vals[var.name].values).any():
+            continue  # not in this store, or not computed (an older store, silhouette off)
         extra: dict = {"knees": knees} if plot.knees else {}
         if plot.cap is not None:
             cap = float(config.get(plot.cap, np.nan))

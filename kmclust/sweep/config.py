@@ -33,6 +33,8 @@ MAX_INT32 = 2**31 - 1
 MAX_AXIS = 100_000
 #: the stopping rule of a stored config that predates the rule's version
 FIRST_RULE = 1
+#: training rows the silhouette is computed on (0: none); a stored config without it used this
+SILHOUETTE_SAMPLE = 2000
 
 #: (k index, init index, seed index) of a cell of the grid
 Cell = tuple[int, int, int]
@@ -150,6 +152,7 @@ class SweepConfig:
     tol: float = 1e-6
     max_iter: int = 100
     chunk_rows: int | None = None  # None: the store's chunking
+    silhouette_sample: int = SILHOUETTE_SAMPLE  # seeded sample of training rows; 0: no silhouette
 
     def __post_init__(self) -> None:
         """Refuse values no sweep can run (the CLI checks the same values before any import)."""
@@ -163,6 +166,7 @@ class SweepConfig:
         integer("--max-iter", self.max_iter, 1)
         if self.chunk_rows is not None:
             integer("--chunk-rows", self.chunk_rows, 1)
+        integer("--silhouette-sample", self.silhouette_sample)
 
     def identity(self) -> dict:
         """The JSON-able fields a resumed store must match, with the stopping rule's version."""
@@ -173,9 +177,10 @@ class SweepConfig:
     def differences(self, stored: dict) -> list[str]:
         """The identity keys where ``stored`` (a store's config) differs from this config.
 
-        A stored config without ``rule_version`` predates it: its rule was the first.
+        A stored config without ``rule_version`` predates it: its rule was the first; one
+        without ``silhouette_sample`` predates the silhouette: its cells get the default.
         """
-        theirs = {"rule_version": FIRST_RULE} | stored
+        theirs = {"rule_version": FIRST_RULE, "silhouette_sample": SILHOUETTE_SAMPLE} | stored
         mine = self.identity()
         return sorted(key for key in set(theirs) | set(mine) if theirs.get(key) != mine.get(key))
 

@@ -1,7 +1,10 @@
-"""Clustering quality: majority-label accuracy, NMI, ARI, Hungarian accuracy, purity.
+"""Clustering quality: majority-label accuracy, NMI, ARI, Hungarian accuracy, purity, and
+the label-free indices for choosing k (Davies–Bouldin, Calinski–Harabasz, silhouette).
 
-Thin wrappers over scikit-learn (NMI, ARI, contingency matrix) and scipy
-(``linear_sum_assignment``). Cluster labels are learned on the training set
+Thin wrappers over scikit-learn (NMI, ARI, contingency matrix, silhouette) and
+scipy (``linear_sum_assignment``); Davies–Bouldin and Calinski–Harabasz are
+computed here in one pass over the rows (scikit-learn's definitions, checked
+against it in the tests). Cluster labels are learned on the training set
 only; the held-out test set is scored with them and never influences them.
 Label arrays are 1-D integer arrays; true labels must be >= 0 so that -1 can
 mark a cluster without members. Inputs come from the engine, not from users,
@@ -14,7 +17,13 @@ import logging
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from scipy.spatial.distance import cdist
+from sklearn.metrics import (
+    adjusted_rand_score,
+    normalized_mutual_info_score,
+    pairwise_distances,
+    silhouette_score,
+)
 from sklearn.metrics.cluster import contingency_matrix
 
 log = logging.getLogger(__name__)
@@ -141,3 +150,79 @@ def evaluate(
         "acc": hungarian_acc(train_true, train_ids) if k == n_classes else float("nan"),
         "purity": purity(train_true, train_ids),
     }
+
+
+def silhouette_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of the ``size`` rows (of ``n``) the silhouette is computed on.
+
+    All rows if ``size`` ≥ n, none if 0. Drawn from ``seed`` alone, so every run
+    given the same seed is scored on the same rows (reproducible, and paired across k).
+    """
+    if size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 1])
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def sample_distances(x: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Euclidean distances (float64) between the sampled rows: shared by every run of a seed,
+    since computing them is most of a silhouette's cost."""
+    if len(sample) == 0:
+        return np.empty((0, 0))
+    return pairwise_distances(np.asarray(x[sample], dtype=np.float64))
+
+
+def _scorable(n_labels: int, n_rows: int) -> bool:
+    """scikit-learn's rule: the indices need 2 to n_rows − 1 distinct labels."""
+    return 2 <= n_labels <= n_rows - 1
+
+
+def internal_indices(
+    x: np.ndarray,
+    labels: np.ndarray,
+    sample: np.ndarray,
+    distances: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Davies–Bouldin, Calinski–Harabasz (all rows) and silhouette (rows ``sample``).
+
+    ``x`` (N, D) rows, ``labels`` (N,) cluster ids; ``distances``:
+    ``sample_distances(x, sample)`` if already at hand. Cluster centres are the means of
+    their members in float64 (as scikit-learn takes them, whether or not the run
+    converged); empty clusters do not count. One pass over the rows, cluster by
+    cluster: no N × k distance matrix. An index that is undefined (fewer than two
+    non-empty clusters, or every row its own cluster; an empty sample) is NaN.
+    """
+    labels = _ints(labels, "cluster ids")
+    present = np.unique(labels)
+    n, n_labels = len(labels), len(present)
+    means = np.empty((n_labels, x.shape[1]))
+    counts = np.empty(n_labels)
+    spread = np.empty(n_labels)  # mean distance of a cluster's members to its centre
+    within = 0.0  # Σ squared distances to the centres
+    for i, c in enumerate(present):
+        rows = np.asarray(x[labels == c], dtype=np.float64)
+        means[i] = rows.mean(axis=0)
+        sq = np.einsum("ij,ij->i", rows - means[i], rows - means[i])
+        counts[i], spread[i], within = len(rows), np.sqrt(sq).mean(), within + sq.sum()
+    out = {"davies_bouldin": np.nan, "calinski_harabasz": np.nan, "silhouette": np.nan}
+    if _scorable(n_labels, n):
+        overall = counts @ means / n
+        between = float(counts @ ((means - overall) ** 2).sum(axis=1))
+        ch = 1.0 if within == 0 else between * (n - n_labels) / (within * (n_labels - 1))
+        out["calinski_harabasz"] = float(ch)
+        out["davies_bouldin"] = _davies_bouldin(means, spread)
+    sub = labels[sample]
+    if len(sample) and _scorable(len(np.unique(sub)), len(sample)):
+        if distances is None:
+            distances = sample_distances(x, sample)
+        out["silhouette"] = float(silhouette_score(distances, sub, metric="precomputed"))
+    return out
+
+
+def _davies_bouldin(means: np.ndarray, spread: np.ndarray) -> float:
+    """Mean over clusters of the worst (s_i + s_j) / ‖c_i − c_j‖, as scikit-learn defines it."""
+    gaps = cdist(means, means)
+    if np.allclose(spread, 0) or np.allclose(gaps, 0):
+        return 0.0  # scikit-learn's value when no cluster has spread or all centres coincide
+    gaps[gaps == 0] = np.inf
+    return float(np.mean(np.max((spread[:, None] + spread[None, :]) / gaps, axis=1)))

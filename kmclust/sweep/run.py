@@ -66,10 +66,18 @@ def cell_values(
     data: DataSplit,
     test: tuple[np.ndarray, float, float] | None,
     seconds: float,
+    x_train: np.ndarray,
+    silhouette: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, object]:
-    """Every value of one finished run, by results variable (see kmclust.sweep.schema)."""
+    """Every value of one finished run, by results variable (see kmclust.sweep.schema).
+
+    ``x_train``: the training rows on the driver (float, [0, 1]); ``silhouette``: the
+    indices of those the silhouette is computed on and their distances (metrics.silhouette_rows,
+    metrics.sample_distances).
+    """
     k = res.centroids.shape[0]
-    with sklearn.config_context(skip_parameter_validation=True):  # its checks are slow per call
+    # its checks are slow per call; the rows are scaled uint8 images, so always finite
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
         values = metrics.evaluate(
             res.labels,
             data.y_train,
@@ -78,6 +86,7 @@ def cell_values(
             k,
             len(data.class_names),
         )
+        values |= metrics.internal_indices(x_train, res.labels, *silhouette)
     return values | {
         "jclust": res.jclust,
         "mean_distance": res.mean_distance,
@@ -130,6 +139,7 @@ class _Collector:
         self.finished: list[tuple[Cell, runs.RunResult, float]] = []
         self.failed: list[str] = []
         self.n_done, self.total = n_done, total
+        self.x_train = np.empty((0, 0), np.float32)  # the training rows, once loaded
 
     def fail(self, cell: Cell, reason: str) -> None:
         ki, ii, si = cell
@@ -144,6 +154,11 @@ class _Collector:
             self.finished.append((cell, res, seconds))
         else:
             self.fail(cell, res.error)
+
+    def _silhouette_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The silhouette's sample of training rows for ``seed`` and the distances between them."""
+        sample = metrics.silhouette_rows(len(self.x_train), self.config.silhouette_sample, seed)
+        return sample, metrics.sample_distances(self.x_train, sample)
 
     def flush(self, force: bool = False) -> None:
         """Evaluate the finished runs and write every settled k.
@@ -166,8 +181,13 @@ class _Collector:
                 else [None] * len(batch)
             )
             self.finished = []  # only now: if the held-out pass fails, the runs are retried
-            for (cell, res, seconds), test in zip(batch, tests):
-                values = cell_values(res, self.data, test, seconds)
+            # by seed: the silhouette's sample, and the distances between its rows, are the
+            # same for every run of a seed, so they are computed once per seed and batch
+            seed_of = {}
+            for (cell, res, seconds), test in sorted(zip(batch, tests), key=lambda f: f[0][0][2]):
+                if cell[2] not in seed_of:
+                    seed_of = {cell[2]: self._silhouette_rows(self.config.seeds[cell[2]])}
+                values = cell_values(res, self.data, test, seconds, self.x_train, seed_of[cell[2]])
                 fill_cell(self.slabs[cell[0]], cell[1], cell[2], values)
                 self.pending[cell[0]] -= 1
         for ki in [ki for ki, left in self.pending.items() if left == 0]:
@@ -303,6 +323,7 @@ def _initial_centroids(
         x_train_np = np.asarray(data.x_train.compute()) * np.float32(SCALE)
     except Exception as exc:  # damaged chunks, a worker killed while loading
         raise _fatal(exc, data) or load_error(exc, data.store) from None
+    sink.x_train = x_train_np  # kept for the label-free indices of every finished run
     inits: dict[Cell, np.ndarray] = {}
     for cell in cells:
         ki, ii, si = cell
