@@ -1,8 +1,9 @@
 """Stage an MNIST-like source into a chunked zarr store: data/stage.py SOURCE [options].
 
 Sources: mnist-subset (built in), mnist (--from DIR or --download),
-fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), synthetic
-(--from STORE --rows N [--seed S]). See data/README.md.
+fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), digits
+(scikit-learn's 8 x 8 digits, built in), array (--from FILE, an .npz of images
+and labels), synthetic (--from STORE --rows N [--seed S]). See data/README.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--from",
         dest="from_dir",
         metavar="DIR",
-        help="input directory (mnist, fashion-mnist) or parent store (synthetic)",
+        help="input directory (mnist, fashion-mnist), .npz file (array) or parent store "
+        "(synthetic)",
     )
     p.add_argument("--out", metavar="PATH", help="store to write (default data/SOURCE.zarr)")
     p.add_argument(

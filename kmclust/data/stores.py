@@ -54,23 +54,23 @@ def _plan_source(source: sources.Source, from_dir: str | Path | None, download: 
     n = len(data.labels)
     if n == 0:
         raise DataError(f"{source.name}: the source holds no images")
-    if data.images.shape[1:] != source.image_shape:
-        raise DataError(
-            f"{source.name}: images of shape {data.images.shape[1:]}, expected {source.image_shape}"
-        )
-    if int(data.labels.max()) >= len(source.class_names):
-        raise DataError(f"{source.name}: a label exceeds its {len(source.class_names)} classes")
+    shape = source.image_shape or data.images.shape[1:]  # None: the input's own (array)
+    names = data.class_names or source.class_names
+    if data.images.shape[1:] != shape:
+        raise DataError(f"{source.name}: images of shape {data.images.shape[1:]}, expected {shape}")
+    if int(data.labels.max()) >= len(names):
+        raise DataError(f"{source.name}: a label exceeds its {len(names)} classes")
 
     def rows(start: int, stop: int) -> dict[str, np.ndarray]:
         sl = slice(start, stop)
         return {"images": data.images[sl], "labels": data.labels[sl], "is_test": data.is_test[sl]}
 
     attrs = {
-        "class_names": list(source.class_names),
+        "class_names": list(names),
         "sha256": data.sha256,
         "fingerprint": _fingerprint(data.sha256),
     }
-    return Plan(n, source.image_shape, rows, attrs)
+    return Plan(n, shape, rows, attrs)
 
 
 def _plan_synthetic(parent_store: str | Path, n: int, seed: int) -> Plan:
