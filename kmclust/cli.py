@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from kmclust.errors import ConfigError, KmclustError
+
+log = logging.getLogger(__name__)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,24 +50,33 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return 130
 
 
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, appended otherwise)."""
+@contextlib.contextmanager
+def progress(label: str, unit: str = "cell") -> Iterator[Callable[[int, int, str], None]]:
+    """A progress callback ``(done, total, note)`` for the block it opens.
 
-    def __init__(self, label: str, width: int = 30):
-        self.label, self.width = label, width
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
+    On a terminal it redraws one tqdm bar on stderr (done/total, elapsed, rate and the note);
+    otherwise, when stderr is a log file or a pipe, it logs one line a call, which reads better
+    there than a redrawn bar. The bar is closed when the block ends, so nothing of it can come
+    after an error line printed later.
+    """
+    if not sys.stderr.isatty():
+        start = time.perf_counter()
 
-    def __call__(self, done: int, total: int, note: str = "") -> None:
-        elapsed = time.perf_counter() - self.start
-        fill = int(self.width * done / max(total, 1))
-        bar = "#" * fill + "." * (self.width - fill)
-        line = f"{self.label} [{bar}] {done}/{total} {elapsed:5.1f}s {note}"
-        print(
-            ("\r" + line) if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-        if self.tty and done >= total:
-            print(file=sys.stderr)
+        def report(done: int, total: int, note: str = "") -> None:
+            elapsed = time.perf_counter() - start
+            log.info("%s: %d/%d %ss in %.1f s %s", label, done, total, unit, elapsed, note)
+
+        yield report
+        return
+    from tqdm import tqdm  # here: every command imports this module, few draw a bar
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with tqdm(desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def report(done: int, total: int, note: str = "") -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            bar.set_postfix_str(note)  # and redraw
+
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            yield report

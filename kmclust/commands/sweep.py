@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kmclust.cli import ArgumentParser, Progress, setup_logging
+from kmclust.cli import ArgumentParser, progress, setup_logging
 from kmclust.errors import ConfigError
 from kmclust.sweep import config as options
 
@@ -173,15 +173,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with sweep.scheduler(args.scheduler, args.cluster_config, args.timeout) as client:
         if client is not None:
             print(f"Dask dashboard: {client.dashboard_link}")
-        bar = Progress("sweep")
-        outcome = sweep.run_sweep(
-            config,
-            out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            parallel=n_threads(client),
-            on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"),
-        )
+        with progress("sweep") as bar:
+            outcome = sweep.run_sweep(
+                config,
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                parallel=n_threads(client),
+                on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"),
+            )
     import xarray as xr
 
     from kmclust.report import document as report

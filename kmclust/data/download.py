@@ -1,9 +1,13 @@
-"""Fetch the original MNIST IDX files from public mirrors, verified by SHA-256.
+"""Fetch the original MNIST IDX files from public mirrors with pooch, verified by SHA-256.
 
-Each file is streamed to a temporary file beside its destination, hashed while
-it arrives, and renamed into place only when the digest matches the pinned
-value; a mirror that fails or serves other bytes is logged and the next one is
-tried. Mirrors and checksums are parameters so tests can use a local server.
+pooch streams each file to a temporary file beside its destination, checks its SHA-256 against
+the pinned value and moves it into place only when it matches; a file already present with the
+right digest is not fetched again (the cache), and a damaged one is fetched anew. What pooch
+does not do is kept here: the mirrors are tried in order (a mirror that fails or serves other
+bytes is logged and the next one is tried), a download is cut off past a size bound, and every
+failure ends as one DataError line. Mirrors and checksums are parameters so tests can use a
+local server. pooch and requests are imported only when a download starts: every
+command imports this module, and most never download.
 """
 
 from __future__ import annotations
@@ -11,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from kmclust.errors import DataError
 
@@ -51,7 +54,6 @@ MNIST_SIZES: dict[str, int] = {
 }
 
 MAX_DOWNLOAD = 1 << 30  # bytes; no MNIST-like file comes close
-_BLOCK = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -66,26 +68,55 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fetch_one(url: str, dest: Path, sha256: str, timeout: float, max_bytes: int) -> None:
-    """Download url to dest via a temp file; raise ValueError/OSError on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while block := resp.read(_BLOCK):
-                size += len(block)
-                if size > max_bytes:
-                    raise ValueError(f"more than {max_bytes:,} bytes")
-                digest.update(block)
-                out.write(block)
-        got = digest.hexdigest()
-        if got != sha256:
-            raise ValueError(f"checksum mismatch (sha256 {got[:12]}..., expected {sha256[:12]}...)")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+class _TooLarge(ValueError):
+    """A download past the size bound (a ValueError, so pooch deletes its temporary file)."""
+
+
+class _CappedFile:
+    """The file pooch's HTTP downloader writes into, refusing to grow past max_bytes."""
+
+    def __init__(self, f: BinaryIO, max_bytes: int):
+        self.f, self.max_bytes, self.size = f, max_bytes, 0
+
+    def write(self, chunk: bytes) -> int:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise _TooLarge(f"more than {self.max_bytes:,} bytes")
+        return self.f.write(chunk)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _downloader(timeout: float, max_bytes: int) -> Callable[[str, str, object], None]:
+    """A pooch downloader: HTTP(S) with a timeout, a size bound and, on a terminal, a tqdm bar."""
+    import pooch
+
+    # pooch draws its bar only once the server has answered, so a 404 leaves no empty bar
+    http = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=timeout)
+
+    def download(url: str, output_file: str, pup: object) -> None:
+        with open(output_file, "w+b") as f:
+            http(url, _CappedFile(f, max_bytes), pup)
+
+    return download
+
+
+def _reason(exc: Exception) -> str:
+    """One short line saying why a mirror failed."""
+    import requests
+
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return "cannot connect"
+    if isinstance(exc, _TooLarge):
+        return str(exc)
+    if isinstance(exc, ValueError):  # pooch's hash check
+        return "checksum mismatch (not the pinned SHA-256)"
+    return " ".join(str(exc).split())
 
 
 def download_files(
@@ -109,33 +140,34 @@ def download_files(
         raise DataError(
             f"cannot create download directory {dest_dir}: {exc.strerror or exc}"
         ) from None
+    import pooch
+    import requests
+
+    download = _downloader(timeout, max_bytes)
+    pooch_log = pooch.get_logger()  # pooch's own logger prints to stderr: keep its info lines out
+    level = pooch_log.level
+    pooch_log.setLevel(logging.WARNING)
     paths: dict[str, Path] = {}
-    for name, sha in checksums.items():
-        dest = dest_dir / name
-        if dest.is_file():
-            if file_sha256(dest) == sha:
-                log.info("%s already present and verified", dest)
-                paths[name] = dest
-                continue
-            log.warning("%s exists but its checksum does not match; fetching it again", dest)
-        failures = []
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + name
-            log.info("downloading %s", url)
-            try:
-                _fetch_one(url, dest, sha, timeout, max_bytes)
-            except urllib.error.HTTPError as exc:
-                failures.append(f"{url}: HTTP {exc.code}")
-            except urllib.error.URLError as exc:
-                failures.append(f"{url}: {exc.reason}")
-            except (OSError, ValueError) as exc:
-                failures.append(f"{url}: {exc}")
+    try:
+        for name, sha in checksums.items():
+            failures = []
+            for mirror in mirrors:
+                url = mirror.rstrip("/") + "/" + name
+                log.info("fetching %s (if not cached in %s)", url, dest_dir)
+                try:
+                    got = pooch.retrieve(url, sha, fname=name, path=dest_dir, downloader=download)
+                except (OSError, ValueError, requests.RequestException) as exc:
+                    failures.append(f"{url}: {_reason(exc)}")
+                    log.warning("%s", failures[-1])
+                else:
+                    paths[name] = Path(got)
+                    break
             else:
-                paths[name] = dest
-                break
-            log.warning("%s", failures[-1])
-        else:
-            raise DataError(f"could not download {name} from any mirror: " + "; ".join(failures))
+                raise DataError(
+                    f"could not download {name} from any mirror: " + "; ".join(failures)
+                )
+    finally:
+        pooch_log.setLevel(level)
     return paths
 
 
