@@ -36,24 +36,7 @@ NUMERIC = [
     "centroids",
     "jclust_history",
 ]
-CELL_VARS = {
-    "jclust",
-    "mean_distance",
-    "n_iter",
-    "converged",
-    "n_relocated",
-    "train_accuracy",
-    "test_accuracy",
-    "nmi",
-    "ari",
-    "cluster_size",
-    "cluster_label",
-    "centroids",
-    "jclust_history",
-    "status",
-    "error",
-    "seconds",
-}
+CELL_VARS = set(NUMERIC) | {"status", "error", "seconds"}
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
