@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from procs import Procs
 
 from kmclust.data.sources import FASHION_DIR
 from kmclust.data.stores import stage
@@ -26,3 +27,13 @@ def fashion_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not FASHION_DIR.is_dir():
         pytest.skip(FASHION_SKIP)
     return stage("fashion-mnist", tmp_path_factory.mktemp("stores") / "fashion-mnist.zarr")
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    """Subprocesses started as process groups; every one killed (and checked gone) at teardown."""
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -14,27 +14,28 @@ none survives the test.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import xarray as xr
-
-ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ROOT / "jobs" / "sweep.py"
-DASK = Path(sys.executable).with_name("dask")
+from procs import (
+    BLAS1,
+    SWEEP,
+    clean_env,
+    error_lines,
+    free_port,
+    one_cell,
+    wait_for_workers,
+    wait_until,
+)
 
 # A grid whose k slabs are written over a few seconds (so faults can land mid-sweep).
 GRID = ["--k", "4:13", "--seeds", "2", "--train-per-class", "50", "--no-report"]
@@ -57,163 +58,6 @@ COMPARED = [
     "centroids",
     "jclust_history",
 ]
-BOUND = 120  # seconds: liveness bound for "the job ends", not a timing measurement
-# Threaded runs get one BLAS thread, as distributed's nanny gives its workers
-# (distributed.nanny.pre-spawn-environ): the float64 GEMM in kernels.exact_errors
-# rounds the last bit of jclust / mean_distance differently with 2 BLAS threads,
-# and these tests compare faults against no faults, not BLAS settings.
-BLAS1 = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-# ---------------------------------------------------------------- process plumbing
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without fault hooks or dask overrides, plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "KMCLUST_TEST_KILL_K" and not k.startswith("DASK_")
-    }
-    env.update(extra)
-    return env
-
-
-class Procs:
-    """Subprocesses started as process groups, all killed (and checked gone) at teardown."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.started: list[subprocess.Popen] = []
-        self.log = (tmp / "dask.log").open("w")
-
-    def popen(
-        self, cmd: list[str], env: dict | None = None, capture: bool = False, **kw
-    ) -> subprocess.Popen:
-        out = subprocess.PIPE if capture else self.log
-        p = subprocess.Popen(
-            cmd,
-            env=env or clean_env(),
-            stdout=out,
-            stderr=out if capture else subprocess.STDOUT,
-            text=capture,
-            start_new_session=True,
-            **kw,
-        )
-        self.started.append(p)
-        return p
-
-    def scheduler(self, port: int, env: dict | None = None) -> subprocess.Popen:
-        return self.popen(
-            [
-                str(DASK),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dashboard-address",
-                "127.0.0.1:0",
-            ],
-            env,
-        )
-
-    def worker(
-        self, port: int, env: dict | None = None, extra: tuple[str, ...] = ()
-    ) -> subprocess.Popen:
-        return self.popen(
-            [
-                str(DASK),
-                "worker",
-                f"tcp://127.0.0.1:{port}",
-                "--nthreads",
-                "1",
-                "--host",
-                "127.0.0.1",
-                "--no-dashboard",
-                "--local-directory",
-                str(self.tmp / "dask-scratch"),
-                *extra,
-            ],
-            env,
-        )
-
-    def job(self, *args: str, env: dict | None = None) -> subprocess.Popen:
-        return self.popen([sys.executable, str(SWEEP), *args], env, capture=True, cwd=self.tmp)
-
-    @staticmethod
-    def kill(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, sig)
-
-    def finish(self, job: subprocess.Popen, timeout: float = BOUND) -> tuple[int | None, str, str]:
-        """Wait for a job; on timeout kill its group and return rc None (it hung)."""
-        try:
-            out, err = job.communicate(timeout=timeout)
-            return job.returncode, out, err
-        except subprocess.TimeoutExpired:
-            self.kill(job)
-            out, err = job.communicate()
-            return None, out, err
-
-    def close(self) -> None:
-        for p in reversed(self.started):  # jobs and workers first, the scheduler last
-            self.kill(p, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for p in self.started:
-            self.kill(p)
-            p.wait()
-            for pipe in (p.stdout, p.stderr):
-                if pipe is not None:
-                    pipe.close()
-        self.log.close()
-        groups = {p.pid for p in self.started}
-        _, alive = psutil.wait_procs(
-            [q for q in psutil.process_iter() if _group(q) in groups], timeout=10
-        )
-        alive = [q for q in alive if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"processes outlived the test: {[q.pid for q in alive]}"
-
-
-def _group(p: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(p.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-def wait_for_workers(port: int, n: int) -> None:
-    from distributed import Client
-
-    with Client(f"tcp://127.0.0.1:{port}", timeout=30) as client:
-        client.wait_for_workers(n, timeout=60)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = BOUND, step: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(step)
-
 
 # ---------------------------------------------------------------- results store checks
 
@@ -265,10 +109,6 @@ def assert_done_cells_complete(out: Path) -> None:
 def status_mtimes(out: Path) -> dict[Path, int]:
     """Modification times of the status chunks (cheap to poll, unlike opening the store)."""
     return {p: p.stat().st_mtime_ns for p in (out / "status").rglob("*") if p.is_file()}
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -732,24 +572,7 @@ def test_out_pointing_at_a_file(mnist_subset_store, tmp_path, extra):
     out = tmp_path / "results.zarr"
     out.write_text("my notes, not a results store\n")
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SWEEP),
-            "--dataset",
-            str(mnist_subset_store),
-            "--k",
-            "5",
-            "--seeds",
-            "1",
-            "--train-per-class",
-            "50",
-            "--no-report",
-            "--scheduler",
-            "threads",
-            "--out",
-            str(out),
-            *extra,
-        ],
+        [sys.executable, str(SWEEP), *one_cell(mnist_subset_store, out, "threads", *extra)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -798,23 +621,7 @@ def test_bad_cluster_yaml_one_line(mnist_subset_store, procs, tmp_path, case):
     config.write_text(text)
     out = tmp_path / "r.zarr"
     rc, _, stderr = procs.finish(
-        procs.job(
-            "--dataset",
-            str(mnist_subset_store),
-            "--k",
-            "5",
-            "--seeds",
-            "1",
-            "--train-per-class",
-            "50",
-            "--no-report",
-            "--scheduler",
-            "local",
-            "--cluster-config",
-            str(config),
-            "--out",
-            str(out),
-        )
+        procs.job(*one_cell(mnist_subset_store, out, "local", "--cluster-config", str(config)))
     )
     assert rc == 2, stderr
     lines = stderr.strip().splitlines()
@@ -832,21 +639,7 @@ def test_scheduler_address_that_never_answers(mnist_subset_store, procs, tmp_pat
         out = tmp_path / "r.zarr"
         rc, _, stderr = procs.finish(
             procs.job(
-                "--dataset",
-                str(mnist_subset_store),
-                "--k",
-                "5",
-                "--seeds",
-                "1",
-                "--train-per-class",
-                "50",
-                "--no-report",
-                "--scheduler",
-                f"tcp://127.0.0.1:{port}",
-                "--timeout",
-                "3",
-                "--out",
-                str(out),
+                *one_cell(mnist_subset_store, out, f"tcp://127.0.0.1:{port}", "--timeout", "3")
             ),
             timeout=60,
         )
