@@ -37,3 +37,29 @@ def procs(tmp_path: Path):
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1, for the whole session."""
+    from s3server import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The S3 server with this process's AWS environment pointing at it, and a fresh bucket."""
+    import uuid
+
+    for key, value in s3_server.env({}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"kmclust-{uuid.uuid4().hex[:12]}"
+    s3_server.filesystem().mkdir(bucket)
+    s3_server.bucket = bucket
+    return s3_server
