@@ -4,6 +4,7 @@ Modes (each prints a table and appends a dated record to the History of BENCHMAR
   grid       the k × init × seed grid as one kmclust batch vs a loop of sklearn KMeans
   iteration  seconds per Lloyd iteration: kmclust, sklearn lloyd/elkan, dask-ml
   scale      streaming a large synthetic store from zarr vs persisted data
+  staging    staging 70,000 PNG files (written from Fashion-MNIST) vs a plain Pillow loop
 
 Needs `apt-get install dataset-fashion-mnist`; dask-ml comes with
 `pip install -e '.[bench]'`. On processors that set OPENBLAS_CORETYPE or
@@ -128,6 +129,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="in-memory comparison rows (default %(default)s)",
     )
     s.add_argument("--memory-limit", default="4GiB", help="per worker (default %(default)s)")
+    t = modes.add_parser("staging", parents=[common], help="image folder: kmclust vs Pillow loop")
+    t.add_argument("--root", type=Path, default=Path("/tmp/kmclust-fashion-png"), help="PNG tree")
+    t.add_argument("--repeats", type=int, default=3, help="runs per reader, the fastest counts")
     return p
 
 
@@ -145,6 +149,11 @@ def _config(args: argparse.Namespace):
     from benchmarks.scale import ScaleConfig
     from kmclust.sweep.config import parse_inits, parse_ks, parse_seeds
 
+    if args.mode == "staging":
+        from benchmarks.staging import StagingConfig
+
+        _positive(repeats=args.repeats)
+        return StagingConfig(root=args.root, repeats=args.repeats)
     _positive(workers=args.workers, threads_per_worker=args.threads_per_worker, rows=args.rows)
     kw = {"n_workers": args.workers, "threads_per_worker": args.threads_per_worker}
     if args.mode == "scale":
@@ -209,6 +218,7 @@ def main(
     from benchmarks.history import record
     from benchmarks.iteration import run_iteration
     from benchmarks.scale import run_scale
+    from benchmarks.staging import run_staging
 
     if args.unset_openblas_env:
         common.reexec_without_openblas_env(
@@ -221,7 +231,8 @@ def main(
     print(
         f"BLAS (threadpoolctl): {'; '.join(common.blas_kernels()) or 'none loaded yet'}", flush=True
     )
-    outcome = {"grid": run_grid, "iteration": run_iteration, "scale": run_scale}[args.mode](cfg)
+    runs = {"grid": run_grid, "iteration": run_iteration, "scale": run_scale}
+    outcome = {**runs, "staging": run_staging}[args.mode](cfg)
     if args.mode == "iteration" and not outcome.figures["dask_ml"]:
         print(
             "dask-ml is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr

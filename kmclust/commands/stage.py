@@ -3,7 +3,9 @@
 Sources: mnist-subset (built in), mnist (--from DIR or --download),
 fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), digits
 (scikit-learn's 8 x 8 digits, built in), array (--from FILE, an .npz of images
-and labels), synthetic (--from STORE --rows N [--seed S]). See data/README.md.
+and labels), images (--from DIR, a folder of PNG/JPEG/BMP/TIFF/GIF files, one
+sub-folder per class or none), synthetic (--from STORE --rows N [--seed S]).
+See data/README.md and README.md ("Your own images").
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import logging
 import time
 
 from kmclust.cli import ArgumentParser, setup_logging
-from kmclust.data.stores import SOURCES, stage, store_summary
+from kmclust.data.images import MODES, PARALLEL, parse_size
+from kmclust.data.stores import CHUNK_BYTES, CHUNK_ROWS, SOURCES, stage, store_summary
+from kmclust.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +30,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--from",
         dest="from_dir",
         metavar="DIR",
-        help="input directory (mnist, fashion-mnist), .npz file (array) or parent store "
-        "(synthetic)",
+        help="input directory (mnist, fashion-mnist), .npz file (array), folder of images "
+        "(images) or parent store (synthetic)",
     )
     p.add_argument("--out", metavar="PATH", help="store to write (default data/SOURCE.zarr)")
     p.add_argument(
-        "--chunk-rows", type=int, default=10_000, metavar="N", help="rows per chunk (default 10000)"
+        "--chunk-rows",
+        type=int,
+        metavar="N",
+        help=f"rows per chunk (default {CHUNK_ROWS}, fewer for images so that a chunk stays "
+        f"within {CHUNK_BYTES // 2**20} MiB)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing store")
     p.add_argument(
@@ -41,8 +49,40 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, metavar="S", help="synthetic: random seed (default 0)"
     )
+    p.add_argument(
+        "--size",
+        type=_size,
+        metavar="HxW",
+        help="images: resize every image to H x W pixels with Pillow's "
+        "Image.Resampling.BILINEAR filter (antialiased when shrinking); without it all images "
+        "must share one size",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="images: L (grayscale) or RGB for every image (default: RGB if any image is "
+        "in colour, else L)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="images: parallel decoders (default: the CPU count; 1 for a few hundred files)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        help=f"images: decode in worker processes or threads (default {PARALLEL[0]})",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--size ")) from None
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

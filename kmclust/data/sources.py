@@ -2,9 +2,12 @@
 
 Each source is one `Source` in `REGISTRY`: its name, the shape of its images,
 its class names and a loader that reads it into memory (the `array` source, an
-.npz given with --from, takes its shape and class names from the file). The literal image size
-lives here, in the source definitions, and nowhere else in kmclust.data: a
-store carries its own shape (its images array) and class names (its attrs).
+.npz given with --from, takes its shape and class names from the file). The
+`images` source (a folder of image files, kmclust.data.images) may be too large
+to load at once: it streams, decoded in parallel chunk by chunk into the store.
+The literal image size lives here, in the source definitions, and nowhere else
+in kmclust.data: a store carries its own shape (its images array) and class
+names (its attrs).
 Adding a source, say of 16 x 16 images, means one loader and one registry
 entry here. The synthetic scale-up, made from a staged store rather than from
 files, is in `kmclust.data.synthetic`.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kmclust.data import images
 from kmclust.data.download import fetch_mnist, file_sha256
 from kmclust.data.idx import read_idx_pair
 from kmclust.errors import ConfigError, DataError
@@ -80,12 +84,15 @@ class Source:
     name: str
     image_shape: tuple[int, int] | None  # None: each input's own (the array source)
     class_names: tuple[str, ...]  # empty when the loader reads them from the input
-    loader: Loader
+    loader: Loader | None  # None: a streamed source
     downloadable: bool = False  # accepts --download
     needs_from: bool = False  # cannot be staged without --from
+    stream: Callable[..., None] | None = None  # (--from, write(Plan), options): writes itself
 
     def load(self, from_dir: str | Path | None, download: bool = False) -> Loaded:
         """Read the source into memory; DataError/ConfigError on bad input or options."""
+        if self.loader is None:
+            raise ConfigError(f"{self.name} is streamed into its store, not loaded into memory")
         return self.loader(
             Path(from_dir) if from_dir is not None else None, download, self.image_shape
         )
@@ -305,5 +312,6 @@ REGISTRY: dict[str, Source] = {
         Source("fashion-mnist", MNIST_SHAPE, FASHION_NAMES, _load_fashion),
         Source("digits", DIGITS_SHAPE, DIGITS, _load_digits),
         Source("array", None, (), _load_array, needs_from=True),
+        Source(images.NAME, None, (), None, needs_from=True, stream=images.stage_folder),
     )
 }

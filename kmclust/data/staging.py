@@ -35,10 +35,11 @@ class Plan:
     time), the image shape, the store's attrs and any extra per-row arrays."""
 
     n: int
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # (H, W) grayscale, (H, W, C) with a channel dim (RGB)
     rows: Callable[[int, int], dict[str, np.ndarray]]  # start, stop -> images, labels, is_test…
-    attrs: dict  # class_names, sha256, fingerprint and the source's own
+    attrs: dict  # class_names, sha256, fingerprint, the source's own; read after the last rows
     extra: dict[str, str] = field(default_factory=dict)  # more per-row arrays: name -> dtype
+    labelled: bool = True  # False: no labels array (attr labelled: false; see kmclust.data.images)
 
 
 def codecs() -> list:
@@ -55,19 +56,20 @@ class Writer:
         self,
         path: Path,
         n: int,
-        image_shape: tuple[int, int],
+        image_shape: tuple[int, ...],
         chunk_rows: int,
         extra: dict[str, str] | None = None,
+        labelled: bool = True,
     ):
         import zarr
 
         self.path, self.n, self.chunk_rows = path, n, min(chunk_rows, n)
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        spec = {
-            "images": ("uint8", (n, *image_shape), ("sample", "y", "x")),
-            "labels": ("uint8", (n,), ("sample",)),
-            "split": (str, (n,), ("sample",)),
-        }
+        image_dims = ("sample", "y", "x", "channel")[: 1 + len(image_shape)]
+        spec = {"images": ("uint8", (n, *image_shape), image_dims)}
+        if labelled:
+            spec["labels"] = ("uint8", (n,), ("sample",))
+        spec["split"] = (str, (n,), ("sample",))
         spec.update({name: (dtype, (n,), ("sample",)) for name, dtype in (extra or {}).items()})
         self.arrays = {}
         for name, (dtype, shape, dims) in spec.items():
@@ -105,7 +107,7 @@ class Writer:
 
 def _write(path: Path, source: str, plan: Plan, chunk_rows: int) -> None:
     """Write `plan` into a new store at `path`, one chunk of rows in memory at a time."""
-    writer = Writer(path, plan.n, plan.image_shape, chunk_rows, plan.extra)
+    writer = Writer(path, plan.n, plan.image_shape, chunk_rows, plan.extra, plan.labelled)
     n_test = 0
     n_chunks = -(-plan.n // chunk_rows)
     for i, start in enumerate(range(0, plan.n, chunk_rows)):

@@ -1,8 +1,10 @@
 """Staged stores: stage a source into a zarr v3 store, open a store, verify one.
 
-A store holds `images` (uint8, sample × y × x, in the source's image size),
-`labels` (uint8, sample, an index into the `class_names` attribute) and
-`split` ("train"/"test", the source's own split). A store knows its own image
+A store holds `images` (uint8, sample × y × x, in the source's image size, or
+sample × y × x × channel for colour), `labels` (uint8, sample, an index into
+the `class_names` attribute) and `split` ("train"/"test", the source's own
+split). An unlabelled store (attr `labelled: false`, from a folder of images
+without class folders) has no `labels` and no `class_names`. A store knows its own image
 shape (its `images` array) and class names (its attrs): nothing here assumes
 an image size. `split` is stored as a variable-length UTF-8 string array (zarr
 v3's "string" type, which round-trips without warnings); `open_images` hands
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = (*sources.REGISTRY, synthetic.NAME)  # the sources data/stage.py offers
 _STORE_KEY = "kmclust_store"  # ds.encoding key holding the store path
+CHUNK_ROWS = 10_000  # rows per chunk by default…
+CHUNK_BYTES = 64 * 2**20  # …fewer when a chunk of images would exceed this
+IMAGE_DIMS = (("sample", "y", "x"), ("sample", "y", "x", "channel"))
 
 
 def default_store_path(source: str) -> Path:
@@ -76,6 +82,10 @@ def _plan_source(source: sources.Source, from_dir: str | Path | None, download: 
 def _plan_synthetic(parent_store: str | Path, n: int, seed: int) -> Plan:
     """Read a staged parent into memory and plan `n` synthetic rows made from it."""
     ds = open_images(parent_store)
+    if not labelled(ds) or ds["images"].ndim != 3:
+        raise DataError(
+            f"{parent_store}: synthetic needs a labelled grayscale (sample, y, x) store"
+        )
     parent = {
         "images": _compute(ds, ds.images.data),
         "labels": _compute(ds, ds.labels.data),
@@ -107,19 +117,28 @@ def stage(
     out: str | Path | None = None,
     *,
     from_dir: str | Path | None = None,
-    chunk_rows: int = 10_000,
+    chunk_rows: int | None = None,
     force: bool = False,
     download: bool = False,
     rows: int | None = None,
     seed: int = 0,
+    **image_options: object,
 ) -> Path:
-    """Stage `source` into a zarr store at `out` (default data/<source>.zarr); return its path."""
+    """Stage `source` into a zarr store at `out` (default data/<source>.zarr); return its path.
+
+    chunk_rows: rows per chunk, by default CHUNK_ROWS or as many as fit in CHUNK_BYTES.
+    image_options: the images source's size, mode, workers and parallel
+    (see kmclust.data.images.stage_folder).
+    """
     registered = sources.REGISTRY.get(source)
     if registered is None and source != synthetic.NAME:
         names = (*sources.REGISTRY, synthetic.NAME)
         raise ConfigError(f"unknown source {source!r}; choose one of {', '.join(names)}")
-    if not _is_int(chunk_rows, 1):
+    if chunk_rows is not None and not _is_int(chunk_rows, 1):
         raise ConfigError(f"--chunk-rows must be a positive integer, got {chunk_rows!r}")
+    given = sorted(k for k, v in image_options.items() if v is not None)
+    if given and not (registered and registered.stream):
+        raise ConfigError(f"--{given[0]} applies only to the images source")
     if download and not (registered and registered.downloadable):
         names = [s.name for s in sources.REGISTRY.values() if s.downloadable]
         raise ConfigError(f"--download applies only to the {' and '.join(names)} source")
@@ -139,12 +158,26 @@ def stage(
         if Path(from_dir).resolve() == out.resolve():
             raise ConfigError(f"--from and --out are the same store ({out})")
         plan = _plan_synthetic(from_dir, rows, seed)
+    elif registered.stream is not None:
+
+        def write(plan: Plan) -> None:
+            log.info("writing %s store to %s", source, out)
+            write_store(out, source, plan, chunk_rows or _chunk_rows(plan.image_shape))
+
+        opts = {k: v for k, v in image_options.items() if v is not None}
+        registered.stream(from_dir, write, **opts)
+        return out
     else:
         plan = _plan_source(registered, from_dir, download)
 
     log.info("writing %s store to %s", source, out)
-    write_store(out, source, plan, chunk_rows)
+    write_store(out, source, plan, chunk_rows or _chunk_rows(plan.image_shape))
     return out
+
+
+def _chunk_rows(image_shape: tuple[int, ...]) -> int:
+    """CHUNK_ROWS, or fewer so that a chunk of images stays within CHUNK_BYTES."""
+    return max(1, min(CHUNK_ROWS, CHUNK_BYTES // math.prod(image_shape)))
 
 
 def store_summary(path: str | Path) -> str:
@@ -188,18 +221,22 @@ def open_images(path: str | Path) -> xr.Dataset:
         raise DataError(
             f"{path}: cannot open as a zarr store ({type(exc).__name__}: {exc})"
         ) from None
-    for name in ("images", "labels", "split"):
+    unlabelled = ds.attrs.get("labelled") is False
+    for name in ("images", "split") if unlabelled else ("images", "labels", "split"):
         if name not in ds.data_vars:
             raise DataError(f"{path}: no '{name}' variable; not a staged kmclust store")
-    images, labels, split = ds["images"], ds["labels"], ds["split"]
-    if images.dims != ("sample", "y", "x") or images.dtype != np.uint8:
+    images, split = ds["images"], ds["split"]
+    if images.dims not in IMAGE_DIMS or images.dtype != np.uint8:
         raise DataError(
-            f"{path}: 'images' must be uint8 (sample, y, x), "
+            f"{path}: 'images' must be uint8 (sample, y, x) or (sample, y, x, channel), "
             f"got {images.dtype} {dict(zip(images.dims, images.shape))}"
         )
     if images.chunks[1:] != tuple((size,) for size in images.shape[1:]):
         raise DataError(f"{path}: 'images' must be chunked along sample only")
-    if labels.dims != ("sample",) or labels.dtype != np.uint8:
+    if unlabelled and "labels" in ds.data_vars:
+        raise DataError(f"{path}: marked unlabelled (labelled: false) but has a 'labels' variable")
+    labels = ds.get("labels")
+    if labels is not None and (labels.dims != ("sample",) or labels.dtype != np.uint8):
         raise DataError(
             f"{path}: 'labels' must be uint8 along sample, got {labels.dtype} {labels.dims}"
         )
@@ -214,14 +251,21 @@ def open_images(path: str | Path) -> xr.Dataset:
     return ds
 
 
+def labelled(ds: xr.Dataset) -> bool:
+    """Whether a store (from open_images) has labels; unlabelled ones have no `labels`."""
+    return "labels" in ds.data_vars
+
+
 def flat_images(ds: xr.Dataset) -> da.Array:
-    """Images as an (N, pixels) uint8 dask array, row chunks as stored."""
+    """Images as an (N, pixels) uint8 dask array, row chunks as stored (y, x, channel order)."""
     img = ds["images"].data
     return img.reshape(img.shape[0], -1)
 
 
 def image_rows(store: str | Path, name: str) -> da.Array:
     """(N, pixels) uint8 rows read straight from the store's zarr array, keys named after ``name``.
+
+    Pixels of a colour store are (y, x, channel) flattened in C order, as in flat_images.
 
     A fresh ``name`` gives a graph that shares no key with earlier ones: after
     a lost worker, a key that erred (KilledWorker) would stay erred under its

@@ -281,8 +281,13 @@ def _markdown(ds, vals, summary, comps, knees, counts, reps, figs: Figures, chos
     lines += [
         "## Cluster representatives",
         "",
-        f"Centroids drawn as {' × '.join(map(str, image_shape(ds)))} images (gray, 0 = black, "
-        "1 = white), titled with the majority class of the cluster's training members and their "
+        f"Centroids drawn as {' × '.join(map(str, image_shape(ds)))} images "
+        + (
+            "(RGB, 0–1 per channel)"
+            if "channel" in ds["centroids"].dims
+            else "(gray, 0 = black, 1 = white)"
+        )
+        + ", titled with the majority class of the cluster's training members and their "
         "number; clusters sorted by label. "
         + (
             "Cell chosen on the command line."

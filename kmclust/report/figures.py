@@ -250,16 +250,22 @@ def representatives(
     title: str,
     path: Path,
 ) -> Path:
-    """A grid of centroid images (gray, [0, 1]) titled with label name and size.
+    """A grid of centroid images ([0, 1]) in their own size and colour, titled with label name
+    and size.
 
-    images (k, h, w); sizes (k,) training images per cluster; names (k,) the
-    majority label's class name; empty (k,) True for an empty cluster (drawn
-    with a red frame and titled "empty"). Clusters are drawn in the given order.
+    images (k, h, w) gray or (k, h, w, c) with a channel dim: c = 3 is drawn as RGB, c = 1
+    as gray, other c as the channels' mean; sizes (k,) training images per cluster; names (k,)
+    the majority label's class name; empty (k,) True for an empty cluster (drawn with a red
+    frame and titled "empty"). Clusters are drawn in the given order.
     """
+    images = _drawable(np.asarray(images, dtype=float))
+    colour = images.ndim == 4
     k = len(images)
     ncols = min(k, max(5, math.ceil(math.sqrt(k))))
     nrows = math.ceil(k / ncols)
-    fig = _figure(1.45 * ncols + 0.9, 1.7 * nrows + 0.9)
+    aspect = images.shape[1] / images.shape[2]  # height / width of one image
+    panel = 0.25 + 1.45 * min(max(aspect, 0.5), 2.0)  # title + image, 1.7 for square images
+    fig = _figure(max(1.45 * ncols + 0.9, 6.5), panel * nrows + 0.9)  # wide enough for the title
     axes = fig.subplots(nrows, ncols, squeeze=False)
     im = None
     for idx, ax in enumerate(axes.flat):
@@ -269,6 +275,8 @@ def representatives(
             ax.set_axis_off()
             continue
         im = ax.imshow(images[idx], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if colour:  # RGB: no colour map, hence no colour bar
+            im = None
         if empty[idx]:
             ax.set_title("empty cluster", fontsize=9, color="red")
             for spine in ax.spines.values():
@@ -279,6 +287,15 @@ def representatives(
         fig.colorbar(im, ax=axes, shrink=0.5, label="pixel intensity (0–1)")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def _drawable(images: np.ndarray) -> np.ndarray:
+    """(k, h, w) gray or (k, h, w, 3) RGB in [0, 1] from centroids with or without channels."""
+    if images.ndim == 4 and images.shape[-1] != 3:
+        images = images.mean(axis=-1)  # one channel (or an unusual count): gray
+    if images.ndim == 4:  # RGB: imshow wants finite values in [0, 1] (gray NaN is left blank)
+        images = np.nan_to_num(images)
+    return np.clip(images, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- the report's figures
