@@ -23,6 +23,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+#: loggers kept at WARNING whatever the verbosity
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "gcsfs", "adlfs")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure root logging for a job (libraries only create loggers)."""
     logging.basicConfig(
@@ -30,6 +34,10 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # object-storage clients: their INFO lines are noise, their DEBUG lines carry request
+    # headers (access key ids, signatures): never shown, even with -v
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not verbose:  # distributed's start-up chatter drowns the job's own lines
         import dask.config
 

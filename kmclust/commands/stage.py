@@ -16,6 +16,7 @@ import time
 
 from kmclust.cli import ArgumentParser, setup_logging
 from kmclust.data.images import MODES, PARALLEL, parse_size
+from kmclust.data.location import parse_storage_options
 from kmclust.data.stores import CHUNK_BYTES, CHUNK_ROWS, SOURCES, stage, store_summary
 from kmclust.errors import ConfigError
 
@@ -33,7 +34,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="input directory (mnist, fashion-mnist), .npz file (array), folder of images "
         "(images) or parent store (synthetic)",
     )
-    p.add_argument("--out", metavar="PATH", help="store to write (default data/SOURCE.zarr)")
+    p.add_argument(
+        "--out",
+        metavar="PATH|URL",
+        help="store to write: a path (default data/SOURCE.zarr) or an fsspec URL such as "
+        "s3://bucket/SOURCE.zarr (staged locally, then uploaded)",
+    )
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        type=_options,
+        help="for a URL: fsspec storage options as a JSON object, e.g. "
+        '\'{"profile": "lab"}\' (credentials: the backend\'s usual environment variables)',
+    )
     p.add_argument(
         "--chunk-rows",
         type=int,
@@ -76,6 +89,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _options(text: str) -> dict:
+    try:
+        return parse_storage_options(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--storage-options ")) from None
 
 
 def _size(text: str) -> tuple[int, int]:

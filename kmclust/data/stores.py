@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kmclust.data import sources, synthetic
+from kmclust.data import remote, sources, synthetic
+from kmclust.data.location import Location, locate
 from kmclust.data.staging import Plan, check_target, write_store
 from kmclust.errors import ConfigError, DataError
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = (*sources.REGISTRY, synthetic.NAME)  # the sources data/stage.py offers
 _STORE_KEY = "kmclust_store"  # ds.encoding key holding the store path
+_LOCATION_KEY = "kmclust_location"  # … and its Location (URL and storage options)
 CHUNK_ROWS = 10_000  # rows per chunk by default…
 CHUNK_BYTES = 64 * 2**20  # …fewer when a chunk of images would exceed this
 IMAGE_DIMS = (("sample", "y", "x"), ("sample", "y", "x", "channel"))
@@ -122,10 +125,13 @@ def stage(
     download: bool = False,
     rows: int | None = None,
     seed: int = 0,
+    storage_options: dict | None = None,
     **image_options: object,
-) -> Path:
-    """Stage `source` into a zarr store at `out` (default data/<source>.zarr); return its path.
+) -> Path | Location:
+    """Stage `source` into a zarr store at `out` (default data/<source>.zarr); return its place.
 
+    out: a path or an fsspec URL (``s3://bucket/x.zarr``, with ``storage_options``); a
+    store at a URL is staged on local disk first and then uploaded (kmclust.data.remote).
     chunk_rows: rows per chunk, by default CHUNK_ROWS or as many as fit in CHUNK_BYTES.
     image_options: the images source's size, mode, workers and parallel
     (see kmclust.data.images.stage_folder).
@@ -144,7 +150,24 @@ def stage(
         raise ConfigError(f"--download applies only to the {' and '.join(names)} source")
     if source != synthetic.NAME and rows is not None:
         raise ConfigError("--rows applies only to the synthetic source")
-    out = Path(out) if out is not None else default_store_path(source)
+    where = locate(out if out is not None else default_store_path(source), storage_options)
+    if not where.is_local:
+        remote.check_target(where, force)
+        with tempfile.TemporaryDirectory(prefix="kmclust-stage-") as tmp:
+            local = Path(tmp) / where.name
+            stage(
+                source,
+                local,
+                from_dir=from_dir,
+                chunk_rows=chunk_rows,
+                download=download,
+                rows=rows,
+                seed=seed,
+                **image_options,
+            )
+            remote.publish(local, where)
+        return where
+    out = where.path
     check_target(out, force)
     if registered is None:
         if from_dir is None:
@@ -180,8 +203,8 @@ def _chunk_rows(image_shape: tuple[int, ...]) -> int:
     return max(1, min(CHUNK_ROWS, CHUNK_BYTES // math.prod(image_shape)))
 
 
-def store_summary(path: str | Path) -> str:
-    """One line for a staged store: its path, number of images and the train/test counts."""
+def store_summary(path: str | Path | Location) -> str:
+    """One line for a staged store: its place, number of images and the train/test counts."""
     ds = open_images(path)
     n, a = ds.sizes["sample"], ds.attrs
     return f"{path}: {n:,} images ({a['n_train']:,} train, {a['n_test']:,} test)"
@@ -202,25 +225,45 @@ def _compute(ds: xr.Dataset, arr: da.Array) -> np.ndarray:
         raise DataError(f"{_store(ds)}: cannot read data ({exc})") from None
 
 
-def open_images(path: str | Path) -> xr.Dataset:
-    """Open a staged store lazily (dask, chunks as stored), checking its layout."""
+def _open(loc: Location) -> xr.Dataset:
+    """The store at ``loc`` opened lazily (no layout checks yet)."""
     import xarray as xr
 
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such store (stage one with data/stage.py)")
-    if not path.is_dir():
-        raise DataError(f"{path}: is a file, not a zarr store")
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        raise DataError(f"{path}: not a zarr v3 store (no zarr.json)")
-    try:
+    if loc.is_local:
+        path = loc.path
+        if not path.exists():
+            raise DataError(f"{path}: no such store (stage one with data/stage.py)")
+        if not path.is_dir():
+            raise DataError(f"{path}: is a file, not a zarr store")
+        meta = path / "zarr.json"
+        if not meta.is_file():
+            raise DataError(f"{path}: not a zarr v3 store (no zarr.json)")
         consolidated = json.loads(meta.read_text()).get("consolidated_metadata") is not None
-        ds = xr.open_zarr(str(path), consolidated=consolidated, zarr_format=3)
+    else:
+        remote.check_readable(loc)
+        consolidated = remote.consolidated(loc)
+    try:
+        return xr.open_zarr(
+            loc.url,
+            consolidated=consolidated,
+            zarr_format=3,
+            storage_options=loc.storage_options(),
+        )
     except Exception as exc:  # zarr/xarray raise many types for a broken store
         raise DataError(
-            f"{path}: cannot open as a zarr store ({type(exc).__name__}: {exc})"
+            f"{loc}: cannot open as a zarr store ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def open_images(path: str | Path | Location, storage_options: dict | None = None) -> xr.Dataset:
+    """Open a staged store (a path or an fsspec URL) lazily, checking its layout.
+
+    The dask arrays read chunks from the store's own place: on a cluster each
+    worker reads its chunks (from object storage, say) without the driver.
+    """
+    loc = locate(path, storage_options)
+    path = loc.path if loc.is_local else loc
+    ds = _open(loc)
     unlabelled = ds.attrs.get("labelled") is False
     for name in ("images", "split") if unlabelled else ("images", "labels", "split"):
         if name not in ds.data_vars:
@@ -248,7 +291,13 @@ def open_images(path: str | Path) -> xr.Dataset:
         raise DataError(f"{path}: the store holds no images")
     ds["split"] = split.astype("<U5")
     ds.encoding[_STORE_KEY] = str(path)
+    ds.encoding[_LOCATION_KEY] = loc
     return ds
+
+
+def location(ds: xr.Dataset) -> Location:
+    """Where a store opened by :func:`open_images` lives (its URL and storage options)."""
+    return ds.encoding[_LOCATION_KEY]
 
 
 def labelled(ds: xr.Dataset) -> bool:
@@ -262,7 +311,7 @@ def flat_images(ds: xr.Dataset) -> da.Array:
     return img.reshape(img.shape[0], -1)
 
 
-def image_rows(store: str | Path, name: str) -> da.Array:
+def image_rows(store: str | Path | Location, name: str) -> da.Array:
     """(N, pixels) uint8 rows read straight from the store's zarr array, keys named after ``name``.
 
     Pixels of a colour store are (y, x, channel) flattened in C order, as in flat_images.
@@ -273,7 +322,10 @@ def image_rows(store: str | Path, name: str) -> da.Array:
     """
     import dask.array as da
 
-    img = da.from_zarr(str(store), component="images", name=name)
+    loc = locate(store)
+    img = da.from_zarr(
+        loc.url, component="images", name=name, storage_options=loc.storage_options()
+    )
     return img.reshape(img.shape[0], -1)
 
 
@@ -295,12 +347,15 @@ def fingerprint(ds: xr.Dataset) -> str:
     return fp
 
 
-def verify_store(path: str | Path) -> None:
+def verify_store(path: str | Path | Location) -> None:
     """Read every chunk of every variable; DataError naming the store and variable on damage."""
     import zarr
 
-    n_classes = len(open_images(path).attrs.get("class_names", range(256)))  # layout first
-    group = zarr.open_group(str(path), mode="r")
+    ds = open_images(path)  # layout first
+    n_classes = len(ds.attrs.get("class_names", range(256)))
+    loc = location(ds)
+    path = loc.path if loc.is_local else loc
+    group = zarr.open_group(loc.url, mode="r", storage_options=loc.storage_options())
     for name, arr in group.arrays():
         if arr.nchunks_initialized < arr.nchunks:
             raise DataError(
