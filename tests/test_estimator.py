@@ -9,10 +9,12 @@ import dask.array as da
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans as SkKMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.estimator_checks import check_estimator
 
-from kmclust import KMeans, estimator
+from kmclust import KMeans
 from kmclust.errors import KmclustError
+from kmclust.estimator import starts
 from kmclust.lloyd import driver
 from kmclust.lloyd.init import init_centroids
 
@@ -26,8 +28,21 @@ def digits() -> np.ndarray:
     return a[:, :-1].astype(np.uint8)
 
 
+#: the checks scikit-learn itself expects its KMeans to fail (sklearn.utils._test_common:
+#: weights change the random init draws, so weighting is not removing/repeating rows)
+SKLEARN_XFAIL = {
+    "check_sample_weight_equivalence_on_dense_data": (
+        "sample_weight is not equivalent to removing/repeating samples."
+    ),
+    "check_sample_weight_equivalence_on_sparse_data": (
+        "sample_weight is not equivalent to removing/repeating samples."
+    ),
+}
+
+
 def test_passes_scikit_learn_estimator_checks() -> None:
-    check_estimator(KMeans())  # raises on the first failed check
+    # raises on the first failed check; only scikit-learn's own KMeans exceptions are allowed
+    check_estimator(KMeans(), expected_failed_checks=SKLEARN_XFAIL)
 
 
 def test_matches_scikit_learn_lloyd_on_digits(digits) -> None:
@@ -82,7 +97,7 @@ def test_n_init_auto_follows_the_init() -> None:
     x = np.random.default_rng(0).normal(size=(60, 3))
     assert KMeans(3, init="data", n_init="auto", random_state=0)._check_params()[2] == 10
     assert KMeans(3, init="k-means++", n_init="auto")._check_params()[2] == 1
-    with pytest.warns(RuntimeWarning, match="runs once"):
+    with pytest.warns(RuntimeWarning, match="performing only one init"):
         KMeans(3, init=x[:3], n_init=5).fit(x)
 
 
@@ -109,12 +124,12 @@ def test_large_dask_input_initialises_from_stats_or_sample(digits, monkeypatch) 
     x = digits[:2000]
     xd = da.from_array(x, chunks=(500, 784))
     monkeypatch.setattr(
-        estimator, "INIT_MAX_BYTES", 400 * 784
+        starts, "INIT_MAX_BYTES", 400 * 784
     )  # "large": 400-row sample, no full compute
     calls = []
-    real = estimator.init_centroids
+    real = starts.init_centroids
     monkeypatch.setattr(
-        estimator,
+        starts,
         "init_centroids",
         lambda rows, *a, **kw: calls.append(len(rows)) or real(rows, *a, **kw),
     )
@@ -202,17 +217,17 @@ def _inf() -> np.ndarray:
         (
             {"init": "kmeans++"},
             X_OK,
-            r"init must be one of 'random', 'data', 'k-means\+\+', 'k-means\|\|'",
+            r"init must be one of 'random', 'data', 'k-means\+\+', 'k-means\|\|', a callable",
         ),
         (
             {"n_clusters": 2, "init": np.zeros((3, 3))},
             X_OK,
-            r"init array has shape \(3, 3\); expected .* \(2, 3\)",
+            r"initial centers \(3, 3\) does not match the number of clusters 2",
         ),
         (
             {"n_clusters": 2, "init": np.zeros((2, 4))},
             X_OK,
-            r"init array has shape \(2, 4\); expected .* \(2, 3\)",
+            r"initial centers \(2, 4\) does not match the number of features of the data 3",
         ),
         (
             {"n_clusters": 2, "init": np.array([[0.0, np.nan, 0], [1, 1, 1]])},
@@ -231,12 +246,18 @@ def test_bad_fit_input_raises_value_error(params, x, match) -> None:
     assert isinstance(info.value, KmclustError)  # reported as one line by kmclust.cli.run_main
 
 
-def test_k_above_distinct_points_raises_the_engine_message() -> None:
+def test_k_above_distinct_points_warns_and_fits_as_scikit_learn() -> None:
     x = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
-    with pytest.raises(ValueError, match="exceeds the number of distinct points"):
-        KMeans(3, init=np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]])).fit(x)
-    with pytest.raises(ValueError, match="distinct"):
-        KMeans(3, init="data", n_init=3, random_state=0).fit(x)
+    init = np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]])
+    with pytest.warns(ConvergenceWarning, match=r"Number of distinct clusters \(2\)"):
+        km = KMeans(3, init=init).fit(x)
+    with pytest.warns(ConvergenceWarning, match=r"Number of distinct clusters \(2\)"):
+        sk = SkKMeans(3, init=init, n_init=1).fit(x)
+    np.testing.assert_array_equal(km.labels_, sk.labels_)
+    assert km.inertia_ == pytest.approx(sk.inertia_, abs=1e-12)
+    assert km.n_iter_ == sk.n_iter_
+    with pytest.warns(ConvergenceWarning, match="distinct"):
+        KMeans(3, init="k-means++", n_init=3, random_state=0).fit(x)
 
 
 @pytest.mark.parametrize("method", ["predict", "transform", "score"])
@@ -267,10 +288,111 @@ def test_log_mentions_failed_inits(monkeypatch, caplog) -> None:
 
     def one_fails(*args, **kw):
         results = real(*args, **kw)
-        results[-1].error = "k=3 exceeds the number of distinct points"
+        results[-1].error = "boom"
         return results
 
     monkeypatch.setattr(driver, "lloyd", one_fails)
     with caplog.at_level(logging.WARNING, logger="kmclust.estimator"):
         KMeans(3, n_init=2, random_state=0).fit(x)
-    assert "1 of 2 initialisations failed" in caplog.text
+    assert "1 of 2 initialisations failed" in caplog.text and "boom" in caplog.text
+
+
+# ------------------------------------------------- scikit-learn drop-in parameters
+def test_defaults_are_scikit_learn_defaults() -> None:
+    ours, theirs = KMeans().get_params(), SkKMeans().get_params()
+    assert set(ours) == set(theirs)
+    for name in ("n_clusters", "init", "n_init", "max_iter", "tol", "verbose", "copy_x"):
+        assert ours[name] == theirs[name], name
+    assert ours["algorithm"] == theirs["algorithm"] == "lloyd"
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-2])
+@pytest.mark.parametrize("dtype", [np.float64, np.uint8])
+def test_tol_is_scikit_learn_relative_rule(digits, tol: float, dtype) -> None:
+    x = digits[:3000] if dtype == np.uint8 else digits[:3000].astype(np.float64) / 255.0
+    init = x[np.random.default_rng(5).choice(len(x), 12, replace=False)].astype(np.float64)
+    sk = SkKMeans(12, init=init, n_init=1, tol=tol).fit(x.astype(np.float64))
+    for algorithm in ("lloyd", "elkan"):
+        km = KMeans(12, init=init, tol=tol, algorithm=algorithm).fit(x)
+        assert km.n_iter_ == sk.n_iter_ < 300
+        np.testing.assert_array_equal(km.labels_, sk.labels_)
+        np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, atol=1e-9)
+
+
+def test_elkan_and_lloyd_are_bit_identical_on_uint8(digits) -> None:
+    x = digits[:2000]
+    a = KMeans(70, init="data", random_state=3, algorithm="lloyd", tol=0).fit(x)
+    b = KMeans(70, init="data", random_state=3, algorithm="elkan", tol=0).fit(x)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    assert (a.n_iter_, a.inertia_) == (b.n_iter_, b.inertia_)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-2])
+def test_verbose_prints_scikit_learn_lines(capsys, tol: float) -> None:
+    x = np.random.default_rng(0).normal(size=(2000, 5))
+    init = x[:6].copy()
+    KMeans(6, init=init, tol=tol, verbose=1).fit(x)
+    ours = capsys.readouterr().out.splitlines()
+    SkKMeans(6, init=init, n_init=1, tol=tol, verbose=1).fit(x)
+    theirs = capsys.readouterr().out.splitlines()
+    assert len(ours) == len(theirs) and ours[0] == theirs[0] == "Initialization complete"
+    for a, b in zip(ours[1:-1], theirs[1:-1]):
+        head_a, val_a = a.rstrip(".").rsplit(" ", 1)
+        head_b, val_b = b.rstrip(".").rsplit(" ", 1)
+        assert head_a == head_b and float(val_a) == pytest.approx(float(val_b), rel=1e-9)
+    assert ours[-1].split(":")[0] == theirs[-1].split(":")[0]
+    assert ("strict convergence" in ours[-1]) == ("strict convergence" in theirs[-1])
+
+
+def test_callable_init_gets_x_k_and_the_random_state() -> None:
+    x = np.random.default_rng(1).normal(size=(100, 3))
+    seen = []
+
+    def init(X, k, random_state):
+        seen.append((X.shape, k, type(random_state)))
+        return X[random_state.choice(len(X), k, replace=False)]
+
+    km = KMeans(4, init=init, n_init=3, random_state=0).fit(x)
+    assert seen == [((100, 3), 4, np.random.RandomState)] * 3 and km._n_init == 3
+    with pytest.raises(ValueError, match=r"does not match the number of clusters 4"):
+        KMeans(4, init=lambda X, k, rs: X[:2]).fit(x)
+
+
+def test_float32_in_float32_centres_out() -> None:
+    x = np.random.default_rng(2).normal(size=(500, 4))
+    init = x[:5].copy()
+    a = KMeans(5, init=init).fit(x.astype(np.float32))
+    b = SkKMeans(5, init=init, n_init=1).fit(x.astype(np.float32))
+    assert a.cluster_centers_.dtype == np.float32 == b.cluster_centers_.dtype
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-5, atol=1e-6)
+
+
+def test_copy_x_false_leaves_x_unchanged() -> None:
+    x = np.random.default_rng(3).normal(size=(200, 3))
+    before = x.copy()
+    KMeans(3, copy_x=False, random_state=0).fit(x)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.array([1.0] * 19 + [-1.0]), "non-negative"),
+        (np.array([1.0] * 19 + [np.nan]), "NaN"),
+        (np.ones(7), r"sample_weight.shape"),
+        (np.zeros(20), "at least one non-zero"),
+    ],
+)
+def test_bad_sample_weight_is_a_kmeans_error(bad, match) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        KMeans(2, random_state=0).fit(X_OK, sample_weight=bad)
+    assert isinstance(info.value, KmclustError)
+
+
+def test_all_equal_weights_fit_as_unweighted_with_scaled_inertia() -> None:
+    a = KMeans(3, random_state=0).fit(X_OK)
+    b = KMeans(3, random_state=0).fit(X_OK, sample_weight=np.full(20, 0.5))
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert b.inertia_ == pytest.approx(0.5 * a.inertia_, rel=1e-15)

@@ -45,7 +45,7 @@ def dense_columns(cols: np.ndarray | None, sums: np.ndarray, kt: int) -> np.ndar
     """(kt, D) from the rows ``sums`` of columns ``cols`` (None: already all columns)."""
     if cols is None:
         return sums
-    out = np.zeros((kt, sums.shape[1]))
+    out = np.zeros((kt, sums.shape[1]), dtype=np.int64 if sums.dtype == np.int64 else np.float64)
     out[cols] = sums
     return out
 

@@ -35,33 +35,24 @@ from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
-import dask.threaded
 import numpy as np
 
 from kmclust.data.select import take_rows
-from kmclust.lloyd import stopping
+from kmclust.lloyd import stopping, weights
 from kmclust.lloyd.chunk import compute_dtype
-from kmclust.lloyd.executors import (
-    Executor,
-    GraphExecutor,
-    PoolExecutor,
-    SlotExecutor,
-    one_blas_thread,
-)
+from kmclust.lloyd.executors import EXECUTORS, Executor, one_blas_thread, pick
 from kmclust.lloyd.partial import Partial
 from kmclust.lloyd.placement import (
     as_dask,
-    chunk_refs,
     default_client,
     n_threads,
     persist_balanced,
-    worker_slots,
+    persist_like,
 )
 from kmclust.lloyd.plan import Layout, layout, plan_pass
-from kmclust.lloyd.runs import Run, RunResult
+from kmclust.lloyd.runs import Run, RunResult, start_runs
 
-#: The executors a caller may force (``executor=``; None: the driver's choice).
-EXECUTORS = ("pool", "graph", "slots")
+__all__ = ["EXECUTORS", "lloyd", "predict"]
 
 
 @one_blas_thread
@@ -81,6 +72,8 @@ def lloyd(
     prune: bool = True,
     stream: bool = False,
     executor: str | None = None,
+    rule: str = "study",
+    sample_weight: np.ndarray | da.Array | None = None,
 ) -> list[RunResult]:
     """Run Lloyd's algorithm for every initial centroid set, all in one batch.
 
@@ -109,6 +102,13 @@ def lloyd(
     no pruning): worker memory stays bounded by the chunk size for data far
     larger than the cluster's memory. Results are bit-identical either way.
     ``executor`` forces one of ``EXECUTORS`` (tests; results are the same).
+    ``rule`` picks the stopping rule (:mod:`kmclust.lloyd.stopping`): ``"study"``
+    (the sweep's) or ``"sklearn"`` (``tol`` bounds Σ‖Δc‖², the estimator's).
+    ``sample_weight`` (N,) (numpy or dask; non-negative, finite, not all 0, else
+    :class:`~kmclust.lloyd.weights.WeightError`) weights sums, J and relocation
+    as scikit-learn's: centroids are weighted means; ``jclust``, ``mean_distance``
+    and ``history`` are divided by Σw instead of N; rows of weight 0 are
+    labelled but otherwise dropped. uint8 rows keep every bit-identity above.
     """
     engine = _engine(
         x,
@@ -119,14 +119,19 @@ def lloyd(
         stateful=not stream,
         prune=prune,
         executor=executor,
+        sample_weight=sample_weight,
     )
     n, d = engine.x.shape
-    runs = _start(inits, scale, n, d)
+    runs = start_runs(inits, scale, n, d)
+    spec = engine.layout.weights
+    total = n if spec is None else spec.total  # Σw (exact) divides J and mean distance
+    for run in runs:
+        run.weights = spec
     if on_done is not None:
         for run in runs:
             if run.state == "failed":
-                on_done(run.index, _result(run, n, scale))
-    tol_raw = tol / scale
+                on_done(run.index, _result(run, total, scale))
+    tol_raw = stopping.raw_tol(tol, scale, rule)
     patches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     sqnorm = math.nan  # Σ‖x‖², from the first pass
     while live := [r for r in runs if r.state in ("active", "eval")]:
@@ -134,6 +139,8 @@ def lloyd(
         for group, evals, part in engine.run(live, labels=return_labels, patches=patches):
             if not math.isnan(part.sqnorm):
                 sqnorm = part.sqnorm
+            if part.wsqnorm is not None:
+                sqnorm = part.wsqnorm  # Σ w‖x‖², exact
             offs = np.concatenate([[0], np.cumsum([r.k for r in group])])
             sums = part.dense_sums()
             for pos, run in enumerate(group):
@@ -148,22 +155,22 @@ def lloyd(
                     run.counts = run.counts + part.counts[lo:hi]
                 else:
                     run.sums, run.counts = sums[lo:hi].copy(), part.counts[lo:hi].copy()
-                run.history.append(_sse(sqnorm, run.c64, run.sums, run.counts) / n * scale**2)
+                run.history.append(weights.sse(sqnorm, run) / total * scale**2)
                 run.n_iter += 1
                 if np.any(run.counts == 0):
                     relocations.append((run, part, pos))
                 else:
-                    _update(run, tol_raw, max_iter)
+                    _update(run, tol_raw, max_iter, rule)
         if relocations and any(part.pruned for _, part, _ in relocations):
             relocations = _exact_candidates(engine, [run for run, _, _ in relocations])
-        patches = _relocate(engine.x, relocations, max_iter) if relocations else {}
+        patches = _relocate(engine.x, relocations, max_iter, engine.w) if relocations else {}
         if on_done is not None:
             for run in live:
                 if run.state in ("done", "failed"):
-                    on_done(run.index, _result(run, n, scale))
+                    on_done(run.index, _result(run, total, scale))
         if progress is not None:
             progress(sum(r.state in ("done", "failed") for r in runs), len(runs))
-    return [_result(r, n, scale) for r in runs]
+    return [_result(r, total, scale) for r in runs]
 
 
 @one_blas_thread
@@ -207,6 +214,7 @@ class _Engine:
     x: da.Array  # (N, D) row chunks, persisted as asked
     layout: Layout
     executor: Executor
+    w: da.Array | None = None  # (N, 1) float64 sample weights, chunked (and placed) as x
 
     def run(
         self,
@@ -238,66 +246,24 @@ def _engine(
     stateful: bool = False,
     prune: bool = False,
     executor: str | None = None,
+    sample_weight: np.ndarray | da.Array | None = None,
 ) -> _Engine:
     """The setup of a call: ``x`` as row chunks (persisted, placed evenly if ``balance``), the
-    passes' layout and the executor."""
+    sample weights checked and chunked as x (persisted beside its chunks), the passes' layout
+    and the executor."""
     x = as_dask(x)
+    spec, w = (None, None) if sample_weight is None else weights.prepare(sample_weight, x)
     if persist:
         x = persist_balanced(x) if balance else x.persist()
+    if w is not None:
+        w = persist_like(w, x) if persist else w.rechunk({0: x.chunks[0]})
     client = default_client()
     if integer is None:
         integer = x.dtype == np.uint8
     if n_groups is None:
         n_groups = max(1, math.ceil(n_threads(client) / x.numblocks[0]))
-    lay = layout(x.chunks[0], n_groups, compute_dtype(x.dtype), integer, stateful, prune)
-    return _Engine(x, lay, _executor(x, client, executor))
-
-
-def _executor(x: da.Array, client, name: str | None) -> Executor:
-    """The executor ``name`` for ``x``'s chunks, or (None) the one that suits them best."""
-    source, chunks = chunk_refs(x)
-    slots = worker_slots(client, chunks) if client is not None else None
-    in_memory = not source and all(isinstance(c, np.ndarray) for c in chunks)
-    threaded = dask.base.get_scheduler() in (None, dask.threaded.get)
-    if name is None:
-        if client is not None:
-            name = "slots" if slots is not None else "graph"
-        else:
-            name = "pool" if in_memory and threaded else "graph"
-    if name == "slots" and slots is not None:
-        return SlotExecutor(client, chunks, slots)
-    if name == "pool" and in_memory:
-        return PoolExecutor(chunks, n_threads(None))
-    if name == "graph":
-        return GraphExecutor(source, chunks, client)
-    if name in EXECUTORS:
-        raise ValueError(
-            f"executor {name!r} cannot run these chunks: 'slots' needs every chunk persisted on a "
-            "distributed cluster, 'pool' every chunk in this process's memory"
-        )
-    raise ValueError(f"unknown executor {name!r}: one of {', '.join(EXECUTORS)}")
-
-
-def _start(inits: Sequence[np.ndarray], scale: float, n: int, d: int) -> list[Run]:
-    """The runs from their initial centroids; a run that cannot start has failed already."""
-    runs = [Run(i, np.asarray(c, dtype=np.float64) / scale) for i, c in enumerate(inits)]
-    for run in runs:
-        if run.c64.ndim != 2 or run.c64.shape[1] != d:
-            run.error = f"initial centroids have shape {run.c64.shape}, expected (k, {d})"
-        elif not 1 <= run.k <= n:
-            run.error = f"k={run.k} must be between 1 and the number of samples ({n})"
-        elif not np.all(np.isfinite(run.c64)):
-            run.error = "initial centroids contain NaN or inf"
-        if run.error:
-            run.state = "failed"
-    return runs
-
-
-def _sse(sqnorm: float, c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
-    """Σ‖x − c_label‖² from exact sums: Σ‖x‖² − 2Σ c·S + Σ n‖c‖² (float64, no cancellation)."""
-    return float(
-        sqnorm - 2.0 * np.einsum("ij,ij->", c, sums) + counts @ np.einsum("ij,ij->i", c, c)
-    )
+    lay = layout(x.chunks[0], n_groups, compute_dtype(x.dtype), integer, stateful, prune, spec)
+    return _Engine(x, lay, pick(x, client, executor, w), w)
 
 
 def _exact_candidates(engine: _Engine, runs: list[Run]) -> list[tuple[Run, Partial, int]]:
@@ -317,17 +283,23 @@ def _move(run: Run, new: np.ndarray) -> float:
     return float(run.drift.max())
 
 
-def _update(run: Run, tol_raw: float, max_iter: int) -> None:
+def _update(run: Run, tol_raw: float, max_iter: int, rule: str = "study") -> None:
     """New centroids = means; decide convergence."""
-    done, run.converged = stopping.stop(
-        _move(run, run.sums / run.counts[:, None]), tol_raw, run.n_iter, max_iter
-    )
+    _move(run, weights.means(run))
+    run.shift = stopping.shift(run.drift, rule)
+    done, run.converged = stopping.stop(run.drift, tol_raw, run.n_iter, max_iter, rule)
     if done:
         run.state = "eval"
 
 
-def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _relocate(
+    x: da.Array, items: list, max_iter: int, w: da.Array | None = None
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Move the farthest points into empty clusters (scikit-learn's policy), then update.
+
+    With sample weights ``w`` a cluster is empty when no row of positive weight is in it; the
+    farthest rows of positive weight move in with their weights (scikit-learn's
+    ``_relocate_empty_clusters_dense`` picks by distance alone, rows of weight 0 included).
 
     Returns the label patches (run → global row indices, new labels) that the
     next pass applies to the labels its chunks remember.
@@ -357,8 +329,13 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
     if not plans:
         return patches
     order = np.array(sorted(wanted))
-    fetched = take_rows(x, order, f"kmclust-relocate-{uuid.uuid4().hex}").compute()
-    rows = dict(zip(order.tolist(), np.asarray(fetched, dtype=np.float64)))
+    name = f"kmclust-relocate-{uuid.uuid4().hex}"
+    if w is None:
+        fetched = np.asarray(take_rows(x, order, name).compute(), dtype=np.float64)
+    else:
+        xs, ws = dask.compute(take_rows(x, order, name), take_rows(w, order, name + "w"))
+        fetched = weights.packed_rows(np.asarray(xs, np.float64), ws[:, 0], plans[0][0].weights)
+    rows = dict(zip(order.tolist(), fetched))
     for run, empty, picks in plans:
         for e, (idx, lab) in zip(empty, picks):
             run.sums[lab] -= rows[idx]
@@ -367,7 +344,7 @@ def _relocate(x: da.Array, items: list, max_iter: int) -> dict[int, tuple[np.nda
             run.counts[e] = 1
         patches[run.index] = (np.array([i for i, _ in picks]), empty.astype(np.int64))
         run.n_relocated += empty.size
-        _move(run, run.sums / run.counts[:, None])
+        _move(run, weights.means(run))
         if stopping.stop(math.inf, 0.0, run.n_iter, max_iter)[0]:
             run.state = "eval"
     return patches
@@ -379,7 +356,8 @@ def _labels_of(part: Partial, evals: list[int], pos: int) -> list[tuple[int, np.
     return [(start, lab[:, col]) for start, lab in part.labels]
 
 
-def _result(run: Run, n: int, scale: float) -> RunResult:
+def _result(run: Run, n, scale: float) -> RunResult:
+    """The outcome of a run; ``n`` the number of rows, or with sample weights Σw (exact)."""
     labels = None
     if run.labels:
         labels = np.concatenate([lab for _, lab in sorted(run.labels, key=lambda t: t[0])])
@@ -395,4 +373,6 @@ def _result(run: Run, n: int, scale: float) -> RunResult:
         history=run.history,
         labels=labels,
         error=run.error,
+        shift=run.shift,
+        inertia=float(run.sse * scale**2) if not run.error else math.nan,
     )

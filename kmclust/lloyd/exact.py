@@ -69,6 +69,41 @@ def _squared_errors(x, c64, labels):  # pragma: no cover - compiled
     return out
 
 
+def sse_terms(c: np.ndarray, s: np.ndarray, wt: np.ndarray) -> tuple[float, float]:
+    """``(Σ c·s, Σ wt_i ‖c_i‖²)`` over a run's centroids ``c`` and sums ``s`` (k, D), in float64
+    in one written-out order: the same bits on every CPU (numpy's einsum and the BLAS pick
+    their summation order by the vector width the processor has)."""
+    return _sse_terms(
+        np.ascontiguousarray(c, dtype=np.float64),
+        np.ascontiguousarray(s, dtype=np.float64),
+        np.ascontiguousarray(wt, dtype=np.float64),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _sse_terms(c, s, wt):  # pragma: no cover - compiled
+    # compensated (Neumaier) sums: a fixed order that is also accurate to a few ulp
+    cs, cs_err, cc, cc_err = 0.0, 0.0, 0.0, 0.0
+    for i in range(c.shape[0]):
+        row_cc, row_err = 0.0, 0.0
+        for j in range(c.shape[1]):
+            cs, e = _two_sum(cs, c[i, j] * s[i, j])
+            cs_err += e
+            row_cc, e = _two_sum(row_cc, c[i, j] * c[i, j])
+            row_err += e
+        cc, e = _two_sum(cc, wt[i] * (row_cc + row_err))
+        cc_err += e
+    return cs + cs_err, cc + cc_err
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _two_sum(a, b):  # pragma: no cover - compiled
+    """``a + b`` and its rounding error (Knuth's TwoSum: exact, no branch)."""
+    t = a + b
+    bb = t - a
+    return t, (a - (t - bb)) + (b - bb)
+
+
 def exact_sum(v: np.ndarray) -> Fraction:
     """The exact sum of float64 values as a Fraction: no rounding, the same in any order.
 

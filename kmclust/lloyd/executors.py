@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import dask
+import dask.array as da
 import dask.threaded
 import numpy as np
 from dask.utils import parse_bytes
@@ -30,7 +31,11 @@ from threadpoolctl import threadpool_limits
 from kmclust.lloyd import kernel
 from kmclust.lloyd.kernel import ChunkArgs
 from kmclust.lloyd.partial import ChunkState, Partial, combine
+from kmclust.lloyd.placement import chunk_refs, n_threads, worker_slots
 from kmclust.lloyd.plan import PassPlan, fold
+
+#: The executors a caller may force (``executor=``; None: the driver's choice).
+EXECUTORS = ("pool", "graph", "slots")
 
 #: distributed's size above which the client warns that it sends a large graph.
 _LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
@@ -50,12 +55,47 @@ class Executor(Protocol):
         ...
 
 
-def _chunk_task(x: np.ndarray, start: int, args: ChunkArgs, prev: list[ChunkState] | None):
+def pick(x: da.Array, client, name: str | None, w: da.Array | None = None) -> Executor:
+    """The executor ``name`` for ``x``'s chunks (and the sample weights ``w``, chunked alike),
+    or (None) the one that suits them best."""
+    source, chunks = chunk_refs(x)
+    wsource, wchunks = chunk_refs(w) if w is not None else ({}, None)
+    slots = worker_slots(client, chunks) if client is not None else None
+    in_memory = not (source or wsource) and all(
+        isinstance(c, np.ndarray) for c in chunks + (wchunks or [])
+    )
+    threaded = dask.base.get_scheduler() in (None, dask.threaded.get)
+    if name is None:
+        if client is not None:
+            name = "slots" if slots is not None else "graph"
+        else:
+            name = "pool" if in_memory and threaded else "graph"
+    if name == "slots" and slots is not None:
+        return SlotExecutor(client, chunks, slots, wchunks)
+    if name == "pool" and in_memory:
+        return PoolExecutor(chunks, n_threads(None), wchunks)
+    if name == "graph":
+        return GraphExecutor({**source, **wsource}, chunks, client, wchunks)
+    if name in EXECUTORS:
+        raise ValueError(
+            f"executor {name!r} cannot run these chunks: 'slots' needs every chunk persisted on a "
+            "distributed cluster, 'pool' every chunk in this process's memory"
+        )
+    raise ValueError(f"unknown executor {name!r}: one of {', '.join(EXECUTORS)}")
+
+
+def _chunk_task(
+    x: np.ndarray,
+    start: int,
+    args: ChunkArgs,
+    prev: list[ChunkState] | None,
+    w: np.ndarray | None = None,
+):
     """Entry of a chunk task: the fault hook (distributed workers only), then the kernel."""
     kill_k = os.environ.get(KILL_K_ENV)
     if kill_k and int(kill_k) in np.diff(args.offsets) and _in_worker():
         os.kill(os.getpid(), signal.SIGKILL)
-    return kernel.lloyd_chunk(x, start, args, prev)
+    return kernel.lloyd_chunk(x, start, args, prev, w)
 
 
 def _in_worker() -> bool:
@@ -76,9 +116,10 @@ class PoolExecutor:
     settled pass's kernels take.
     """
 
-    def __init__(self, chunks: list[np.ndarray], threads: int):
+    def __init__(self, chunks: list[np.ndarray], threads: int, weights: list | None = None):
         self.chunks = chunks
         self.threads = threads
+        self.weights = weights or [None] * len(chunks)  # the chunks' sample weights
         self.states: list[list[ChunkState]] | None = None  # per chunk, per group
 
     def run(self, plan: PassPlan) -> list[Partial]:
@@ -86,8 +127,8 @@ class PoolExecutor:
         prev = self.states if plan.stateful else None
         pending = [
             [
-                pool.submit(_chunk_task, blk, start, args, prev[c] if prev else None)
-                for c, (blk, start) in enumerate(zip(self.chunks, plan.starts))
+                pool.submit(_chunk_task, blk, start, args, prev[c] if prev else None, wb)
+                for c, (blk, start, wb) in enumerate(zip(self.chunks, plan.starts, self.weights))
             ]
             for args in plan.tasks
         ]
@@ -107,10 +148,11 @@ class GraphExecutor:
     graph the chunk references need (streamed chunks), else empty.
     """
 
-    def __init__(self, source: dict, chunks: list, client=None):
+    def __init__(self, source: dict, chunks: list, client=None, weights: list | None = None):
         self.source = source
         self.chunks = chunks
         self.client = client
+        self.weights = weights or [None] * len(chunks)  # the chunks' sample weights
         self.states: list[list] | None = None  # per chunk, per group: futures or ChunkStates
         self._held: list = []  # futures dropped only after the next submission (see _submit)
 
@@ -127,7 +169,7 @@ class GraphExecutor:
             for c, (blk, start) in enumerate(zip(self.chunks, plan.starts)):
                 prev = self.states[c] if plan.stateful and self.states else None
                 task = (f"kmclust-chunk-{token}", g, c)
-                dsk[task] = (_chunk_task, blk, start, ref, prev)
+                dsk[task] = (_chunk_task, blk, start, ref, prev, self.weights[c])
                 dsk[(f"kmclust-part-{token}", g, c)] = (operator.getitem, task, 0)
                 parts.append((f"kmclust-part-{token}", g, c))
                 if plan.stateful:
@@ -175,17 +217,20 @@ def _add_combine(dsk: dict, name: str) -> Callable[[list], tuple]:
     return merge
 
 
-def _slot_task(blocks: list, starts: list, prevs: list, prev_index: list, args: ChunkArgs):
+def _slot_task(
+    blocks: list, starts: list, prevs: list, prev_index: list, args: ChunkArgs, weights: list
+):
     """Entry of a slot task: the chunk task for each of one worker thread's chunks in turn.
 
     ``prevs`` are the previous pass's slot results holding these chunks'
     states; ``prev_index[i]`` lists (result, position) pairs, flattened, for
-    chunk ``i``. Returns the chunks' partials (in ``blocks`` order) and states.
+    chunk ``i``; ``weights`` the chunks' sample weights (or Nones). Returns the
+    chunks' partials (in ``blocks`` order) and states.
     """
     parts, states = [], []
-    for blk, start, where in zip(blocks, starts, prev_index):
+    for blk, start, where, wb in zip(blocks, starts, prev_index, weights):
         prev = [prevs[r][1][j] for r, j in zip(where[::2], where[1::2])] or None
-        part, state = _chunk_task(blk, start, args, prev)
+        part, state = _chunk_task(blk, start, args, prev, wb)
         parts.append(part)
         states.append(state)
     return parts, states
@@ -202,10 +247,11 @@ class SlotExecutor:
     inline: a data key would cost a task and a hop between workers.
     """
 
-    def __init__(self, client, chunks: list, slots: list[list[int]]):
+    def __init__(self, client, chunks: list, slots: list[list[int]], weights: list | None = None):
         self.client = client
         self.chunks = chunks
         self.slots = slots
+        self.weights = weights or [None] * len(chunks)  # the chunks' sample weights
         self.states: list[list] | None = None  # per chunk, per group: (slot future, position)
         self._held: list = []  # futures dropped only after the next submission (see _submit)
 
@@ -227,6 +273,7 @@ class SlotExecutor:
                     refs,
                     where,
                     args,
+                    [self.weights[c] for c in members],
                 )
                 dsk[(f"kmclust-part-{plan.token}", g, s)] = (operator.getitem, task, 0)
                 part_keys.append((f"kmclust-part-{plan.token}", g, s))

@@ -252,6 +252,8 @@ def init_centroids(
     seed = _check_seed(seed)
     w = _check_weight(sample_weight, len(X))
     pick = REGISTRY[method].rows
+    if pick is not None and w is not None and np.count_nonzero(w) < k:
+        raise InitError(f"k={k} exceeds the {np.count_nonzero(w)} rows with positive sample_weight")
     if pick is None:  # random: Gaussian draws from the per-pixel statistics
         return random_from_stats(*_data_stats(X, w), k, seed)
     idx = pick(X, k, np.random.default_rng(seed), w)

@@ -196,7 +196,8 @@ def kmeans_parallel(
     one ``rng.random(n)``); then, with more than k distinct candidates,
     ``kmeans_plusplus`` on the candidates weighted by ``candidate_weights``;
     with fewer, a top-up of ``rng.choice(..., replace=False)`` over the rows
-    not yet chosen, rows away from every candidate first (weights ignored).
+    not yet chosen (of positive weight, if weighted), rows away from every
+    candidate first (uniformly, not by weight).
     """
     n = len(X)
     w = sample_weight
@@ -235,6 +236,8 @@ def kmeans_parallel(
         return cand[kmeans_plusplus(rows, k, rng, cw)]
     if len(cand) < k:
         rest = np.setdiff1d(np.arange(n), cand)
+        if w is not None:
+            rest = rest[w[rest] > 0]  # rows of weight 0 are as if dropped
         away = rest[closest[rest] > 0]
         near = np.setdiff1d(rest, away)
         need = k - len(cand)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kmclust.lloyd import distance as _distance
+from kmclust.lloyd import weighted
 from kmclust.lloyd.chunk import (
     assign,
     blocks,
@@ -25,6 +26,7 @@ from kmclust.lloyd.chunk import (
 )
 from kmclust.lloyd.partial import ChunkState, Partial
 from kmclust.lloyd.prune import centroid_bounds, previous, pruned_assign
+from kmclust.lloyd.weighted import WeightSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +47,7 @@ class ChunkArgs:
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # IN run → (rows, new labels)
     drift: dict[int, np.ndarray] | None = None  # IN run → each centroid's last move (bounds)
     prune: bool = False  # IN skip rows by bounds (integer data with states)
+    weights: WeightSpec | None = None  # IN how the chunk's sample weights are summed (None: none)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __dask_tokenize__(self) -> str:
@@ -57,7 +60,11 @@ class ChunkArgs:
 
 
 def lloyd_chunk(
-    x: np.ndarray, start: int, args: ChunkArgs, prev: list[ChunkState] | None = None
+    x: np.ndarray,
+    start: int,
+    args: ChunkArgs,
+    prev: list[ChunkState] | None = None,
+    w: np.ndarray | None = None,
 ) -> tuple[Partial, ChunkState | None]:
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
@@ -69,7 +76,9 @@ def lloyd_chunk(
     and the centroids' ``drift`` since the previous pass, Hamerly-style
     bounds (:mod:`kmclust.lloyd.prune`) skip the rows whose label cannot
     change in any run; relocation candidates are then only upper bounds
-    (``pruned=True``). Trusts its inputs.
+    (``pruned=True``). With ``args.weights``, ``w`` holds the chunk's float64
+    sample weights: sums, counts, J and candidates are weighted
+    (:mod:`kmclust.lloyd.weighted`). Trusts its inputs.
     """
     centroids, offsets, run_ids, integer = args.centroids, args.offsets, args.run_ids, args.integer
     eval_centroids, prune, m = args.evals, args.prune, args.m
@@ -100,28 +109,37 @@ def lloyd_chunk(
         )
         if per_centroid:
             lower = second = None
-    sum_cols = None
-    if prior is not None:
+    sum_cols, ws, wsqnorm = None, args.weights, None
+    if ws is not None:
+        w = w.reshape(-1)  # the chunk's (n, 1) column of weights
+    if ws is not None:
+        sum_cols, sums, counts, wsqnorm = _weighted_sums(x, labels, prior, offsets, w, ws, exact)
+    elif prior is not None:
         sum_cols, sums, counts = delta_sums(x, labels, prior.labels, offsets)
     else:
         sums, counts = cluster_sums(x, labels, offsets, integer)
     # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
     sqnorm = math.nan
-    if prior is None:
+    if prior is None and ws is None:
         sqnorm = float(exact.sum()) if exact is not None else _sqnorm(x)
     r = offsets.size - 1
-    needy = runs_with_empty_cluster(labels, offsets)
+    kept = labels if ws is None else weighted.positive_labels(labels, w)
+    needy = runs_with_empty_cluster(kept, offsets)
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
-        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(
-            dmin[:, needy], labels[:, needy], start, m
-        )
+        dn = dmin[:, needy] if ws is None else weighted.candidate_distances(dmin[:, needy], w)
+        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dn, labels[:, needy], start, m)
     # exact: int 0, Fractions where evaluated (adding ints is far cheaper than adding Fractions)
     eval_sse = np.full(r, 0, dtype=object)
     eval_dist = np.full(r, 0, dtype=object)
     out_labels: list[tuple[int, np.ndarray]] = []
     if args.want_errors and eval_centroids:
-        for pos, (sse, dist) in exact_errors(x, eval_centroids, labels).items():
+        found = (
+            exact_errors(x, eval_centroids, labels)
+            if ws is None
+            else weighted.errors(x, eval_centroids, labels, w)
+        )
+        for pos, (sse, dist) in found.items():
             eval_sse[pos], eval_dist[pos] = sse, dist
     if args.want_labels and eval_centroids:
         cols = sorted(eval_centroids)
@@ -151,11 +169,22 @@ def lloyd_chunk(
         eval_sse,
         eval_dist,
         labels=out_labels,
-        delta=prior is not None,
+        delta=prior is not None and (ws is None or ws.exact),
         pruned=pruned,
         sum_cols=sum_cols,
+        wsqnorm=wsqnorm,
     )
     return part, state
+
+
+def _weighted_sums(x, labels, prior, offsets, w, ws: WeightSpec, xsq=None) -> tuple:
+    """(columns, packed sums, counts, Σ w‖x‖² or None): deltas from the prior's labels when the
+    sums are exact, else full sums (float products would round differently). ``xsq``: uint8
+    rows' exact ‖x‖², if computed."""
+    if prior is not None and ws.exact:
+        return (*weighted.delta_sums(x, labels, prior.labels, offsets, w, ws), None)
+    sums, counts = weighted.cluster_sums(x, labels, offsets, w, ws)
+    return None, sums, counts, weighted.sqnorm(x, w, xsq)
 
 
 def _sqnorm(x: np.ndarray) -> float:

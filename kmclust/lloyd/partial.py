@@ -20,7 +20,9 @@ class Partial:
     for relocating empty clusters. ``eval_*`` are, for the runs flagged for
     evaluation, the exact sums (Fractions, :func:`kmclust.lloyd.exact.exact_sum`)
     of the rows' float64 distances: the same however the rows are chunked.
-    ``labels`` are those runs' labels by chunk start.
+    ``labels`` are those runs' labels by chunk start. With sample weights
+    ``sums`` are packed weighted sums (:mod:`kmclust.lloyd.weighted`; int64 for
+    uint8 rows) and ``counts`` count the rows of positive weight.
     """
 
     sums: np.ndarray  # (KT, D) float64; int32 (exact) from uint8 chunks, int64 once added up
@@ -35,6 +37,7 @@ class Partial:
     delta: bool = False  # sums/counts are changes since the previous pass
     pruned: bool = False  # some rows were skipped: cand_d are upper bounds
     sum_cols: np.ndarray | None = None  # the stacked columns in sums (others 0); None: all
+    wsqnorm: object = None  # weighted: Fraction Σ w‖x‖² (first pass; None otherwise)
 
     def dense_sums(self) -> np.ndarray:
         """(KT, D) sums, zeros filled in where a sparse partial left columns out."""
@@ -77,6 +80,7 @@ def combine(parts: list[Partial]) -> Partial:
         delta=first.delta,
         pruned=any(p.pruned for p in parts),
         sum_cols=sum_cols,
+        wsqnorm=None if any(p.wsqnorm is None for p in parts) else sum(p.wsqnorm for p in parts),
     )
 
 
@@ -93,7 +97,8 @@ def _add_sums(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray]:
     kt = parts[0].counts.size
     every = np.arange(kt)
     cols = np.unique(np.concatenate([every if p.sum_cols is None else p.sum_cols for p in parts]))
-    out = np.zeros((cols.size, parts[0].sums.shape[1]))
+    exact = all(p.sums.dtype == np.int64 for p in parts)  # packed weighted sums stay integers
+    out = np.zeros((cols.size, parts[0].sums.shape[1]), dtype=np.int64 if exact else np.float64)
     for p in parts:  # compiled: numpy's fancy-index add gathers, adds and scatters (slow here)
         _exact.add_rows(
             out, np.searchsorted(cols, every if p.sum_cols is None else p.sum_cols), p.sums

@@ -74,6 +74,31 @@ def persist_balanced(x: da.Array) -> da.Array:
     return placed
 
 
+def persist_like(w: da.Array, x: da.Array) -> da.Array:
+    """``w`` (per-row values, e.g. sample weights) in ``x``'s row chunks, persisted; under
+    distributed each chunk on the worker holding the same rows of ``x`` (their tasks run there)."""
+    w = w.rechunk({0: x.chunks[0]})
+    client = default_client()
+    held = by_worker(client, chunk_refs(x)[1]) if client is not None else None
+    if held is None:
+        return w.persist()
+    from distributed import wait
+
+    where = {b: worker for worker, idx in held.items() for b in idx}
+    name = f"kmclust-beside-{uuid.uuid4().hex}"
+    parts = [
+        client.persist(
+            w.blocks[b].map_blocks(_same, name=f"{name}-{b}"),
+            workers=[where[b]] if where.get(b) else None,
+            allow_other_workers=True,
+        )
+        for b in range(w.numblocks[0])
+    ]
+    placed = da.concatenate(parts)
+    wait(placed)
+    return placed
+
+
 def chunk_refs(x: da.Array) -> tuple[dict, list]:
     """What a pass's chunk tasks take for each chunk of ``x``, and the graph those references need.
 

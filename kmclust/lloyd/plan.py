@@ -12,6 +12,7 @@ import numpy as np
 
 from kmclust.lloyd.kernel import ChunkArgs
 from kmclust.lloyd.runs import Run
+from kmclust.lloyd.weighted import WeightSpec
 
 #: Partials combined per reduction task.
 FAN_IN = 8
@@ -32,6 +33,7 @@ class Layout:
     integer: bool  # integer-valued data: exact sums
     stateful: bool = False  # chunk tasks take and leave per-row state (integer data only)
     prune: bool = False  # ... and skip rows by bounds (with state only)
+    weights: WeightSpec | None = None  # how sample weights are summed (None: no weights)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,12 +64,15 @@ def layout(
     integer: bool,
     stateful: bool,
     prune: bool,
+    weights: WeightSpec | None = None,
 ) -> Layout:
     """The layout of data in row chunks of the sizes ``chunks``; state needs integer data, pruning
     needs state."""
     stateful = stateful and integer
     starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64).tolist()
-    return Layout(tuple(starts), n_groups, np.dtype(dtype), integer, stateful, prune and stateful)
+    return Layout(
+        tuple(starts), n_groups, np.dtype(dtype), integer, stateful, prune and stateful, weights
+    )
 
 
 def plan_pass(
@@ -96,6 +101,7 @@ def plan_pass(
             patches=patches or {},
             drift=drift,
             prune=layout.prune,
+            weights=layout.weights,
             token=f"{token}-{g}",
         )
         for g, group in enumerate(groups)
