@@ -23,7 +23,7 @@ ALLOWED = {
     "sweep": ("kmclust.sweep", "kmclust.lloyd", "kmclust.data", "kmclust.cluster"),
     "report": ("kmclust.report", "kmclust.sweep.schema"),
 }
-SHARED = {"kmclust", "kmclust.errors", "kmclust.cli"}
+SHARED = {"kmclust", "kmclust.errors", "kmclust.cli", "kmclust.location"}
 #: where a data source defines its image size (the only place the literal may appear)
 IMAGE_SIZE_HOMES = {"kmclust/data/sources.py"}
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from s3server import SECRET_KEY
 
-from kmclust.data.location import describe, locate, parse_storage_options, scrub
 from kmclust.errors import ConfigError
+from kmclust.location import describe, locate, parse_storage_options, scrub
 
 
 def test_paths_and_file_urls_are_local(tmp_path):

@@ -140,3 +140,32 @@ def test_unreachable_endpoint_one_line(s3, tmp_path):
 def test_reading_a_missing_store_at_a_url(s3):
     with pytest.raises(Exception, match="no such store"):
         open_images(f"s3://{s3.bucket}/absent.zarr")
+
+
+def test_report_of_a_results_store_at_a_url(s3, tmp_path):
+    from results_factory import make_results
+
+    url = f"s3://{s3.bucket}/results/study.zarr"
+    make_results(ks=range(5, 8), seeds=2).to_zarr(url, mode="w")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "report.py"), url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=s3.env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_no_secret(proc)
+    report = tmp_path / "results" / "study-report" / "REPORT.md"
+    assert proc.stdout.strip().endswith(str(report.relative_to(tmp_path))), proc.stdout
+    assert report.is_file() and any(report.parent.glob("*.png"))
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "report.py"), f"s3://{s3.bucket}/nothing.zarr"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=s3.env(),
+        cwd=tmp_path,
+    )
+    assert_refused(missing, "not found")

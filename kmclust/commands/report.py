@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kmclust.cli import ArgumentParser, setup_logging
 from kmclust.errors import ConfigError
+from kmclust.location import storage_options
 from kmclust.sweep.config import MAX_INT32, MAX_SEED, integer
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("store", type=Path, help="results store written by the sweep (a .zarr folder)")
     p.add_argument(
-        "--out", default=None, help="output folder (default: NAME-report/ beside the store)"
+        "store",
+        help="results store written by the sweep: a .zarr folder or an fsspec URL (s3://…)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder, local (default: NAME-report/ beside the store; for a URL "
+        "results/NAME-report/)",
+    )
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        type=storage_options,
+        help="for a URL: fsspec storage options as a JSON object",
     )
     p.add_argument("--k", type=int, default=None, help="k of the cell whose centroids are drawn")
     p.add_argument("--init", default=None, help="init of that cell")
@@ -53,6 +66,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ConfigError("--out is empty: name the report's folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    path = write_report(args.store, out, representative=representative)
+    path = write_report(
+        args.store, out, representative=representative, storage_options=args.storage_options
+    )
     print(path)
     return 0

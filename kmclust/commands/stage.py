@@ -16,9 +16,9 @@ import time
 
 from kmclust.cli import ArgumentParser, setup_logging
 from kmclust.data.images import MODES, PARALLEL, parse_size
-from kmclust.data.location import parse_storage_options
 from kmclust.data.stores import CHUNK_BYTES, CHUNK_ROWS, SOURCES, stage, store_summary
 from kmclust.errors import ConfigError
+from kmclust.location import storage_options
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-options",
         metavar="JSON",
-        type=_options,
+        type=storage_options,
         help="for a URL: fsspec storage options as a JSON object, e.g. "
         '\'{"profile": "lab"}\' (credentials: the backend\'s usual environment variables)',
     )
@@ -89,13 +89,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
-
-
-def _options(text: str) -> dict:
-    try:
-        return parse_storage_options(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--storage-options ")) from None
 
 
 def _size(text: str) -> tuple[int, int]:

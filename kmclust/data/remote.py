@@ -6,7 +6,7 @@ by file with the root ``zarr.json`` — the consolidated metadata that makes it
 a store — written last. A store whose upload was cut short has no root
 ``zarr.json``: :func:`check_readable` calls it incomplete and says how to
 repair it (stage again with ``--force``), and ``--force`` replaces it. Every
-failure to reach the storage becomes one line (:func:`kmclust.data.location.describe`),
+failure to reach the storage becomes one line (:func:`kmclust.location.describe`),
 scrubbed of the storage options.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kmclust.data.location import Location, describe
 from kmclust.errors import DataError, KmclustError
+from kmclust.location import Location, describe
 
 log = logging.getLogger(__name__)
 

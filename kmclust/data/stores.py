@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kmclust.data import remote, sources, synthetic
-from kmclust.data.location import Location, locate
 from kmclust.data.staging import Plan, check_target, write_store
 from kmclust.errors import ConfigError, DataError
+from kmclust.location import Location, locate
 
 # xarray, zarr and dask are imported where they are used, so that a CLI run failing on
 # bad input exits quickly instead of waiting for their imports.

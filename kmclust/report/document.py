@@ -17,6 +17,7 @@ import pandas as pd
 import xarray as xr
 
 from kmclust.errors import ConfigError, DataError
+from kmclust.location import locate
 from kmclust.report.choosing_k import INDEX_FIGURES, choosing_k_section
 from kmclust.report.markdown import markdown_table, pm
 from kmclust.report.results import (
@@ -121,8 +122,11 @@ def choose_representatives(
 
 
 def default_out_dir(store: str | Path) -> Path:
-    """results/NAME.zarr → results/NAME-report/."""
-    store = Path(store)
+    """results/NAME.zarr → results/NAME-report/; a URL …/NAME.zarr → results/NAME-report/."""
+    where = locate(store)
+    if not where.is_local:
+        return Path("results") / f"{where.name.removesuffix('.zarr')}-report"
+    store = where.path
     return store.parent / f"{store.name.removesuffix('.zarr')}-report"
 
 
@@ -312,11 +316,13 @@ def write_report(
     out_dir: Path,
     *,
     representative: tuple[int, str, int] | None = None,
+    storage_options: dict | None = None,
 ) -> Path:
-    """Write the figures and REPORT.md for a results store into out_dir; return REPORT.md."""
+    """Write the figures and REPORT.md for a results store (a path, an fsspec URL or a Dataset)
+    into the local folder out_dir; return REPORT.md."""
     from kmclust.report import figures as plot  # lazy: summary_table users need no matplotlib
 
-    ds = open_results(results)
+    ds = open_results(results, storage_options)
     counts = status_counts(ds)
     if counts.get("done", 0) == 0:
         raise DataError(f"no cell of the results store is done ({counts}); nothing to report")

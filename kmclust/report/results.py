@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from kmclust.errors import DataError
+from kmclust.location import describe, locate
 from kmclust.sweep.schema import CELL_DIMS, VARIABLES, Compared
 
 log = logging.getLogger(__name__)
@@ -33,20 +34,26 @@ COMPARED: tuple[tuple[str, Compared], ...] = tuple(
 )
 
 
-def open_results(results: xr.Dataset | str | Path) -> xr.Dataset:
-    """Open (if a path) and validate a results Dataset; DataError if unusable."""
+def open_results(
+    results: xr.Dataset | str | Path, storage_options: dict | None = None
+) -> xr.Dataset:
+    """Open (a path or an fsspec URL) and validate a results Dataset; DataError if unusable."""
     if not isinstance(results, xr.Dataset):
-        path = Path(results)
-        if not path.exists():
-            raise DataError(f"results store not found: {path}")
+        where = locate(results, storage_options)
+        if where.is_local and not where.path.exists():
+            raise DataError(f"results store not found: {where}")
         try:
             with warnings.catch_warnings():  # stores without consolidated metadata are fine
                 warnings.filterwarnings(
                     "ignore", message="Failed to open Zarr store with consolidated"
                 )
-                results = xr.open_zarr(path)
+                results = xr.open_zarr(where.url, storage_options=where.storage_options())
+        except FileNotFoundError:
+            raise DataError(f"results store not found: {where}") from None
         except Exception as exc:  # zarr/xarray raise many types for a non-store
-            raise DataError(f"cannot open results store {path}: {exc}") from exc
+            if where.is_local:
+                raise DataError(f"cannot open results store {where}: {exc}") from exc
+            raise describe(exc, where) from None
     missing = [d for d in GRID if d not in results.dims] + [v for v in REQUIRED if v not in results]
     if missing:
         raise DataError(f"results store lacks required dimensions/variables: {', '.join(missing)}")

@@ -142,6 +142,16 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+def storage_options(text: str) -> dict[str, Any]:
+    """``--storage-options`` as an argparse ``type``: a bad value is a usage error (one line)."""
+    import argparse
+
+    try:
+        return parse_storage_options(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--storage-options ")) from None
+
+
 def secrets(options: Mapping[str, Any]) -> list[str]:
     """The string values inside ``options`` that must never be shown (nested dicts too)."""
     out: list[str] = []
