@@ -5,8 +5,9 @@ The estimator is a thin public boundary: it validates parameters and data
 scikit-learn expects and a :class:`~kmclust.errors.KmclustError` for the CLI),
 draws the initial centroids (:mod:`kmclust.estimator.starts`), runs all
 ``n_init`` initialisations as ONE :func:`kmclust.lloyd.driver.lloyd` batch
-(sparse input: :mod:`kmclust.lloyd.sparse`, in memory) and keeps the run with
-the lowest inertia. It works in the input's own units (no rescaling).
+(sparse input: :mod:`kmclust.lloyd.sparse_fit`, in memory or over the sparse
+chunks of a dask array) and keeps the run with the lowest inertia. It works in
+the input's own units (no rescaling).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 from kmclust.estimator import checks, data
 from kmclust.estimator.checks import KMeansError
 from kmclust.estimator.starts import INIT_MAX_BYTES, initial_centroids
-from kmclust.lloyd import driver, sparse
+from kmclust.lloyd import driver, sparse, sparse_dask, sparse_fit
 from kmclust.lloyd.init import REGISTRY
 
 __all__ = ["INIT_MAX_BYTES", "KMeans", "KMeansError"]
@@ -91,8 +92,11 @@ class KMeans(
     - Empty clusters are relocated to the points farthest from their centroids
       (scikit-learn's policy). Fewer distinct points than clusters: a
       ``ConvergenceWarning``, as scikit-learn.
-    - Sparse input (CSR/CSC matrices and arrays) is fitted in memory
-      (:mod:`kmclust.lloyd.sparse`).
+    - Sparse input (CSR/CSC matrices and arrays) is fitted in memory; a dask array with
+      scipy.sparse (or pydata ``sparse``) chunks chunk by chunk where the chunks live
+      (:mod:`kmclust.lloyd.sparse_dask`), to the same bits as in memory. Its inits: ``random``
+      from exact per-feature moments, the others on a uniform sample of rows (all rows
+      when they would fit ``INIT_MAX_BYTES`` stored densely), as for large dask arrays.
     - Dask input: up to ``INIT_MAX_BYTES`` the array is computed once on the
       driver to validate it and draw the inits exactly as for numpy; larger
       arrays are checked for NaN/inf in one dask pass, ``random`` uses dask
@@ -135,13 +139,18 @@ class KMeans(
         algorithm = checks.check_algorithm(self.algorithm, k)
         w = checks.check_weight(sample_weight, x)
         even = checks.uniform(w)
-        tol_abs = checks.tolerance(xn if xn is not None else x, tol)
         rs = check_random_state(self.random_state)
-        inits = initial_centroids(x, xn, init, k, n_init, rs, None if even else w)
         say = print if self.verbose else None
-        if sp.issparse(x):
-            fits = [self._memory(x, c, w, tol_abs, max_iter, say) for c in inits]
+        if sp.issparse(x) or sparse_dask.is_sparse(x):
+            rows = _sparse_rows(x, w)
+            moments = sparse_fit.mean_var(rows) if tol or _is(init, "random") else None
+            tol_abs = float(np.mean(moments[1]) * tol) if tol else 0.0
+            wi = None if even else w
+            inits = initial_centroids(x, xn, init, k, n_init, rs, wi, moments)
+            fits = [self._memory(rows, c, tol_abs, max_iter, say) for c in inits]
         else:
+            tol_abs = checks.tolerance(xn if xn is not None else x, tol)
+            inits = initial_centroids(x, xn, init, k, n_init, rs, None if even else w)
             fits = self._engine(x, xn, inits, w, even, tol_abs, max_iter, algorithm, say)
         best = min(fits, key=lambda f: f.inertia)  # first of equals: deterministic
         self._n_init = len(inits)
@@ -164,11 +173,11 @@ class KMeans(
         """Fit and return the distances of X to the centroids."""
         return self.fit(X, sample_weight=sample_weight).transform(X)
 
-    def _memory(self, x, c, w, tol_abs, max_iter, say) -> sparse.Fit:
-        """One in-memory run (sparse rows, or dense rows the engine refused)."""
+    def _memory(self, rows, c, tol_abs, max_iter, say) -> sparse_fit.Fit:
+        """One run over row blocks (sparse rows, or dense rows the engine refused)."""
         if say:
             say("Initialization complete")
-        return sparse.lloyd(x, c, sample_weight=w, tol=tol_abs, max_iter=max_iter, log=say)
+        return sparse_fit.fit(rows, c, tol=tol_abs, max_iter=max_iter, log=say)
 
     def _engine(self, x, xn, inits, w, even, tol_abs, max_iter, algorithm, say):
         """All runs as one engine batch; runs it refuses (k above the distinct points) are
@@ -193,8 +202,8 @@ class KMeans(
                     _replay(say, r, total, tol_abs)
                 fits.append(_as_fit(r, total))
             elif "distinct" in r.error and xn is not None:
-                rows = sparse.as_rows(xn)
-                fits.append(self._memory(rows, c, w, tol_abs, max_iter, say))
+                rows = sparse_fit.MemoryRows(xn, w)
+                fits.append(self._memory(rows, c, tol_abs, max_iter, say))
             else:
                 failed.append(r.error)
         if not fits:
@@ -208,8 +217,8 @@ class KMeans(
         """Index (int32) of the closest centroid of each row."""
         check_is_fitted(self)
         x, _ = self._check_X(X, reset=False)
-        if sp.issparse(x):
-            return sparse.predict(x, self.cluster_centers_)[0]
+        if sp.issparse(x) or sparse_dask.is_sparse(x):
+            return _sparse_predict(x, self._centers64(), None)[0]
         ((labels, _, _),) = driver.predict(x, [self._centers64()])
         return labels
 
@@ -219,6 +228,8 @@ class KMeans(
         c = self._centers64()
         if isinstance(X, da.Array):
             x = self._check_dask_lazy(X, reset=False)
+            if sparse_dask.is_sparse(x):
+                return sparse_dask.distances(x, c)
             block = functools.partial(_distances, centers=c)
             k = c.shape[0]
             return x.map_blocks(block, dtype=np.float64, chunks=(x.chunks[0], (k,)))
@@ -232,8 +243,8 @@ class KMeans(
         check_is_fitted(self)
         x, _ = self._check_X(X, reset=False)
         w = checks.check_weight(sample_weight, x)
-        if sp.issparse(x):
-            return -sparse.predict(x, self.cluster_centers_, w)[1]
+        if sp.issparse(x) or sparse_dask.is_sparse(x):
+            return -_sparse_predict(x, self._centers64(), w)[1]
         ((labels, jclust, _),) = driver.predict(x, [self._centers64()], errors=w is None)
         if w is None:
             return -float(jclust * x.shape[0])
@@ -297,9 +308,29 @@ class KMeans(
 
 
 # ---------------------------------------------------------------- helpers
-def _as_fit(r, weight: float) -> sparse.Fit:
+def _sparse_rows(x, w: np.ndarray | None) -> sparse_fit.Rows:
+    """Sparse rows in blocks: in memory, or the persisted chunks of a dask array."""
+    if sp.issparse(x):
+        return sparse_fit.MemoryRows(x, w)
+    try:
+        return sparse_dask.DaskRows(x, w)
+    except ValueError as e:  # a chunk with NaN/inf
+        raise KMeansError(str(e)) from e
+
+
+def _sparse_predict(x, c: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Labels and Σ w ‖x − c_label‖² of sparse rows (in memory or dask chunks)."""
+    if sp.issparse(x):
+        return sparse_fit.predict(sparse_fit.MemoryRows(x, w), c)
+    try:
+        return sparse_dask.predict(x, c, w)
+    except ValueError as e:
+        raise KMeansError(str(e)) from e
+
+
+def _as_fit(r, weight: float) -> sparse_fit.Fit:
     """An engine result as the estimator's fit (inertia = J · n · the common weight)."""
-    return sparse.Fit(
+    return sparse_fit.Fit(
         centers=r.centroids,
         labels=r.labels,
         inertia=float(r.jclust * weight),
@@ -328,3 +359,7 @@ def _distances(block: np.ndarray, centers: np.ndarray) -> np.ndarray:
     if block.dtype.kind == "f" and not np.isfinite(block).all():
         raise KMeansError("Input X contains NaN or infinity.")
     return euclidean_distances(block.astype(np.float64, copy=False), centers)
+
+
+def _is(init, name: str) -> bool:
+    return isinstance(init, str) and init == name

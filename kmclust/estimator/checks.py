@@ -10,9 +10,7 @@ from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
-import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.sparsefuncs import mean_variance_axis
 from sklearn.utils.validation import _check_sample_weight, check_array
 
 from kmclust.errors import KmclustError
@@ -117,12 +115,11 @@ def uniform(w: np.ndarray | None) -> bool:
 
 
 def tolerance(x, tol: float) -> float:
-    """scikit-learn's absolute tolerance: ``tol`` times the mean per-feature variance of X."""
+    """scikit-learn's absolute tolerance: ``tol`` times the mean per-feature variance of X
+    (dense X; sparse X: from :func:`kmclust.lloyd.sparse_fit.mean_var`)."""
     if tol == 0:
         return 0.0
-    if sp.issparse(x):
-        var = mean_variance_axis(sp.csr_matrix(x), axis=0)[1]
-    elif isinstance(x, da.Array):
+    if isinstance(x, da.Array):
         var = np.asarray(x.astype(np.float64).var(axis=0).compute())
     else:
         var = np.var(x, axis=0, dtype=np.float64)

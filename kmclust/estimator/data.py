@@ -1,7 +1,8 @@
 """Input checks of :class:`kmclust.estimator.KMeans`: numpy, scipy.sparse and dask arrays.
 
 scikit-learn's checks (2-D, finite, n_features, feature names) on numpy and sparse input;
-a dask array is checked lazily when it is larger than ``INIT_MAX_BYTES``.
+a dask array is checked lazily when it is larger than ``INIT_MAX_BYTES``, and a dask array
+of sparse chunks always (its chunks are checked for NaN/inf where they live).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sklearn.utils.validation import validate_data
 from kmclust.errors import KmclustError
 from kmclust.estimator import starts
 from kmclust.estimator.checks import KMeansError
-from kmclust.lloyd import sparse
+from kmclust.lloyd import sparse, sparse_dask
 
 #: dtypes kept as they are; anything else numeric is converted to float64.
 DTYPES = (np.float64, np.float32, np.uint8)
@@ -27,7 +28,7 @@ class DataChecks:
 
     def _check_X(self, X, *, reset: bool):
         """(X for the fit, the same rows in memory (numpy or float64 CSR) or None when X is a
-        large dask array). ``reset`` also records the dtype of the fitted centres."""
+        large dask array or one of sparse chunks). ``reset`` also records the centres' dtype."""
         if sp.issparse(X):
             try:
                 x = validate_data(
@@ -46,6 +47,8 @@ class DataChecks:
             return xn, xn
         x = self._check_dask_lazy(X, reset=reset)
         self._note_dtype(x.dtype, reset)
+        if sparse_dask.is_sparse(x):  # checked for NaN/inf chunk by chunk, where they live
+            return x, None
         if x.nbytes <= starts.INIT_MAX_BYTES:
             return x, self._check_numpy(np.asarray(x.compute()), reset=reset)
         if x.dtype.kind == "f" and not bool(da.isfinite(x).all().compute()):

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from kmclust.estimator.checks import KMeansError, check_centers
-from kmclust.lloyd import sparse
+from kmclust.lloyd import sparse, sparse_dask
 from kmclust.lloyd.init import (
     REGISTRY,
     InitError,
@@ -37,11 +37,13 @@ def initial_centroids(
     n_init: int,
     rs: np.random.RandomState,
     w: np.ndarray | None,
+    moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """``n_init`` (k, D) float64 starts (one for an array).
 
     ``x`` is what the engine runs on, ``xn`` the same rows in memory (numpy or CSR) or
-    None for a large dask array; ``w`` weights the named inits (None: unweighted).
+    None for a large dask array or one of sparse chunks; ``w`` weights the named inits
+    (None: unweighted); ``moments`` are sparse X's per-feature (mean, variance).
     Seeds: ``rs.randint(2**31 - 1, size=n_init)``, then (large dask, not random) one more
     for the row sample; a callable gets ``rs`` itself, as in scikit-learn.
     """
@@ -54,16 +56,16 @@ def initial_centroids(
     seeds = [int(s) for s in rs.randint(SEED_MAX, size=n_init)]
     try:
         if init == "random":
-            if sp.issparse(xn):
-                mean, std = sparse.stats(xn, w)
+            if moments is not None:
+                mean, std = moments[0], np.sqrt(moments[1])
             else:
                 mean, std = data_stats(xn, w) if xn is not None else _dask_stats(x, w)
             return [random_from_stats(mean, std, k, s) for s in seeds]
-        if sp.issparse(xn):
-            rows = sparse.DenseRows(xn)
-            return [_pick(rows, k, init, s, w) for s in seeds]
         if xn is None:
             xn, w = _dask_sample(x, k, int(rs.randint(SEED_MAX)), w)
+        if sp.issparse(xn):
+            rows = sparse.DenseRows(sparse.as_rows(xn))
+            return [_pick(rows, k, init, s, w) for s in seeds]
         return [init_centroids(xn, k, init, s, sample_weight=w) for s in seeds]
     except InitError as e:
         raise KMeansError(str(e)) from e
@@ -91,10 +93,14 @@ def _dask_stats(x: da.Array, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarr
 
 
 def _dask_sample(x: da.Array, k: int, seed: int, w: np.ndarray | None):
-    """A uniform random sample (without replacement, in row order) of INIT_MAX_BYTES of rows,
-    and the sample's weights."""
+    """A uniform random sample (without replacement, in row order) of INIT_MAX_BYTES of rows
+    (sparse chunks: as float64 rows stored densely; the sample stays sparse), and the
+    sample's weights."""
     n, d = x.shape
-    m = min(n, max(k, INIT_MAX_BYTES // (d * x.dtype.itemsize)))
+    is_sparse = sparse_dask.is_sparse(x)
+    m = min(n, max(k, INIT_MAX_BYTES // (d * (8 if is_sparse else x.dtype.itemsize))))
     idx = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
     log.info("initialising from a sample of %d of %d rows", m, n)
-    return np.asarray(x[idx].compute()), None if w is None else w[idx]
+    rows = x[idx].compute()
+    rows = sparse_dask.as_csr(rows) if is_sparse else np.asarray(rows)
+    return rows, None if w is None else w[idx]

@@ -1,48 +1,34 @@
-"""In-memory Lloyd for scipy.sparse rows (and small dense arrays): scikit-learn's iteration.
+"""Sparse-row kernels of a row block: exact nearest centroids, distances, cluster sums.
 
-The estimator's path for CSR/CSC matrices and sparse arrays, which the Dask
-engine does not take, and for the few dense fits the engine refuses (k above
-the number of distinct points, where scikit-learn relocates anyway and
-warns). Pure numpy/scipy.
+The work of one block of scipy.sparse rows (float64 CSR), shared by the in-memory
+fit (:mod:`kmclust.lloyd.sparse_fit`, the whole matrix as one block) and the
+chunked fit of dask arrays with sparse chunks (:mod:`kmclust.lloyd.sparse_dask`,
+one task per chunk). Pure numpy/scipy.
 
 Distances use the expansion ‖x‖² − 2x·c + ‖c‖² (one sparse × dense product
 per row block). Labels are the exact nearest centroid: a row whose best two
 distances lie within the expansion's rounding bound is settled by summing
-‖x − c‖² directly in float64 (ties then go to the lower index). Cluster sums
-are one sparse product (weights as a k × n one-hot matrix) in float64.
-
-One iteration is scikit-learn's ``lloyd_iter``: labels from the current
-centres, weighted sums, empty clusters given the points farthest from their
-centres, new centres. The run stops on *strict convergence* (labels equal to
-the previous iteration's), when Σ‖Δc‖² ≤ ``tol`` (absolute), or after
-``max_iter``; a run not strictly converged gets a final assignment so that
-labels match the centres.
+‖x − c‖² directly in float64 (ties then go to the lower index). Every per-row
+value depends on the row alone. Cluster sums, weights and moments are exact
+level sums on a grid set by the whole data (:mod:`kmclust.lloyd.sparse_sums`),
+and J and the mean distance exact sums (:func:`kmclust.lloyd.exact.exact_sum`),
+so a block's results add up to the same bits however the rows are chunked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import numpy as np
 import scipy.sparse as sp
 
+from kmclust.lloyd import sparse_sums as sums
+from kmclust.lloyd.exact import exact_sum
+
 #: rows per block of distance work (a block's (rows, k) float64 distances stay small)
 BLOCK_ROWS = 8192
 _EPS = np.finfo(np.float64).eps
-
-
-@dataclass
-class Fit:
-    """Outcome of one in-memory run (centres float64)."""
-
-    centers: np.ndarray
-    labels: np.ndarray  # (n,) int32
-    inertia: float  # Σ w ‖x − c_label‖²
-    n_iter: int
-    converged: bool
-    n_relocated: int
-    mean_distance: float = np.nan  # unweighted mean of ‖x − c_label‖
 
 
 def as_rows(x) -> np.ndarray | sp.csr_matrix:
@@ -81,15 +67,86 @@ def sq_norms(x) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
 
-def stats(x, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature (weighted) mean and standard deviation (ddof=0) in float64."""
-    n = x.shape[0]
-    w = np.ones(n) if w is None else w
-    total = float(w.sum())
-    mean = np.asarray(x.T @ w, dtype=np.float64).ravel() / total
-    sq = x.multiply(x) if sp.issparse(x) else x * x
-    var = np.asarray(sq.T @ w, dtype=np.float64).ravel() / total - mean * mean
-    return mean, np.sqrt(np.maximum(var, 0.0))
+@dataclass
+class Block:
+    """A row block as every pass takes it: canonical float64 CSR rows (sorted, no explicit
+    zeros: each row's sums run in one order), squared norms, weights (None: all 1), and the
+    index of its first row in the whole data; once the data's grids are known, the levels of
+    its weighted entries (:func:`with_levels`: they never change during a fit)."""
+
+    x: sp.csr_matrix
+    xsq: np.ndarray
+    w: np.ndarray | None
+    start: int
+    levels: list[np.ndarray] | None = None
+
+    @property
+    def wx(self) -> np.ndarray:
+        """The stored entries times their row's weight."""
+        if self.w is None:
+            return self.x.data
+        return self.x.data * np.repeat(self.w, np.diff(self.x.indptr))
+
+
+def block(x, w: np.ndarray | None = None, start: int = 0) -> Block:
+    """``x`` (sparse or dense rows) as a :class:`Block`; ``w`` its rows' weights or None."""
+    rows = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    rows.sum_duplicates()
+    rows.eliminate_zeros()
+    rows.sort_indices()
+    w = None if w is None else np.asarray(w, dtype=np.float64)
+    return Block(rows, sq_norms(rows), w, start)
+
+
+def with_levels(b: Block, g: Grids) -> Block:
+    """``b`` with the levels of its weighted entries on the grid ``g.entries``."""
+    return replace(b, levels=sums.levels(b.wx, g.entries))
+
+
+def summary(b: Block) -> tuple[int, float, float, bool]:
+    """(rows, max |x|, max weight, all entries finite) of a block."""
+    d = b.x.data
+    finite = bool(np.isfinite(d).all())
+    top = float(np.abs(d).max()) if d.size and finite else 0.0
+    wmax = 1.0 if b.w is None or not b.w.size else float(b.w.max())
+    return b.x.shape[0], top, wmax, finite
+
+
+@dataclass(frozen=True)
+class Grids:
+    """The sum grids of a data set (:func:`kmclust.lloyd.sparse_sums.grid`)."""
+
+    entries: sums.Grid  # w·x
+    squares: sums.Grid  # w·x²
+    weights: sums.Grid  # w
+
+
+def grids(n: int, max_abs: float, max_w: float) -> Grids:
+    """The grids for ``n`` rows with entries up to ``max_abs`` and weights up to ``max_w``."""
+    return Grids(
+        sums.grid(n, max_abs * max_w),
+        sums.grid(n, max_w * (max_abs * max_abs)),
+        sums.grid(n, max_w),
+    )
+
+
+def moments(b: Block, g: Grids) -> tuple[list, list, list]:
+    """Levels of Σw, Σw·x and Σw·x² per column of a block (for means and variances)."""
+    n = b.x.shape[0]
+    w = np.ones(n) if b.w is None else b.w
+    total = sums.group_sums(w, np.zeros(n, dtype=np.intp), 1, g.weights)
+    wx2 = b.wx * b.x.data
+    return total, sums.column_sums(b.x, b.wx, g.entries), sums.column_sums(b.x, wx2, g.squares)
+
+
+def mean_var(parts: list[tuple[list, list, list]], g: Grids) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (weighted) mean and variance (ddof=0) from blocks' ``moments``."""
+    t, s1, s2 = parts[0]
+    for a, b1, b2 in parts[1:]:
+        t, s1, s2 = sums.add(t, a), sums.add(s1, b1), sums.add(s2, b2)
+    total = float(sums.join(t, g.weights)[0])
+    mean = sums.join(s1, g.entries) / total
+    return mean, np.maximum(sums.join(s2, g.squares) / total - mean * mean, 0.0)
 
 
 def _exact_block(rows, c: np.ndarray) -> np.ndarray:
@@ -112,7 +169,7 @@ def nearest(x, c: np.ndarray, xsq: np.ndarray | None = None) -> tuple[np.ndarray
     best = np.empty(n)
     for s in range(0, n, BLOCK_ROWS):
         e = min(s + BLOCK_ROWS, n)
-        d = np.asarray(x[s:e] @ c.T, dtype=np.float64)
+        d = np.asarray((x if e - s == n else x[s:e]) @ c.T, dtype=np.float64)
         d *= -2.0
         d += xsq[s:e, None]
         d += csq[None, :]
@@ -157,99 +214,82 @@ def sq_dists_to(x, c: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sums(x, labels: np.ndarray, w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster weighted sums (k, D) and weights (k,) in float64."""
-    n = x.shape[0]
-    onehot = sp.csr_array((w, (labels, np.arange(n))), shape=(k, n))
-    sums = onehot @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return np.asarray(sums, dtype=np.float64), np.bincount(labels, weights=w, minlength=k)
+@dataclass
+class Step:
+    """One Lloyd assignment over blocks: labels, exact level sums and weights per cluster, the
+    rows farthest from their centres (candidates for empty clusters) and, if asked, J."""
+
+    labels: np.ndarray  # (rows,) int32
+    sums: list  # levels of (k, D) per-cluster sums of w·x
+    weights: list  # levels of (k,) per-cluster Σw
+    far: np.ndarray  # global row indices, farthest first (ties: lower index)
+    far_d2: np.ndarray
+    far_rows: sp.csr_matrix  # those rows, unweighted
+    inertia: Fraction | float | None  # exact Σ w ‖x − c_old‖² (if asked)
 
 
-def _row(x, i: int) -> np.ndarray:
-    return x[[i]].toarray()[0] if sp.issparse(x) else x[i]
+def _farthest(d2: np.ndarray, index: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the ``m`` largest ``d2`` (ties: lower ``index``), largest first."""
+    return np.lexsort((index, -d2))[:m]
 
 
-def _relocate(x, w, labels, d2, sums, weights) -> int:
-    """Give each empty cluster one of the points farthest from their centres (scikit-learn's
-    policy, weights moved with the points), never a cluster's last point; in place.
+def step(b: Block, c: np.ndarray, g: Grids, with_inertia: bool = False) -> Step:
+    """Labels from centres ``c`` and this block's exact shares of the cluster sums.
 
-    Returns how many clusters were empty.
+    The block's k farthest rows suffice for the relocation: it examines at most k rows
+    (each taken row fills an empty cluster, and at most one row per cluster is skipped).
     """
-    empty = np.flatnonzero(weights == 0)
-    left = np.bincount(labels, minlength=len(weights))
-    far = []
-    for i in np.argsort(-d2, kind="stable"):
-        if len(far) == empty.size:
-            break
-        if left[labels[i]] > 1:
-            left[labels[i]] -= 1
-            far.append(i)
-    for new, i in zip(empty, far):
-        old, row = labels[i], _row(x, int(i)) * w[i]
-        sums[old] -= row
-        sums[new] = row
-        weights[new] = w[i]
-        weights[old] -= w[i]
-    return int(empty.size)
+    k, n = c.shape[0], b.x.shape[0]
+    labels, d2 = nearest(b.x, c, b.xsq)
+    w = np.ones(n) if b.w is None else b.w
+    far = _farthest(d2, np.arange(n), k)
+    inertia = None
+    if with_inertia:
+        inertia = exact_sum(w * sq_dists_to(b.x, c, labels))
+    return Step(
+        labels,
+        sums.cluster_sums(b.x, b.levels or sums.levels(b.wx, g.entries), labels, k),
+        sums.group_sums(w, labels, k, g.weights),
+        far + b.start,
+        d2[far],
+        b.x[far],
+        inertia,
+    )
 
 
-def lloyd(
-    x,
-    centers: np.ndarray,
-    *,
-    sample_weight: np.ndarray | None = None,
-    tol: float = 0.0,
-    max_iter: int = 300,
-    log: Callable[[str], None] | None = None,
-) -> Fit:
-    """One Lloyd run from ``centers`` on in-memory rows (``as_rows``), scikit-learn's iteration.
-
-    ``tol`` is absolute (compared with Σ‖Δc‖²); ``log`` receives scikit-learn's verbose lines.
-    """
-    n, k = x.shape[0], centers.shape[0]
-    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    xsq = sq_norms(x)
-    c = np.array(centers, dtype=np.float64)
-    labels_old = np.full(n, -1, dtype=np.int32)
-    strict = converged = False
-    relocated = 0
-    for i in range(max_iter):
-        labels, d2 = nearest(x, c, xsq)
-        sums, weights = _sums(x, labels, w, k)
-        if np.any(weights == 0):
-            relocated += _relocate(x, w, labels, d2, sums, weights)
-        new = sums.copy()
-        full = weights > 0
-        new[full] /= weights[full, None]
-        move = new - c
-        if log is not None:
-            log(f"Iteration {i}, inertia {float(w @ sq_dists_to(x, c, labels))}.")
-        c = new
-        if np.array_equal(labels, labels_old):
-            strict = converged = True
-            if log is not None:
-                log(f"Converged at iteration {i}: strict convergence.")
-            break
-        total = float(np.einsum("ij,ij->", move, move))
-        if total <= tol:
-            converged = True
-            if log is not None:
-                log(f"Converged at iteration {i}: center shift {total} within tolerance {tol}.")
-            break
-        labels_old = labels
-    if not strict:
-        labels, _ = nearest(x, c, xsq)
-    d2 = sq_dists_to(x, c, labels)
-    return Fit(c, labels, float(w @ d2), i + 1, converged, relocated, float(np.sqrt(d2).mean()))
+def combine(steps: list[Step]) -> Step:
+    """The steps of consecutive blocks, in row order, as one: exact sums (the same bits in
+    any grouping), the farthest rows of the whole."""
+    if len(steps) == 1:
+        return steps[0]
+    level_sums, weights = steps[0].sums, steps[0].weights
+    for s in steps[1:]:
+        level_sums, weights = sums.add(level_sums, s.sums), sums.add(weights, s.weights)
+    far = np.concatenate([s.far for s in steps])
+    far_d2 = np.concatenate([s.far_d2 for s in steps])
+    keep = _farthest(far_d2, far, steps[0].sums[0].shape[0])
+    inertia = None if steps[0].inertia is None else sum(s.inertia for s in steps)
+    return Step(
+        np.concatenate([s.labels for s in steps]),
+        level_sums,
+        weights,
+        far[keep],
+        far_d2[keep],
+        sp.vstack([s.far_rows for s in steps], format="csr")[keep],
+        inertia,
+    )
 
 
-def predict(x, centers: np.ndarray, sample_weight: np.ndarray | None = None):
-    """Labels (int32) and Σ w ‖x − c_label‖² of in-memory rows for fixed centres."""
-    c = np.asarray(centers, dtype=np.float64)
-    labels, _ = nearest(x, c)
-    d2 = sq_dists_to(x, c, labels)
-    return labels, float(d2.sum() if sample_weight is None else sample_weight @ d2)
+def errors(b: Block, c: np.ndarray, labels: np.ndarray | None = None):
+    """(labels, exact Σ w ‖x − c‖², exact Σ ‖x − c‖) of a block; ``labels`` are the whole
+    data's (None: the nearest centres)."""
+    if labels is None:
+        labels, _ = nearest(b.x, c, b.xsq)
+    else:
+        labels = labels[b.start : b.start + b.x.shape[0]]
+    d2 = sq_dists_to(b.x, c, labels)
+    w = np.ones(len(d2)) if b.w is None else b.w
+    return labels, exact_sum(w * d2), exact_sum(np.sqrt(d2))
 
 
 def distances(x, centers: np.ndarray) -> np.ndarray:
