@@ -31,6 +31,7 @@ from benchmarks.common import (
     worker_blas,
 )
 from benchmarks.history import Outcome, markdown_table
+from benchmarks.job import JobGrid, run_job
 from kmclust.errors import DataError
 from kmclust.lloyd.driver import lloyd
 from kmclust.lloyd.init import cell_seed, init_centroids
@@ -38,6 +39,8 @@ from kmclust.lloyd.placement import persist_balanced
 
 log = logging.getLogger(__name__)
 
+#: the table's name of the real job
+JOB = "kmclust job (jobs/sweep.py, local)"
 #: the study's two initialisations (any of kmclust.lloyd.init.INITS may be given)
 STUDY_INITS = ("random", "data")
 COLUMNS = (
@@ -68,6 +71,8 @@ class GridConfig:
     max_iter: int = 100
     prune: bool = True  # lloyd(prune=...): Hamerly-style bounds (the default) or not
     float64: bool = True  # also a float64 sklearn loop: fixed points free of float32 rounding
+    job: bool = True  # also the real job (jobs/sweep.py, start to exit) on the same grid
+    job_report: bool = True  # the job writes its report too (as `make sweep` does)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
 
@@ -143,12 +148,24 @@ def _vs_float64(res_j: Sequence[float], labels: Sequence[np.ndarray], sk64: Sequ
     }
 
 
-def _sklearn_loops(x_np: np.ndarray, inits: list[np.ndarray], cfg: GridConfig):
-    """The float32 loop (and the float64 one): fits, figures, float64 J of the float32 fits."""
+def _fit_predict(xf: np.ndarray, x_test: np.ndarray, c: np.ndarray, max_iter: int):
+    """One run as the sweep makes it: fit from ``c``, then label the held-out rows."""
+    km = sklearn_fit(xf, c, "lloyd", max_iter)
+    km.predict(x_test)
+    return km
+
+
+def _sklearn_loops(x_np: np.ndarray, x_test: np.ndarray, inits: list[np.ndarray], cfg: GridConfig):
+    """The float32 loop (and the float64 one): fits, figures, float64 J of the float32 fits.
+
+    The float32 loop also labels the held-out rows after each fit (the sweep's work); the
+    float64 loop, the fixed-point reference, only fits.
+    """
     xf = x_np.astype(np.float32) / np.float32(255)
+    xt = x_test.astype(np.float32) / np.float32(255)
     log.info("scikit-learn: %d runs", len(inits))
     with metered() as m32:
-        sk = [sklearn_fit(xf, c, "lloyd", cfg.max_iter) for c in inits]
+        sk = [_fit_predict(xf, xt, c, cfg.max_iter) for c in inits]
     sk_j64 = [sse64(x_np, m.cluster_centers_ / SCALE, m.labels_) * SCALE**2 for m in sk]
     tools = {"sklearn": _figures(m32, sk)}
     sk64 = None
@@ -218,7 +235,8 @@ def run_grid(cfg: GridConfig) -> Outcome:
     gemm = gemm_roofline()
     flop_per_iter = np.array([2.0 * n * d * k for k, _, _ in cells])
 
-    sk, sk64, sk_j64, tools = _sklearn_loops(x_np, inits, cfg)
+    x_test = np.asarray(fashion_rows(cfg.store_dir, None, "test").compute())
+    sk, sk64, sk_j64, tools = _sklearn_loops(x_np, x_test, inits, cfg)
     sk_meter = tools["sklearn"]
     for name in cfg.cluster.schedulers:
         meter, res = _kmclust_batch(x, inits, cfg, name, machine)
@@ -232,14 +250,23 @@ def run_grid(cfg: GridConfig) -> Outcome:
         if sk64 is not None:
             tool |= _vs_float64(j, labels, sk64)
         tools[kmclust_name(name, cfg.prune)] = tool
+    if cfg.job:
+        log.info("the sweep job (jobs/sweep.py) on the same grid")
+        grid = JobGrid(cfg.ks, cfg.inits, cfg.seeds, cfg.max_iter, cfg.job_report)
+        job = run_job(grid, cfg.store_dir, cfg.rows)
+        tools[JOB] = job | {
+            "speedup": sk_meter["wall"] / job["wall"],
+            "cpu_speedup": sk_meter["cpu"] / job["cpu"],
+        }
     for t in tools.values():
-        t["gflops"] = float(t.pop("n_iter") @ flop_per_iter / t["wall"] / 1e9)
+        n_iter = t.pop("n_iter", None)  # the job's per-run counts are in its store, not here
+        t["gflops"] = float("nan") if n_iter is None else n_iter @ flop_per_iter / t["wall"] / 1e9
         t["roofline_share"] = t["gflops"] / gemm
         t["ms_per_iteration"] = 1e3 * t["wall"] / t["iterations"]
     rows = [
         [name]
         + [t.get(key, missing) for _, key, missing in COLUMNS]
-        + [f"{100 * t['roofline_share']:.1f} %"]
+        + ["–" if np.isnan(t["roofline_share"]) else f"{100 * t['roofline_share']:.1f} %"]
         for name, t in tools.items()
     ]
     table = markdown_table(["tool", *(h for h, _, _ in COLUMNS), "of roofline"], rows)
@@ -258,6 +285,7 @@ def _notes(
 ) -> list[str]:
     """What the grid's table measured and how to read it."""
     return [
+        *_job_notes(tools),
         f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
         f"{runs} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × "
         f"{len(cfg.seeds)} seeds; tol=0 (strict convergence), max_iter={cfg.max_iter}; "
@@ -288,4 +316,27 @@ def _notes(
             for t, v in tools.items()
             if v.get("runs_labels_differ")
         ],
+    ]
+
+
+def _job_notes(tools: dict) -> list[str]:
+    """The job against the engine batch and the scikit-learn loop: the ratios, and what ran."""
+    if JOB not in tools:
+        return []
+    job, sk = tools[JOB], tools["sklearn"]
+    engines = {name: t for name, t in tools.items() if name.startswith("kmclust[")}
+    ratios = "; ".join(
+        f"job wall / {name} wall = {job['wall'] / t['wall']:.2f}, job's sweep time "
+        f"('cells computed in') / {name} wall = {job['sweep_seconds'] / t['wall']:.2f}"
+        for name, t in engines.items()
+    )
+    return [
+        f"the real job: `{job['command']}` in a subprocess, start to exit ("
+        + ("cluster start, sweep, results and report" if job["report"] else "no report")
+        + f"): {job['wall']:.1f} s wall, of which the sweep itself {job['sweep_seconds']:.1f} s; "
+        f"{job['iterations']:,} Lloyd iterations (its initial centroids are drawn from the float "
+        "rows, as the sweep does: a few iterations may differ from the batch's); CPU s: the job "
+        "and its workers",
+        f"ratios: {ratios}; sklearn loop (fit + held-out predict) wall / job wall = "
+        f"{sk['wall'] / job['wall']:.2f}",
     ]

@@ -38,6 +38,9 @@ from kmclust.lloyd.placement import persist_balanced
 
 log = logging.getLogger(__name__)
 
+#: faiss without subsampling (every row in every iteration), and with its default sampling
+FAISS = "faiss"
+FAISS_SUB = "faiss (default: samples 256 rows per centroid)"
 #: a fit from initial centroids for at most max_iter iterations → the iterations it ran
 Fit = Callable[[np.ndarray, int], int]
 
@@ -50,6 +53,9 @@ class IterationConfig:
     rows: int | None = None  # first N rows of train + test; None: all
     repeats: int = 3  # fits per tool and k; the fastest counts
     prune: bool = True
+    float32: bool = True  # also kmclust given float32 rows in [0, 1] (the estimator's users)
+    faiss: bool = True  # faiss-cpu, when installed: without subsampling and with its default
+    dask_ml: bool = True  # dask-ml, when installed (slow at large k)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
 
@@ -64,12 +70,35 @@ def dask_ml_kmeans():
     return KMeans
 
 
+def faiss_module():
+    """The faiss module, or None when faiss-cpu is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_iters(xf: np.ndarray, subsample: bool, c: np.ndarray, max_iter: int) -> int:
+    """faiss.Kmeans from ``c`` for exactly ``max_iter`` iterations (faiss has no tolerance).
+
+    ``subsample``: faiss's default, at most 256 rows per centroid drawn at random;
+    otherwise ``max_points_per_centroid`` is set so that every row takes part.
+    """
+    n, d = xf.shape
+    k = c.shape[0]
+    limit = {} if subsample else {"max_points_per_centroid": n // k + 1}
+    km = faiss_module().Kmeans(d, k, niter=max_iter, seed=0, verbose=False, **limit)
+    km.train(xf, init_centroids=np.ascontiguousarray(c, dtype=np.float32))
+    return max_iter
+
+
 def _sklearn_iters(xf: np.ndarray, algorithm: str, c: np.ndarray, max_iter: int) -> int:
     return sklearn_fit(xf, c, algorithm, max_iter).n_iter_
 
 
-def _kmclust_iters(x, prune: bool, c: np.ndarray, max_iter: int) -> int:
-    return lloyd(x, [c], tol=0.0, max_iter=max_iter, scale=SCALE, prune=prune)[0].n_iter
+def _kmclust_iters(x, prune: bool, c: np.ndarray, max_iter: int, scale: float = SCALE) -> int:
+    return lloyd(x, [c], tol=0.0, max_iter=max_iter, scale=scale, prune=prune)[0].n_iter
 
 
 def _dask_ml_iters(xf, c: np.ndarray, max_iter: int) -> int:
@@ -124,15 +153,24 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
     t = _Timings()
     for alg in ("lloyd", "elkan"):
         t.measure(f"sklearn {alg}", functools.partial(_sklearn_iters, xf, alg), inits, cfg, 1)
-    has_dask_ml = dask_ml_kmeans() is not None
+    has_faiss = cfg.faiss and faiss_module() is not None
+    if has_faiss:
+        t.measure(FAISS, functools.partial(_faiss_iters, xf, False), inits, cfg, 1)
+        t.measure(FAISS_SUB, functools.partial(_faiss_iters, xf, True), inits, cfg, 1)
+    has_dask_ml = cfg.dask_ml and dask_ml_kmeans() is not None
     for name in cfg.cluster.schedulers:
         with scheduler(name, cfg.cluster) as client:
             worker_blas(client, machine)
             xp = persist_balanced(x)  # loaded before the clock starts, as the sweep does
             km = functools.partial(_kmclust_iters, xp, cfg.prune)
             t.measure(kmclust_name(name, cfg.prune), km, inits, cfg, cfg.iterations)
-            if has_dask_ml:
+            if has_dask_ml or cfg.float32:
                 xfd = persist_balanced(xp.astype(np.float32) / np.float32(255))  # same chunks
+            if cfg.float32:
+                kmf = functools.partial(_kmclust_iters, xfd, cfg.prune, scale=1.0)
+                label = f"{kmclust_name(name, cfg.prune)} float32"
+                t.measure(label, kmf, inits, cfg, cfg.iterations)
+            if has_dask_ml:
                 dml = functools.partial(_dask_ml_iters, xfd)
                 t.measure(f"dask-ml[{name}]", dml, inits, cfg, 1)
     table = _table(t, cfg.ks)
@@ -143,14 +181,24 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
         f"of {cfg.repeats} fits after one warm-up fit (each fit's fixed costs — input checks, "
         "kmclust's final exact-J pass, dask-ml's final labelling pass — are included); (CPU) = "
         "CPU ms of driver + workers per iteration in that fit",
-        "ratios: wall time of sklearn lloyd and of the best dask-ml scheduler over the best "
-        "kmclust scheduler",
+        "kmclust[...] is given the uint8 pixels (scale 1/255, as the sweep); kmclust[...] "
+        "float32 the same rows as float32 in [0, 1] (as kmclust.KMeans users pass them); the "
+        "peers float32 in [0, 1]",
+        "faiss: faiss.Kmeans(niter=iterations, seed=0) from the same centroids; 'faiss' with "
+        "max_points_per_centroid = N // k + 1 (no subsampling: every row in every iteration, the "
+        "same work as the others); 'faiss (default ...)' with faiss's default "
+        "max_points_per_centroid=256, i.e. it trains on a random sample of 256·k rows when "
+        "N > 256·k (less work, another result: not comparable as a fit of all rows)",
+        "ratios: wall time of sklearn lloyd, faiss (no subsampling), the best dask-ml scheduler "
+        "and the best kmclust float32 scheduler over the best kmclust scheduler on uint8",
         "1-min load average before → after each tool: "
         + ", ".join(f"{tool} {v}" for tool, v in t.loads.items()),
         f"iterations run: {t.n_iter}",
         *cluster_note(cfg.cluster, machine),
     ]
-    if not has_dask_ml:
+    if cfg.faiss and not has_faiss:
+        notes.append("faiss-cpu is not installed (pip install -e '.[bench]'): its columns skipped")
+    if cfg.dask_ml and not has_dask_ml:
         notes.append("dask-ml is not installed (pip install -e '.[bench]'): its column is skipped")
     return Outcome(
         "iteration",
@@ -161,6 +209,7 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
             "cpu_per_iteration": t.cpu,
             "n_iter": t.n_iter,
             "dask_ml": has_dask_ml,
+            "faiss": has_faiss,
             "loads": t.loads,
         },
         table,
@@ -170,20 +219,27 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
 
 
 def _table(t: _Timings, ks: tuple[int, ...]) -> str:
-    """ms per iteration (CPU ms) per tool and k, and the ratios to the best kmclust scheduler."""
+    """ms per iteration (CPU ms) per tool and k, and the ratios to the best kmclust scheduler
+    on uint8 input (and float32 kmclust's to it)."""
     tools = list(t.wall)
-    kinds = {kind: [x for x in tools if x.startswith(kind)] for kind in ("kmclust", "dask-ml")}
+    kinds = {
+        "kmclust": [x for x in tools if x.startswith("kmclust") and not x.endswith(" float32")],
+        "float32": [x for x in tools if x.startswith("kmclust") and x.endswith(" float32")],
+        "dask-ml": [x for x in tools if x.startswith("dask-ml")],
+        "faiss": [x for x in tools if x == FAISS],
+    }
+    ratios = [("sklearn lloyd", ["sklearn lloyd"]), *((k, kinds[k]) for k in ("faiss", "dask-ml"))]
+    ratios.append(("kmclust float32", kinds["float32"]))
     rows = []
     for k in ks:
         ms = {x: 1e3 * t.wall[x][k] for x in tools}
         km_best = min(ms[x] for x in kinds["kmclust"])
-        dml = min(ms[x] for x in kinds["dask-ml"]) / km_best if kinds["dask-ml"] else float("nan")
         cells = [f"{ms[x]:.3g} ({1e3 * t.cpu[x][k]:.3g})" for x in tools]
-        rows.append([k, *cells, ms["sklearn lloyd"] / km_best, dml])
+        over = [min(ms[x] for x in g) / km_best if g else float("nan") for _, g in ratios]
+        rows.append([k, *cells, *over])
     headers = [
         "k",
         *[f"{x} ms/iter (CPU)" for x in tools],
-        "sklearn lloyd / kmclust",
-        "dask-ml / kmclust",
+        *[f"{name} / kmclust" for name, _ in ratios],
     ]
     return markdown_table(headers, rows)

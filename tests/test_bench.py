@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import common, grid, history, iteration, scale
+from benchmarks import common, grid, history, iteration, job, scale
 from kmclust.data import sources
 from kmclust.data import stores as datasets
+from kmclust.errors import DataError
 from kmclust.lloyd.init import cell_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,24 @@ def test_grid_matches_sklearn_fixed_points(fashion_store: Path, tmp_path: Path) 
     assert "load average" in text and "| kmclust[threads] |" in text
     after = (ROOT / "BENCHMARKS.md").read_bytes() if (ROOT / "BENCHMARKS.md").exists() else None
     assert after == before, "--record must keep the repository's BENCHMARKS.md untouched"
+    # the real job ran on the same grid (its own store of the same rows), start to exit
+    job = _table_row(proc.stdout, grid.JOB)
+    assert float(job["wall s"]) > 0 and float(job["CPU s"]) > 0
+    assert int(job["Lloyd iterations"].replace(",", "")) >= 4
+    assert re.search(r"job wall / kmclust\[threads\] wall = [0-9.]+", proc.stdout)
+    assert re.search(r"\(fit \+ held-out predict\) wall / job wall = [0-9.]+", proc.stdout)
+
+
+def test_job_command_is_the_grid() -> None:
+    g = job.JobGrid(ks=(5, 7), inits=("data",), seeds=(0, 1, 2), max_iter=9, report=False)
+    cmd = job.job_command(g, Path("/s.zarr"), Path("/o.zarr"))
+    assert cmd[1] == str(ROOT / "jobs" / "sweep.py")
+    args = dict(zip(cmd[2::2], cmd[3::2]))
+    assert args["--k"] == "5,7" and args["--seeds"] == "3" and args["--tol"] == "0"
+    assert args["--max-iter"] == "9" and args["--dataset"] == "/s.zarr" and cmd[-1] == "--no-report"
+    assert job.seeds_arg((4, 9)) == "4,9"
+    with pytest.raises(DataError):
+        job.seeds_arg((4,))
 
 
 @pytest.mark.parametrize("prune", [False, True])
@@ -121,6 +140,7 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
         seeds=(0, 1),
         rows=1500,
         prune=prune,
+        job=False,
         cluster=common.ClusterSpec(("threads",)),
     )
     out = grid.run_grid(cfg)
@@ -148,9 +168,11 @@ def test_iteration_every_tool_positive(fashion_store: Path) -> None:
     )
     out = iteration.run_iteration(cfg)
     per_iter = out.figures["per_iteration"]
-    expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]"}
+    expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]", "kmclust[threads] float32"}
     if importlib.util.find_spec("dask_ml") is not None:
         expected.add("dask-ml[threads]")
+    if importlib.util.find_spec("faiss") is not None:
+        expected |= {iteration.FAISS, iteration.FAISS_SUB}
     assert set(per_iter) == expected
     for tool in expected:
         assert per_iter[tool][5] > 0 and out.figures["cpu_per_iteration"][tool][5] > 0

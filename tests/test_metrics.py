@@ -319,3 +319,31 @@ def test_silhouette_sample_is_seeded_sorted_and_optional() -> None:
     # a sample holding one cluster only has no silhouette; the other indices stay defined
     got = internal_indices(x, labels, np.flatnonzero(labels == 1))
     assert math.isnan(got["silhouette"]) and math.isfinite(got["davies_bouldin"])
+
+
+# ------------------------------------------- the same bits as scikit-learn, without its checks
+@settings(max_examples=200, deadline=None)
+@given(labelled())
+def test_nmi_ari_purity_hungarian_are_sklearns_bits(case) -> None:
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
+
+    true, pred, _, _ = case
+    assert nmi(true, pred) == normalized_mutual_info_score(true, pred)
+    assert ari(true, pred) == adjusted_rand_score(true, pred)
+    c = contingency_matrix(true, pred)
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    assert hungarian_acc(true, pred) == float(c[rows, cols].sum() / len(true))
+    assert purity(true, pred) == float(c.max(axis=0).sum() / len(true))
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(50, 2, 0), (300, 7, 1), (1000, 20, 2), (97, 40, 3)])
+def test_silhouette_is_sklearns_bits(n, k, seed) -> None:
+    from kmclust.sweep.metrics import silhouette
+
+    x, labels = _blobs(n, k, 16, seed)
+    labels[:3] = k + 5  # an odd id, and a cluster of three rows
+    labels[3] = k + 9  # a cluster of one row (its silhouette is 0)
+    d = sample_distances(x, np.arange(n))
+    assert silhouette(d, labels) == silhouette_score(d, labels, metric="precomputed")

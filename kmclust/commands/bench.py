@@ -1,8 +1,10 @@
 """Benchmark kmclust against scikit-learn and dask-ml on Fashion-MNIST.
 
 Modes (each prints a table and appends a dated record to the History of BENCHMARKS.md):
-  grid       the k × init × seed grid as one kmclust batch vs a loop of sklearn KMeans
-  iteration  seconds per Lloyd iteration: kmclust, sklearn lloyd/elkan, dask-ml
+  grid       the k × init × seed grid as one kmclust batch, and as the real sweep job, vs a
+             loop of sklearn KMeans (fit, then predict the held-out set)
+  iteration  seconds per Lloyd iteration: kmclust (uint8 and float32 input), sklearn
+             lloyd/elkan, faiss, dask-ml
   scale      streaming a large synthetic store from zarr vs persisted data
   staging    staging 70,000 PNG files (written from Fashion-MNIST) vs a plain Pillow loop
 
@@ -95,6 +97,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_false",
         help="skip the float64 scikit-learn loop (the fixed-point reference; the slowest tool)",
     )
+    g.add_argument(
+        "--no-job",
+        dest="job",
+        action="store_false",
+        help="skip the real job (jobs/sweep.py, start to exit) on the same grid",
+    )
+    g.add_argument(
+        "--job-no-report",
+        dest="job_report",
+        action="store_false",
+        help="time the job without its report (--no-report)",
+    )
     i = modes.add_parser("iteration", parents=[common], help="seconds per Lloyd iteration per tool")
     i.add_argument("--k", default="10,20,256", help="(default %(default)s)")
     i.add_argument(
@@ -113,6 +127,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--schedulers",
         default="local,threads",
         help="for kmclust and dask-ml (default %(default)s)",
+    )
+    i.add_argument("--no-dask-ml", dest="dask_ml", action="store_false", help="skip dask-ml")
+    i.add_argument("--no-faiss", dest="faiss", action="store_false", help="skip faiss")
+    i.add_argument(
+        "--no-float32",
+        dest="float32",
+        action="store_false",
+        help="skip kmclust on float32 input (uint8 only)",
     )
     s = modes.add_parser("scale", parents=[common], help="streaming from zarr vs in memory")
     s.add_argument(
@@ -189,6 +211,8 @@ def _config(args: argparse.Namespace):
             max_iter=args.max_iter,
             prune=args.prune,
             float64=args.float64,
+            job=args.job,
+            job_report=args.job_report,
             cluster=spec,
         )
     _positive(iterations=args.iterations, repeats=args.repeats)
@@ -199,6 +223,9 @@ def _config(args: argparse.Namespace):
         rows=args.rows,
         repeats=args.repeats,
         prune=args.prune,
+        float32=args.float32,
+        faiss=args.faiss,
+        dask_ml=args.dask_ml,
         cluster=spec,
     )
 
@@ -233,7 +260,7 @@ def main(
     )
     runs = {"grid": run_grid, "iteration": run_iteration, "scale": run_scale}
     outcome = {**runs, "staging": run_staging}[args.mode](cfg)
-    if args.mode == "iteration" and not outcome.figures["dask_ml"]:
+    if args.mode == "iteration" and args.dask_ml and not outcome.figures["dask_ml"]:
         print(
             "dask-ml is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr
         )

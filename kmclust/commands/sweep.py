@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kmclust.cli import ArgumentParser, progress, setup_logging
 from kmclust.errors import ConfigError
+from kmclust.location import Location, storage_options
 from kmclust.sweep import config as options
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="mnist-subset",
-        help="a staged store path or a source name (mnist-subset, fashion-mnist, mnist); "
-        "default %(default)s",
+        help="a staged store (a path or an fsspec URL such as s3://bucket/x.zarr) or a source "
+        "name (mnist-subset, fashion-mnist, mnist); default %(default)s",
     )
     p.add_argument(
         "--k",
@@ -55,7 +56,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     train.add_argument(
-        "--train", choices=["all"], help="'all': use the store's own train/test split"
+        "--train",
+        choices=["all"],
+        help="'all': use the store's own train/test split (needed for unlabelled stores)",
     )
     p.add_argument(
         "--data-seed",
@@ -85,7 +88,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="training rows (a seeded sample) the silhouette is computed on; 0: none "
         "(default %(default)s)",
     )
-    p.add_argument("--out", default=None, help="results store (default results/<dataset>.zarr)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results store: a path or an fsspec URL (default results/<dataset>.zarr)",
+    )
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        type=storage_options,
+        help="for URLs: fsspec storage options as a JSON object (credentials, endpoint); "
+        "never recorded or shown",
+    )
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over the results store's lock from a job that is no longer running",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",
@@ -122,7 +141,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> tuple[dict, Path]:
+def check_args(args: argparse.Namespace) -> tuple[dict, Path | Location]:
     """Every option checked as a value, and --out as a place, before any heavy import or write."""
     train_per_class = None
     if args.train != "all":
@@ -153,7 +172,11 @@ def check_args(args: argparse.Namespace) -> tuple[dict, Path]:
         else str(Path("results") / f"{Path(args.dataset).stem}.zarr")
     )
     return config, options.check_out(
-        out, inputs=tuple(inputs), replace=args.overwrite, resume=args.resume
+        out,
+        inputs=tuple(inputs),
+        replace=args.overwrite,
+        resume=args.resume,
+        storage_options=args.storage_options,
     )
 
 
@@ -181,19 +204,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 overwrite=args.overwrite,
                 parallel=n_threads(client),
                 on_batch=lambda done, total, k: bar(done, total, f"(k={k} written)"),
+                storage_options=args.storage_options,
+                break_lock=args.break_lock,
             )
-    import xarray as xr
-
     from kmclust.report import document as report
+    from kmclust.sweep.store import open_store
 
-    results = xr.open_zarr(out)
+    results = open_store(out)
     print(report.format_table(report.summary_table(results)))
     print(
         f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; "
         f"results: {out}"
     )
     if not args.no_report:
-        path = report.write_report(results, out.with_name(out.stem + "-report"))
+        folder = (
+            report.default_out_dir(out.url)
+            if isinstance(out, Location)
+            else out.with_name(out.stem + "-report")
+        )
+        path = report.write_report(results, folder)
         print(f"report: {path}")
     if outcome.failed:
         print(f"{len(outcome.failed)} cell(s) failed:", file=sys.stderr)

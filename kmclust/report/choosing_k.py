@@ -106,6 +106,9 @@ def choosing_k_section(summary, knees, figs: Figures) -> list[str]:
         "**Held-out accuracy.**",
         "",
     ]
+    if "test_accuracy_mean" not in summary:
+        lines += ["None: the data are unlabelled. The label-free indices below remain.", ""]
+        return lines + _index_lines(summary, figs)
     if not np.isfinite(summary.test_accuracy_mean).any():
         lines += ["No held-out test set in this store: training accuracy (optimistic) instead.", ""]
     for init in summary_inits(summary):

@@ -27,6 +27,7 @@ from kmclust.report.results import (
     class_names,
     image_shape,
     init_names,
+    labelled,
     metric_values,
     open_results,
     status_counts,
@@ -79,6 +80,8 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=df.index)
     out["done"] = [f"{d}/{d + f + p}" for d, f, p in zip(df.n_done, df.n_failed, df.n_pending)]
     for m, (label, dec) in SHOWN:
+        if f"{m}_mean" not in df:  # a label metric of unlabelled data
+            continue
         out[label] = [pm(a, b, dec) for a, b in zip(df[f"{m}_mean"], df[f"{m}_std"])]
     out["Σ relocations"] = [("—" if not np.isfinite(s) else f"{s:.0f}") for s in df.n_relocated_sum]
     return out.reset_index()
@@ -150,9 +153,15 @@ def _run_section(ds, vals, counts) -> list[str]:
         "## What was run",
         "",
         f"- **Data**: `{name}`, fingerprint `{ds.attrs.get('fingerprint', '?')}`; "
-        f"{ds.attrs.get('n_train', '?')} training images (fitting and majority labels), "
-        f"{ds.attrs.get('n_test', '?')} held-out test images; {len(classes)} classes"
-        + (f" ({', '.join(classes)})." if classes else "."),
+        f"{ds.attrs.get('n_train', '?')} training images (fitting"
+        + (" and majority labels), " if labelled(ds) else "), ")
+        + f"{ds.attrs.get('n_test', '?')} held-out test images; "
+        + (
+            f"{len(classes)} classes" + (f" ({', '.join(classes)})." if classes else ".")
+            if labelled(ds)
+            else "**unlabelled** (no class labels: no accuracy, NMI, ARI, purity or majority "
+            "labels; the label-free indices in Choosing k still apply)."
+        ),
         f"- **Grid**: {len(ks)} values of k ({ks.min()}–{ks.max()}) × {len(inits)} "
         f"initialisations ({', '.join(inits)}) × {vals.sizes['seed']} seeds = {total} cells; "
         + ", ".join(
@@ -206,6 +215,8 @@ def _comparison_section(summary, comps) -> list[str]:
             "",
         ]
         for m, (label, unit, _, dec, *_) in COMPARED:
+            if m not in comp:  # a label metric of unlabelled data
+                continue
             d = comp[m]
             lines.append(f"- {label}: " + conclusion(d, m, first, second))
             p = d.attrs["pooled"]
@@ -226,6 +237,8 @@ def _comparison_section(summary, comps) -> list[str]:
         ]
         lines += [f"- Empty-cluster relocations per run, averaged over k: {', '.join(rel)}.", ""]
         for m, (label, unit, better, dec, *_) in COMPARED:
+            if m not in comp:
+                continue
             d = comp[m]
             rows = [
                 [
@@ -269,8 +282,13 @@ def _markdown(ds, vals, summary, comps, knees, counts, reps, figs: Figures, chos
         "Mean ± sample standard deviation (ddof = 1) over the done seeds of each cell. J_clust is "
         "the mean squared distance of an image to its centroid, mean distance the mean Euclidean "
         "distance (pixels scaled to [0, 1]); relocations are empty clusters re-seeded per run, "
-        "Σ over all done seeds; test accuracy labels each cluster by the majority class of its "
-        "training members. In the figures the line is the mean, the band ±1 s.d., dots are seeds.",
+        "Σ over all done seeds; "
+        + (
+            "test accuracy labels each cluster by the majority class of its training members."
+            if labelled(ds)
+            else "the data are unlabelled, so there is no accuracy."
+        )
+        + " In the figures the line is the mean, the band ±1 s.d., dots are seeds.",
         "",
         markdown_table(display_table(summary)),
         "",
@@ -291,8 +309,12 @@ def _markdown(ds, vals, summary, comps, knees, counts, reps, figs: Figures, chos
             if "channel" in ds["centroids"].dims
             else "(gray, 0 = black, 1 = white)"
         )
-        + ", titled with the majority class of the cluster's training members and their "
-        "number; clusters sorted by label. "
+        + (
+            ", titled with the majority class of the cluster's training members and their "
+            "number; clusters sorted by label. "
+            if labelled(ds)
+            else ", titled with the cluster's number and its training members (no labels). "
+        )
         + (
             "Cell chosen on the command line."
             if chosen

@@ -306,7 +306,7 @@ def _cell(ds: xr.Dataset, k: int, init: str, seed: int) -> xr.Dataset:
         "init": init_names(ds).index(init),
         "seed": int(np.flatnonzero(ds.seed.values == seed)[0]),
     }
-    names = ["centroids", "cluster_size", "cluster_label"]
+    names = [n for n in ("centroids", "cluster_size", "cluster_label") if n in ds]
     return ds[names].isel(sel).isel(cluster=slice(0, k)).load()
 
 
@@ -348,15 +348,16 @@ def report_figures(
             **extra,
         )
         vs_k.append((plot.alt, plot.file))
-    accuracy = "accuracy_vs_k.png"
-    accuracy_vs_k(summary, title=f"Majority-label accuracy vs k — {name}", path=out / accuracy)
-    vs_k.append(("accuracy vs k", accuracy))
+    if "test_accuracy_mean" in summary:  # unlabelled data have no accuracy
+        accuracy = "accuracy_vs_k.png"
+        accuracy_vs_k(summary, title=f"Majority-label accuracy vs k — {name}", path=out / accuracy)
+        vs_k.append(("accuracy vs k", accuracy))
     comparison = None
     if comps:
         comparison = "init_comparison.png"
         init_comparison(
             {f"{a} − {b}": c for (a, b), c in comps.items()},
-            [(m, f"Δ {c.label} ({c.unit})") for m, c in COMPARED],
+            [(m, f"Δ {c.label} ({c.unit})") for m, c in COMPARED if m in vals],
             path=out / comparison,
             title="Paired differences between inits for the same seed: mean and 95% "
             f"t-interval — {name}\n(above 0: the first init has the larger value)",
@@ -374,15 +375,16 @@ def _draw_representatives(
     """Draw the centroids of one cell, sorted by label; return the file name."""
     name, classes = ds.attrs.get("dataset", ""), class_names(ds)
     cell = _cell(ds, k, init, seed)
-    size, label = cell.cluster_size.values, cell.cluster_label.values
+    size, unlabelled = cell.cluster_size.values, "cluster_label" not in cell  # no majority
+    label = np.arange(len(size)) if unlabelled else cell.cluster_label.values
     empty = ~(size > 0) | (label < 0)
     names = [
-        classes[int(v)] if 0 <= v < len(classes) else str(int(v))
+        f"cluster {v}" if unlabelled else classes[int(v)] if 0 <= v < len(classes) else str(int(v))
         for v in np.nan_to_num(label, nan=-1)
     ]
     order = np.lexsort((-np.nan_to_num(size), np.where(empty, np.inf, label)))
     j = vals.jclust.sel(k=k, init=init, seed=seed).item()
-    acc = vals.test_accuracy.sel(k=k, init=init, seed=seed).item()
+    acc = np.nan if unlabelled else vals.test_accuracy.sel(k=k, init=init, seed=seed).item()
     acc_text = f"test accuracy = {acc:.3f}" if np.isfinite(acc) else "no test set"
     file = f"representatives_{slug(init)}.png"
     representatives(
@@ -392,7 +394,7 @@ def _draw_representatives(
         empty[order],
         path=out / file,
         title=f"Cluster centroids — {name}, k = {k}, init = {init}, seed = {seed}\n"
-        f"J_clust = {j:.3f}, {acc_text}; title: majority label, "
-        "n = training images in the cluster",
+        f"J_clust = {j:.3f}, {'unlabelled data' if unlabelled else acc_text}; title: "
+        f"{'cluster' if unlabelled else 'majority label'}, n = training images in the cluster",
     )
     return file

@@ -19,7 +19,7 @@ import xarray as xr
 
 from kmclust.errors import DataError
 from kmclust.location import describe, locate
-from kmclust.sweep.schema import CELL_DIMS, VARIABLES, Compared
+from kmclust.sweep.schema import CELL_DIMS, LABELLED, VARIABLES, Compared, variables
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,22 @@ def open_results(
             if where.is_local:
                 raise DataError(f"cannot open results store {where}: {exc}") from exc
             raise describe(exc, where) from None
-    missing = [d for d in GRID if d not in results.dims] + [v for v in REQUIRED if v not in results]
+    needed = [v.name for v in variables(labelled(results)) if v.required]
+    missing = [d for d in GRID if d not in results.dims] + [v for v in needed if v not in results]
     if missing:
         raise DataError(f"results store lacks required dimensions/variables: {', '.join(missing)}")
     return results
+
+
+def labelled(ds: xr.Dataset) -> bool:
+    """Whether the results come from labelled data (an unlabelled store's lack the label
+    metrics: accuracy, NMI, ARI, purity, majority labels)."""
+    return ds.attrs.get(LABELLED, True) is not False
+
+
+def compared(ds: xr.Dataset) -> tuple[tuple[str, Compared], ...]:
+    """The COMPARED metrics this store holds."""
+    return tuple((m, c) for m, c in COMPARED if m in ds)
 
 
 def strings(da: xr.DataArray) -> np.ndarray:

@@ -65,8 +65,9 @@ def paired_differences(vals: xr.Dataset, metric: str, first: str, second: str) -
 
 
 def compare_inits(vals: xr.Dataset, first: str, second: str) -> dict[str, pd.DataFrame]:
-    """paired_differences for every compared metric (J, test accuracy, iterations)."""
-    return {m: paired_differences(vals, m, first, second) for m, _ in COMPARED}
+    """paired_differences for every compared metric (J, test accuracy, iterations) in ``vals``
+    (unlabelled data have no accuracy)."""
+    return {m: paired_differences(vals, m, first, second) for m, _ in COMPARED if m in vals}
 
 
 def conclusion(diff: pd.DataFrame, metric: str, first: str, second: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from kmclust.errors import ConfigError
 from kmclust.lloyd.init import INITS  # numpy only
 from kmclust.lloyd.stopping import RULE_VERSION
+from kmclust.location import Location, locate
 from kmclust.sweep.schema import RESULTS_MARK  # numpy only
 
 #: seeds are int64 coordinates of the results store
@@ -218,7 +219,11 @@ def is_results_store(path: Path) -> bool:
     Stores written before the ``kmclust_results`` mark carry the sweep's
     config and the kmclust version among their package versions.
     """
-    attrs = _attrs(path)
+    return results_attrs(_attrs(path))
+
+
+def results_attrs(attrs: dict) -> bool:
+    """Whether a store's root attributes are those of a kmclust results store."""
     if RESULTS_MARK in attrs:
         return True
     try:
@@ -233,13 +238,15 @@ def _within(a: Path, b: Path) -> bool:
 
 
 def check_out(
-    out: str | Path,
+    out: str | Path | Location,
     *,
-    inputs: tuple[str | Path, ...] = (),
+    inputs: tuple[str | Path | Location, ...] = (),
     replace: bool = False,
     resume: bool = False,
-) -> Path:
-    """The results store path ``out``, refused unless it is safe to create, resume or replace.
+    storage_options: dict | None = None,
+) -> Path | Location:
+    """The results store ``out`` (a path, or an fsspec URL as a Location), refused unless it is
+    safe to create, resume or replace.
 
     Creating needs a place where a directory can be made; resuming or
     replacing needs an existing kmclust results store. ``inputs`` (the data
@@ -247,7 +254,10 @@ def check_out(
     """
     if not str(out).strip():
         raise ConfigError("--out is empty: name a results store such as results/NAME.zarr")
-    path = Path(out).expanduser()
+    where = locate(out, storage_options)
+    if not where.is_local:
+        return _check_out_url(where, inputs, replace=replace, resume=resume)
+    path = Path(out).expanduser() if not isinstance(out, Location) else where.path
     real = path.resolve()
     cwd = Path.cwd().resolve()
     if _within(cwd, real):
@@ -256,7 +266,9 @@ def check_out(
             "refusing to use it as a results store"
         )
     for given in inputs:
-        other = Path(given).expanduser().resolve()
+        if not locate(str(given)).is_local:
+            continue  # a data store at a URL cannot overlap a local --out
+        other = Path(str(given)).expanduser().resolve()
         if _within(real, other) or _within(other, real):
             raise ConfigError(
                 f"--out {out} is the input data store {given} or overlaps it; choose another --out"
@@ -276,6 +288,39 @@ def check_out(
             )
     _check_writable(path, str(out))
     return path
+
+
+def _check_out_url(
+    where: Location, inputs: tuple[str | Path | Location, ...], *, replace: bool, resume: bool
+) -> Location:
+    """check_out for a results store on object storage (kmclust.sweep.remote_results)."""
+    from kmclust.sweep import remote_results
+
+    url = where.url.rstrip("/")
+    for given in inputs:
+        other = str(given).rstrip("/")
+        if url == other or url.startswith(other + "/") or other.startswith(url + "/"):
+            raise ConfigError(
+                f"--out {where} is the input data store {given} or overlaps it; "
+                "choose another --out"
+            )
+    found = remote_results.state(where, results_attrs)
+    if found == "other":
+        raise ConfigError(
+            f"--out {where} exists and is not a kmclust results store; "
+            "refusing to replace or resume it (choose another --out)"
+        )
+    if found == "incomplete" and not replace:
+        raise ConfigError(
+            f"--out {where} is an incomplete store (no root zarr.json: a cut upload?); "
+            "use --overwrite to replace it"
+        )
+    if found in ("results", "replacing") and not (replace or resume):
+        raise ConfigError(
+            f"results store {where} exists: use --resume to complete it "
+            "or --overwrite to start again"
+        )
+    return where
 
 
 def _check_writable(path: Path, given: str) -> None:

@@ -14,17 +14,15 @@ so mistakes raise a plain ValueError.
 from __future__ import annotations
 
 import logging
+import math
 
+import numba
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from sklearn.metrics import (
-    adjusted_rand_score,
-    normalized_mutual_info_score,
     pairwise_distances,
-    silhouette_score,
 )
-from sklearn.metrics.cluster import contingency_matrix
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +84,74 @@ def label_accuracy(
     return float(np.mean(cluster_label[ids] == y))
 
 
+def _table(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(classes × clusters) int64 contingency of the labels present, both sorted (one bincount):
+    the table scikit-learn's ``contingency_matrix`` builds, without its per-call checks."""
+    true, pred = _pair(true, pred)
+    classes, t = np.unique(true, return_inverse=True)
+    clusters, p = np.unique(pred, return_inverse=True)
+    size = len(classes) * len(clusters)
+    return np.bincount(t * len(clusters) + p, minlength=size).reshape(len(classes), -1)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    """scikit-learn's entropy of a labelling from its (sorted, non-zero) label counts."""
+    if counts.size == 1:
+        return 0.0
+    pi = counts.astype(np.float64)
+    pi_sum = np.sum(pi)
+    return float(-np.sum((pi / pi_sum) * (np.log(pi) - math.log(pi_sum))))
+
+
+def _nmi(c: np.ndarray) -> float:
+    """NMI (arithmetic mean) from a contingency table, step for step as scikit-learn computes it
+    (``normalized_mutual_info_score`` and ``mutual_info_score``), so the bits agree."""
+    if c.shape[0] == c.shape[1] == 1 or c.size == 0:
+        return 1.0
+    pi, pj = c.sum(axis=1), c.sum(axis=0)
+    if pi.size == 1 or pj.size == 1:
+        return 0.0
+    nzx, nzy = np.nonzero(c)
+    nz_val = c[nzx, nzy].astype(np.float64)
+    total = float(c.sum())
+    outer = pi.take(nzx).astype(np.int64) * pj.take(nzy).astype(np.int64)
+    log_outer = -np.log(outer) + math.log(float(pi.sum())) + math.log(float(pj.sum()))
+    nm = nz_val / total
+    mi = nm * (np.log(nz_val) - math.log(total)) + nm * log_outer
+    mi = np.where(np.abs(mi) < np.finfo(mi.dtype).eps, 0.0, mi)
+    mi = float(np.clip(mi.sum(), 0.0, None))
+    if mi == 0:
+        return 0.0
+    return float(mi / np.mean([_entropy(pi), _entropy(pj)]))
+
+
+def _ari(c: np.ndarray) -> float:
+    """ARI from a contingency table: scikit-learn's pair confusion matrix, in exact integers."""
+    n = int(c.sum())
+    sum_squares = int((c.astype(np.int64) ** 2).sum())
+    n_c, n_k = c.sum(axis=1), c.sum(axis=0)
+    fp = int(c.dot(n_k).sum()) - sum_squares
+    fn = int(c.T.dot(n_c).sum()) - sum_squares
+    tp = sum_squares - n
+    tn = n * n - fp - fn - sum_squares
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def _hungarian(c: np.ndarray, n: int) -> float:
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return float(c[rows, cols].sum() / n)
+
+
 def nmi(true: np.ndarray, pred: np.ndarray) -> float:
-    """Normalized mutual information (scikit-learn, arithmetic mean)."""
-    return float(normalized_mutual_info_score(*_pair(true, pred)))
+    """Normalized mutual information (scikit-learn's, arithmetic mean; the same bits)."""
+    return _nmi(_table(true, pred))
 
 
 def ari(true: np.ndarray, pred: np.ndarray) -> float:
-    """Adjusted Rand index (scikit-learn)."""
-    return float(adjusted_rand_score(*_pair(true, pred)))
+    """Adjusted Rand index (scikit-learn's; the same value)."""
+    return _ari(_table(true, pred))
 
 
 def hungarian_acc(true: np.ndarray, pred: np.ndarray) -> float:
@@ -103,20 +161,14 @@ def hungarian_acc(true: np.ndarray, pred: np.ndarray) -> float:
     works for rectangular matrices (unmatched clusters count as wrong).
     NaN for no samples.
     """
-    true, pred = _pair(true, pred)
-    if true.size == 0:
-        return float("nan")
-    c = contingency_matrix(true, pred)
-    rows, cols = linear_sum_assignment(c, maximize=True)
-    return float(c[rows, cols].sum() / true.size)
+    c = _table(true, pred)
+    return float("nan") if c.size == 0 else _hungarian(c, int(c.sum()))
 
 
 def purity(true: np.ndarray, pred: np.ndarray) -> float:
     """Share of samples in their cluster's majority class (NaN for no samples)."""
-    true, pred = _pair(true, pred)
-    if true.size == 0:
-        return float("nan")
-    return float(contingency_matrix(true, pred).max(axis=0).sum() / true.size)
+    c = _table(true, pred)
+    return float("nan") if c.size == 0 else float(c.max(axis=0).sum() / c.sum())
 
 
 def evaluate(
@@ -133,22 +185,24 @@ def evaluate(
     (int64), ``train_accuracy``, ``test_accuracy`` (NaN for an empty test
     set), ``nmi``, ``ari``, ``purity`` (train set) and ``acc`` (Hungarian,
     train set; NaN unless k == n_classes). Cluster labels come from the
-    training set alone.
+    training set alone. The training-set scores share one contingency table.
     """
     train_true, train_ids = _pair(train_true, train_ids)
     test_true, test_ids = _pair(test_true, test_ids)
     if train_ids.size == 0:
         raise ValueError("the training set is empty")
     label = majority_labels(train_ids, train_true, k)
+    table = _table(train_true, train_ids)
+    n = train_ids.size
     return {
         "cluster_label": label,
         "cluster_size": np.bincount(train_ids, minlength=k).astype(np.int64),
         "train_accuracy": label_accuracy(train_ids, train_true, label),
         "test_accuracy": label_accuracy(test_ids, test_true, label),
-        "nmi": nmi(train_true, train_ids),
-        "ari": ari(train_true, train_ids),
-        "acc": hungarian_acc(train_true, train_ids) if k == n_classes else float("nan"),
-        "purity": purity(train_true, train_ids),
+        "nmi": _nmi(table),
+        "ari": _ari(table),
+        "acc": _hungarian(table, n) if k == n_classes else float("nan"),
+        "purity": float(table.max(axis=0).sum() / n),
     }
 
 
@@ -193,17 +247,14 @@ def internal_indices(
     non-empty clusters, or every row its own cluster; an empty sample) is NaN.
     """
     labels = _ints(labels, "cluster ids")
-    present = np.unique(labels)
+    present, idx = np.unique(labels, return_inverse=True)
     n, n_labels = len(labels), len(present)
-    means = np.empty((n_labels, x.shape[1]))
-    counts = np.empty(n_labels)
-    spread = np.empty(n_labels)  # mean distance of a cluster's members to its centre
-    within = 0.0  # Σ squared distances to the centres
-    for i, c in enumerate(present):
-        rows = np.asarray(x[labels == c], dtype=np.float64)
-        means[i] = rows.mean(axis=0)
-        sq = np.einsum("ij,ij->i", rows - means[i], rows - means[i])
-        counts[i], spread[i], within = len(rows), np.sqrt(sq).mean(), within + sq.sum()
+    if n == 0:
+        means, counts = np.empty((0, x.shape[1])), np.empty(0)
+        spread, within = np.empty(0), 0.0
+    else:
+        means, counts, spread, sq = _cluster_moments(x, idx.astype(np.intp), n_labels)
+        within = float(np.sum(sq))
     out = {"davies_bouldin": np.nan, "calinski_harabasz": np.nan, "silhouette": np.nan}
     if _scorable(n_labels, n):
         overall = counts @ means / n
@@ -215,8 +266,81 @@ def internal_indices(
     if len(sample) and _scorable(len(np.unique(sub)), len(sample)):
         if distances is None:
             distances = sample_distances(x, sample)
-        out["silhouette"] = float(silhouette_score(distances, sub, metric="precomputed"))
+        out["silhouette"] = silhouette(distances, sub)
     return out
+
+
+def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
+    """scikit-learn's ``silhouette_score(distances, labels, metric="precomputed")``, same bits.
+
+    scikit-learn sums each row's distances per cluster with one ``bincount`` per row; here
+    one ``bincount`` over (row, cluster) bins covers a block of rows, adding every bin's
+    terms in the same column order, without a Python loop over rows. ``labels`` must hold
+    2 to n − 1 distinct values.
+    """
+    _, lab = np.unique(_ints(labels, "cluster ids"), return_inverse=True)
+    n, m = len(lab), int(lab.max()) + 1
+    freqs = np.bincount(lab)
+    sums = np.empty((n, m))
+    step = max(1, 2**20 // max(n, 1))
+    for lo in range(0, n, step):
+        block = np.ascontiguousarray(distances[lo : lo + step], dtype=np.float64)
+        bins = (np.arange(len(block))[:, None] * m + lab[None, :]).ravel()
+        sums[lo : lo + step] = np.bincount(bins, block.ravel(), len(block) * m).reshape(-1, m)
+    own = (np.arange(n), lab)
+    intra = sums[own]
+    sums[own] = np.inf
+    sums /= freqs
+    inter = sums.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        intra /= (freqs - 1).take(lab, mode="clip")
+        sil = inter - intra
+        sil /= np.maximum(intra, inter)
+    return float(np.mean(np.nan_to_num(sil)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _cluster_moments(
+    x: np.ndarray, idx: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster 0..m-1 (``idx`` per row): float64 mean of its rows, member count, mean
+    distance of its rows to that mean, and Σ of their squared distances.
+
+    Two passes over the rows, no copy of them: the means are summed in row order (as
+    numpy's ``rows.mean(axis=0)``), each squared distance with 8 partial sums.
+    """
+    n, d = x.shape
+    means = np.zeros((m, d))
+    counts = np.zeros(m)
+    for i in range(n):
+        c = idx[i]
+        counts[c] += 1.0
+        for j in range(d):
+            means[c, j] += x[i, j]
+    for c in range(m):
+        for j in range(d):
+            means[c, j] /= counts[c]
+    spread = np.zeros(m)
+    sq = np.zeros(m)
+    part = np.zeros(8)
+    whole = d - d % 8
+    for i in range(n):
+        c = idx[i]
+        part[:] = 0.0
+        for j0 in range(0, whole, 8):
+            for t in range(8):
+                v = x[i, j0 + t] - means[c, j0 + t]
+                part[t] += v * v
+        s = 0.0
+        for j in range(whole, d):
+            v = x[i, j] - means[c, j]
+            s += v * v
+        s += ((part[0] + part[1]) + (part[2] + part[3])) + (
+            (part[4] + part[5]) + (part[6] + part[7])
+        )
+        sq[c] += s
+        spread[c] += np.sqrt(s)
+    return means, counts, spread / counts, sq
 
 
 def _davies_bouldin(means: np.ndarray, spread: np.ndarray) -> float:

@@ -4,7 +4,9 @@ All pending cells run as one engine batch (see kmclust.lloyd.driver): they
 share every data pass, split into one group per worker thread. As soon as every
 cell of a k has finished, that k's slab of the results store (chunked by k) is
 written with ``status`` last, so a cell reads ``done`` only once all its data
-is on disk; ``--resume`` recomputes exactly the cells that are not ``done``. A
+is on disk (kmclust.sweep.collect evaluates the runs and writes the slabs in a
+background thread, off the engine's loop); ``--resume`` recomputes exactly the
+cells that are not ``done``. A
 batch that fails (a lost worker) is split in halves until the failing cells are
 isolated; corrupt data or a lost scheduler end the job.
 """
@@ -22,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sklearn
-import xarray as xr
 
 from kmclust.errors import KmclustError, SchedulerError
 from kmclust.lloyd import driver, placement, runs
-from kmclust.lloyd.init import cell_seed, init_centroids
-from kmclust.sweep import metrics
+from kmclust.lloyd.init import cell_seed, data_stats, init_centroids, random_from_stats
+from kmclust.location import Location
+from kmclust.sweep import remote_results
+from kmclust.sweep.collect import SCALE, Collector
 from kmclust.sweep.config import Cell, SweepConfig, check_out, grid_size
+from kmclust.sweep.lock import hold
 from kmclust.sweep.split import (
     DataSplit,
     corrupt,
@@ -39,164 +42,27 @@ from kmclust.sweep.split import (
     staged_image_shape,
 )
 from kmclust.sweep.store import (
+    Place,
+    ResultsWriteError,
     check_size,
+    exists,
     finish_store,
     open_results,
+    open_store,
     replace_store,
     strings,
-    write_slab,
 )
 
 log = logging.getLogger(__name__)
 
-SCALE = 1.0 / 255.0
-
 
 @dataclass
 class SweepOutcome:
-    path: Path
+    path: Place
     n_cells: int
     n_computed: int
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def cell_values(
-    res: runs.RunResult,
-    data: DataSplit,
-    test: tuple[np.ndarray, float, float] | None,
-    seconds: float,
-    x_train: np.ndarray,
-    silhouette: tuple[np.ndarray, np.ndarray],
-) -> dict[str, object]:
-    """Every value of one finished run, by results variable (see kmclust.sweep.schema).
-
-    ``x_train``: the training rows on the driver (float, [0, 1]); ``silhouette``: the
-    indices of those the silhouette is computed on and their distances (metrics.silhouette_rows,
-    metrics.sample_distances).
-    """
-    k = res.centroids.shape[0]
-    # its checks are slow per call; the rows are scaled uint8 images, so always finite
-    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        values = metrics.evaluate(
-            res.labels,
-            data.y_train,
-            test[0] if test else np.empty(0, int),
-            data.y_test if test else data.y_test[:0],
-            k,
-            len(data.class_names),
-        )
-        values |= metrics.internal_indices(x_train, res.labels, *silhouette)
-    return values | {
-        "jclust": res.jclust,
-        "mean_distance": res.mean_distance,
-        "n_iter": res.n_iter,
-        "converged": res.converged,
-        "n_relocated": res.n_relocated,
-        "centroids": res.centroids,
-        "jclust_history": res.history,
-        "seconds": seconds,
-        "status": "done",
-    }
-
-
-def fill_cell(slab: xr.Dataset, ii: int, si: int, values: dict[str, object]) -> None:
-    """Put one cell's values into the slab (k index 0).
-
-    An array fills the front of its padded dim (cluster, iteration); its other
-    dims (the image's) are whole. Plain numpy writes: xarray's indexing is
-    slow per call.
-    """
-    for name, value in values.items():
-        target = slab[name].values
-        if target.ndim == 3:
-            target[0, ii, si] = value
-            continue
-        value = np.asarray(value).reshape(-1, *target.shape[4:])
-        target[0, ii, si, : len(value)] = value
-
-
-class _Collector:
-    """Gathers finished runs per k and writes each k's slab as soon as all its cells are settled."""
-
-    def __init__(
-        self,
-        config: SweepConfig,
-        data: DataSplit,
-        results: xr.Dataset,
-        out: Path,
-        cells: list[Cell],
-        on_batch: Callable[[int, int, int], None] | None,
-        n_done: int,
-        total: int,
-    ):
-        self.config, self.data, self.out, self.on_batch = config, data, out, on_batch
-        self.slabs = {
-            ki: results.isel(k=slice(ki, ki + 1)).load(scheduler="sync")
-            for ki in sorted({c[0] for c in cells})
-        }
-        self.pending = {ki: sum(c[0] == ki for c in cells) for ki in self.slabs}
-        self.finished: list[tuple[Cell, runs.RunResult, float]] = []
-        self.failed: list[str] = []
-        self.n_done, self.total = n_done, total
-        self.x_train = np.empty((0, 0), np.float32)  # the training rows, once loaded
-
-    def fail(self, cell: Cell, reason: str) -> None:
-        ki, ii, si = cell
-        at = {"k": 0, "init": ii, "seed": si}
-        self.slabs[ki]["status"][at] = "failed"
-        self.slabs[ki]["error"][at] = reason
-        self.failed.append(f"{self.config.cell_name(cell)}: {reason}")
-        self.pending[ki] -= 1
-
-    def finish(self, cell: Cell, res: runs.RunResult, seconds: float) -> None:
-        if res.ok:
-            self.finished.append((cell, res, seconds))
-        else:
-            self.fail(cell, res.error)
-
-    def _silhouette_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The silhouette's sample of training rows for ``seed`` and the distances between them."""
-        sample = metrics.silhouette_rows(len(self.x_train), self.config.silhouette_sample, seed)
-        return sample, metrics.sample_distances(self.x_train, sample)
-
-    def flush(self, force: bool = False) -> None:
-        """Evaluate the finished runs and write every settled k.
-
-        The held-out pass (one for all finished runs) waits until it completes
-        some k, so a sweep makes a handful of test passes rather than one per
-        Lloyd pass; ``force`` evaluates whatever has finished.
-        """
-        waiting = {cell[0] for cell, _, _ in self.finished}
-        completes = any(
-            sum(c[0] == ki for c, _, _ in self.finished) == self.pending[ki] for ki in waiting
-        )
-        if self.finished and (force or completes):
-            batch = self.finished
-            tests = (
-                driver.predict(
-                    self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE, errors=False
-                )
-                if self.data.y_test.size
-                else [None] * len(batch)
-            )
-            self.finished = []  # only now: if the held-out pass fails, the runs are retried
-            # by seed: the silhouette's sample, and the distances between its rows, are the
-            # same for every run of a seed, so they are computed once per seed and batch
-            seed_of = {}
-            for (cell, res, seconds), test in sorted(zip(batch, tests), key=lambda f: f[0][0][2]):
-                if cell[2] not in seed_of:
-                    seed_of = {cell[2]: self._silhouette_rows(self.config.seeds[cell[2]])}
-                values = cell_values(res, self.data, test, seconds, self.x_train, seed_of[cell[2]])
-                fill_cell(self.slabs[cell[0]], cell[1], cell[2], values)
-                self.pending[cell[0]] -= 1
-        for ki in [ki for ki, left in self.pending.items() if left == 0]:
-            slab = self.slabs.pop(ki)
-            del self.pending[ki]
-            write_slab(self.out, ki, slab)
-            self.n_done += int(np.sum(strings(slab["status"]) == "done"))
-            if self.on_batch is not None:
-                self.on_batch(self.n_done, self.total, self.config.ks[ki])
 
 
 def _run_cells(
@@ -204,7 +70,7 @@ def _run_cells(
     data: DataSplit,
     cells: list[Cell],
     inits: dict[Cell, np.ndarray],
-    sink: _Collector,
+    sink: Collector,
     n_groups: int,
     tries: int = 2,
 ) -> None:
@@ -265,6 +131,8 @@ def _run_cells(
 
 def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
     """Errors that no retry of a smaller batch can cure: corrupt data, a lost scheduler."""
+    if isinstance(exc, ResultsWriteError):
+        return exc
     text = one_line(exc)
     if (damaged := corrupt(text, data.store)) is not None:
         return damaged
@@ -279,56 +147,91 @@ def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
 
 def run_sweep(
     config: SweepConfig,
-    out: Path,
+    out: str | Path | Location,
     *,
     resume: bool = False,
     overwrite: bool = False,
     parallel: int = 2,
     on_batch: Callable[[int, int, int], None] | None = None,
+    storage_options: dict | None = None,
+    break_lock: bool = False,
 ) -> SweepOutcome:
-    """Run (or complete) the sweep into ``out`` on the current Dask scheduler.
+    """Run (or complete) the sweep into ``out`` (a path or an fsspec URL) on the current Dask
+    scheduler.
 
     All pending cells advance as one engine batch split into ``parallel``
     groups (one per worker thread); ``on_batch(done_cells, total_cells, k)``
-    reports progress each time a k's cells are written.
+    reports progress each time a k's cells are written. ``storage_options``
+    (credentials, endpoint) reach the data and results stores at URLs and are
+    never recorded; the store's lock (kmclust.sweep.lock) is held throughout.
     """
     t0 = time.perf_counter()
-    target = check_out(out, replace=overwrite, resume=resume)
-    data = split_data(config)
-    check_out(target, inputs=(data.store,), replace=overwrite, resume=resume)
-    check_size(config, data)
-    out = target
-    if overwrite and target.exists():  # built beside the old store, swapped in once complete
-        out = target.with_name(f".{target.stem}.overwrite-{uuid.uuid4().hex[:8]}.zarr")
-    try:
-        outcome = _sweep(
-            config, data, out, resume=resume and out == target, parallel=parallel, on_batch=on_batch
-        )
-    except BaseException:
+    target = check_out(out, replace=overwrite, resume=resume, storage_options=storage_options)
+    with hold(target, break_lock=break_lock):
+        if isinstance(target, Location):  # a swap a killed --overwrite left, then its debris
+            remote_results.recover(target)
+            for left in remote_results.leftovers(target):
+                remote_results.remove(left)
+        data = split_data(config, storage_options)
+        check_out(target, inputs=(data.store,), replace=overwrite, resume=resume)
+        check_size(config, data)
+        out = target
+        if overwrite and exists(target):  # built beside the old store, swapped in once complete
+            out = (
+                remote_results.sibling(target)
+                if isinstance(target, Location)
+                else target.with_name(f".{target.stem}.overwrite-{uuid.uuid4().hex[:8]}.zarr")
+            )
+        try:
+            outcome = _sweep(
+                config,
+                data,
+                out,
+                resume=resume and out == target,
+                parallel=parallel,
+                on_batch=on_batch,
+            )
+        except BaseException:
+            if out != target:
+                _discard(out)
+            raise
         if out != target:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if out != target:
-        replace_store(out, target)
+            replace_store(out, target)
     outcome.path, outcome.seconds = target, time.perf_counter() - t0
     return outcome
 
 
+def _discard(out: Place) -> None:
+    """Delete the unfinished results of a failed --overwrite (best effort)."""
+    if isinstance(out, Path):
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    try:
+        remote_results.remove(out)
+    except KmclustError as exc:  # the storage may be what failed; the next run removes it
+        log.warning("could not delete %s (%s)", out, exc)
+
+
 def _initial_centroids(
-    config: SweepConfig, data: DataSplit, cells: list[Cell], sink: _Collector
+    config: SweepConfig, data: DataSplit, cells: list[Cell], sink: Collector
 ) -> dict[Cell, np.ndarray]:
     """Each cell's initial centroids; a cell whose initialisation fails is recorded as failed."""
     try:
         data.load()
-        x_train_np = np.asarray(data.x_train.compute()) * np.float32(SCALE)
+        x_train_np = data.train_rows() * np.float32(SCALE)
     except Exception as exc:  # damaged chunks, a worker killed while loading
         raise _fatal(exc, data) or load_error(exc, data.store) from None
     sink.x_train = x_train_np  # kept for the label-free indices of every finished run
     inits: dict[Cell, np.ndarray] = {}
+    stats = None  # the rows' per-pixel mean and std: every random init draws from the same
     for cell in cells:
         ki, ii, si = cell
         k, init, seed = config.ks[ki], config.inits[ii], config.seeds[si]
         try:
+            if init == "random" and k <= len(x_train_np):
+                stats = stats or data_stats(x_train_np)
+                inits[cell] = random_from_stats(*stats, k, cell_seed(seed, k, init))
+                continue
             inits[cell] = init_centroids(x_train_np, k, init, cell_seed(seed, k, init))
         except (ValueError, KmclustError) as exc:
             sink.fail(cell, f"initialisation failed: {exc}")
@@ -338,7 +241,7 @@ def _initial_centroids(
 def _sweep(
     config: SweepConfig,
     data: DataSplit,
-    out: Path,
+    out: Place,
     *,
     resume: bool,
     parallel: int,
@@ -349,21 +252,24 @@ def _sweep(
     results = open_results(out, config, data, resume=resume)
     status = strings(results["status"])
     cells: list[Cell] = [tuple(int(i) for i in c) for c in zip(*np.nonzero(status != "done"))]
-    sink = _Collector(
+    sink = Collector(
         config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size
     )
-    if cells:
-        inits = _initial_centroids(config, data, cells, sink)
-        runnable = [c for c in cells if c in inits]
-        if runnable:
-            _run_cells(config, data, runnable, inits, sink, max(1, parallel))
-        try:
-            sink.flush(force=True)
-        except Exception as exc:  # noqa: BLE001 - the held-out pass of the last runs
-            raise _fatal(exc, data) or load_error(exc, data.store) from None
+    try:
+        if cells:
+            inits = _initial_centroids(config, data, cells, sink)
+            runnable = [c for c in cells if c in inits]
+            if runnable:
+                _run_cells(config, data, runnable, inits, sink, max(1, parallel))
+            try:
+                sink.flush(force=True)
+            except Exception as exc:  # noqa: BLE001 - the held-out pass of the last runs
+                raise _fatal(exc, data) or load_error(exc, data.store) from None
+    finally:
+        sink.close()
     finish_store(out)
     failed = list(sink.failed)
-    all_status = strings(xr.open_zarr(out)["status"])
+    all_status = strings(open_store(out)["status"])
     for cell in zip(*np.nonzero(all_status != "done")):
         desc = config.cell_name(cell)
         if not any(f.startswith(desc + ":") for f in failed):

@@ -5,7 +5,9 @@ the report uses it (required, summarised, shown in the table, compared between
 inits, drawn against k). The sweep builds its template and fills its cells from
 this table; the report takes its columns, comparisons and figures from it; the
 test factory builds fake stores from it. Adding a metric means one row here and
-the code that computes its value. Imports numpy only, so that the report (and
+the code that computes its value. Rows marked ``labels`` need the data's class labels: the
+results of an unlabelled store (attribute ``labelled: false``) leave them out rather than fill
+them with NaN. Imports numpy only, so that the report (and
 the option checks of the jobs) can read it without the sweep's run code.
 """
 
@@ -66,6 +68,7 @@ class Var:
     label: str  # the variable's long_name attribute
     extra: tuple[str, ...] = ()  # dims after CELL_DIMS (padded up to max k, max_iter, image)
     required: bool = False  # the report refuses a store without it; resume cannot add it
+    labels: bool = False  # needs the true labels: absent from the results of unlabelled data
     summary: bool = False  # summarised per (k, init) by the report
     shown: Shown | None = None
     compared: Compared | None = None
@@ -140,6 +143,7 @@ VARIABLES: tuple[Var, ...] = (
         np.nan,
         "share of training images in a cluster whose majority label is their own",
         required=True,
+        labels=True,
         summary=True,
     ),
     Var(
@@ -148,6 +152,7 @@ VARIABLES: tuple[Var, ...] = (
         np.nan,
         "share of held-out images in a cluster whose (training) majority label is their own",
         required=True,
+        labels=True,
         summary=True,
         shown=Shown("test accuracy", 3),
         compared=Compared(
@@ -174,16 +179,30 @@ VARIABLES: tuple[Var, ...] = (
             "Empty clusters re-seeded during a run vs k",
         ),
     ),
-    Var("nmi", "f8", np.nan, "normalized mutual information (training set)", summary=True),
-    Var("ari", "f8", np.nan, "adjusted Rand index (training set)", summary=True),
+    Var(
+        "nmi",
+        "f8",
+        np.nan,
+        "normalized mutual information (training set)",
+        labels=True,
+        summary=True,
+    ),
+    Var("ari", "f8", np.nan, "adjusted Rand index (training set)", labels=True, summary=True),
     Var(
         "acc",
         "f8",
         np.nan,
         "Hungarian-matched accuracy (training set; only where k is the number of classes)",
+        labels=True,
         summary=True,
     ),
-    Var("purity", "f8", np.nan, "share of training images in their cluster's majority class"),
+    Var(
+        "purity",
+        "f8",
+        np.nan,
+        "share of training images in their cluster's majority class",
+        labels=True,
+    ),
     Var(
         "davies_bouldin",
         "f8",
@@ -253,6 +272,7 @@ VARIABLES: tuple[Var, ...] = (
         "majority class of the cluster's training members (-1: none; NaN beyond k)",
         extra=("cluster",),
         required=True,
+        labels=True,
     ),
     Var(
         "centroids",
@@ -271,14 +291,27 @@ VARIABLES: tuple[Var, ...] = (
     ),
 )
 BY_NAME: dict[str, Var] = {v.name: v for v in VARIABLES}
+#: the results attribute that says whether the data had labels (absent: labelled)
+LABELLED = "labelled"
+
+
+def variables(labelled: bool = True) -> tuple[Var, ...]:
+    """The variables of a results store of labelled data, or of unlabelled data."""
+    return VARIABLES if labelled else tuple(v for v in VARIABLES if not v.labels)
 
 
 def empty(
-    grid: tuple[int, int, int], sizes: Mapping[str, int], image_dims: tuple[str, ...]
+    grid: tuple[int, int, int],
+    sizes: Mapping[str, int],
+    image_dims: tuple[str, ...],
+    labelled: bool = True,
 ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-    """Every variable as (dims, array of its fill value); ``sizes`` gives each extra dim's size."""
+    """Every variable as (dims, array of its fill value); ``sizes`` gives each extra dim's size.
+
+    Without labels (``labelled`` False) the variables that need them are left out.
+    """
     out = {}
-    for var in VARIABLES:
+    for var in variables(labelled):
         dims = var.dims(image_dims)
         shape = grid + tuple(sizes[d] for d in dims[len(CELL_DIMS) :])
         out[var.name] = (dims, np.full(shape, var.fill, dtype=var.dtype))

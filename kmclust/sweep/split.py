@@ -18,6 +18,7 @@ from kmclust.data import select, sources
 from kmclust.data import stores as datasets
 from kmclust.errors import ConfigError, DataError, KmclustError
 from kmclust.lloyd import placement
+from kmclust.location import Location, locate, scrub
 from kmclust.sweep.config import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class DataSplit:
     """Training and held-out images of a sweep (dask arrays, uint8, one flat row per image)."""
 
     name: str
-    store: Path
+    store: Path | Location
     x_train: object
     y_train: np.ndarray
     x_test: object
@@ -38,6 +39,13 @@ class DataSplit:
     image_dims: tuple[str, ...]  # the store's image dims, e.g. ("y", "x")
     image_shape: tuple[int, ...]  # their sizes
     graphs: Callable[[str], tuple[object, object]] | None = None  # name → (train, test) graphs
+    labelled: bool = True  # False: no labels (y_train, y_test are -1), no label metrics
+
+    def train_rows(self) -> np.ndarray:
+        """The training rows (uint8) read in this process: the driver's copy, without waiting
+        for the workers' load or a transfer back from them."""
+        rows = self.graphs(f"kmclust-driver-{uuid.uuid4().hex}")[0]
+        return np.asarray(rows.compute(scheduler="sync"))
 
     def load(self) -> None:
         """Persist the images on the workers (training rows as float32: integer-valued, exact sums).
@@ -57,8 +65,12 @@ class DataSplit:
         )
 
 
-def resolve_store(dataset: str) -> Path:
-    """A staged store path for a name or path; stages a known source when missing."""
+def resolve_store(dataset: str, storage_options: dict | None = None) -> Path | Location:
+    """A staged store path for a name or path (a Location for a URL); stages a known source
+    when missing."""
+    where = locate(dataset, storage_options)
+    if not where.is_local:
+        return where  # opened (and checked) by the workers' reads and open_images
     path = Path(dataset)
     if path.exists() or dataset.endswith(".zarr"):
         if not path.exists():
@@ -114,13 +126,28 @@ def _training_rows(config: SweepConfig, labels: np.ndarray, is_train: np.ndarray
     return np.sort(np.concatenate(picks))
 
 
-def split_data(config: SweepConfig) -> DataSplit:
-    """Open the store and draw the training sample (stratified, ``data_seed``)."""
-    store = resolve_store(config.dataset)
+def split_data(config: SweepConfig, storage_options: dict | None = None) -> DataSplit:
+    """Open the store and draw the training sample (stratified, ``data_seed``).
+
+    An unlabelled store (kmclust.data.stores.labelled) needs ``--train all``: its labels
+    read as -1 and no label metric is computed.
+    """
+    store = resolve_store(config.dataset, storage_options)
     ds = datasets.open_images(store)
+    labelled = datasets.labelled(ds)
+    if not labelled and config.train_per_class is not None:
+        raise ConfigError(
+            f"{store} is unlabelled: --train-per-class needs class labels; "
+            "use --train all (the store's own train/test split)"
+        )
     try:
-        labels = np.asarray(ds["labels"].values).astype(np.int64)
-        split = np.asarray(ds["split"].values).astype(object)
+        # read here (synchronous scheduler): small, and no round trip through a cluster
+        split = np.asarray(ds["split"].compute(scheduler="sync").values).astype(object)
+        labels = (
+            np.asarray(ds["labels"].compute(scheduler="sync").values).astype(np.int64)
+            if labelled
+            else np.full(split.size, -1, np.int64)
+        )
     except Exception as exc:  # zarr raises plain ValueErrors for damaged chunks
         raise load_error(exc, store) from None
     train = _training_rows(config, labels, split == "train", store)
@@ -143,10 +170,10 @@ def split_data(config: SweepConfig) -> DataSplit:
         return take(train, "train"), take(test, "test")
 
     x_train, x_test = graphs(f"kmclust-rows-{uuid.uuid4().hex}")
-    names = ds.attrs.get("class_names", [str(c) for c in range(labels.max(initial=0) + 1)])
+    names = ds.attrs.get("class_names", [str(c) for c in range(labels.max(initial=-1) + 1)])
     images = ds["images"]
     return DataSplit(
-        name=str(ds.attrs.get("source", store.stem)),
+        name=str(ds.attrs.get("source", Path(str(store).rstrip("/").rsplit("/", 1)[-1]).stem)),
         store=store,
         x_train=x_train,
         y_train=labels[train],
@@ -157,6 +184,7 @@ def split_data(config: SweepConfig) -> DataSplit:
         class_names=[str(c) for c in names],
         image_dims=tuple(str(d) for d in images.dims[1:]),
         image_shape=tuple(int(n) for n in images.shape[1:]),
+        labelled=labelled,
     )
 
 
@@ -168,7 +196,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def corrupt(text: str, store: Path) -> DataError | None:
+def corrupt(text: str, store: Path | Location) -> DataError | None:
     """A checksum failure means a damaged store: no retry helps, restaging does."""
     if "checksum" not in text.lower():
         return None
@@ -177,9 +205,11 @@ def corrupt(text: str, store: Path) -> DataError | None:
     )
 
 
-def load_error(exc: Exception, store: Path) -> KmclustError:
-    """One readable line for a failure while reading the data."""
+def load_error(exc: Exception, store: Path | Location) -> KmclustError:
+    """One readable line for a failure while reading the data (storage options scrubbed)."""
     text = one_line(exc)
+    if isinstance(store, Location):
+        text = scrub(text, store.options)
     if (damaged := corrupt(text, store)) is not None:
         return damaged
     if "KilledWorker" in text:

@@ -3,7 +3,8 @@
 A store is chunked by single k, so each k's slab is written on its own, data
 first and ``status`` last (the cell-done marker). A new store is written beside
 its place and renamed into it; ``--overwrite`` builds the new store beside the
-old one and exchanges the two at the end, so the path always holds a whole store.
+old one and exchanges the two at the end, so the path always holds a whole store. A store at
+a URL (object storage, no rename) is created and replaced as kmclust.sweep.remote_results says.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 import xarray as xr
 
 from kmclust.errors import ConfigError, DataError
-from kmclust.sweep import schema
+from kmclust.location import Location, describe
+from kmclust.sweep import remote_results, schema
 from kmclust.sweep.config import SweepConfig, grid_size
 from kmclust.sweep.schema import RESULTS_MARK, SCHEMA_VERSION
 from kmclust.sweep.split import DataSplit
@@ -35,6 +37,32 @@ log = logging.getLogger(__name__)
 
 #: the results template is built in memory: a larger grid is refused before anything is written
 RESULTS_LIMIT = 4 * 2**30
+#: a results store's place: a local path, or a URL with its storage options
+Place = Path | Location
+
+
+class ResultsWriteError(DataError):
+    """The results store cannot be written (storage unreachable, denied): no retry of the
+    cells helps; finished slabs are kept for ``--resume``."""
+
+
+def _zarr_args(out: Place) -> tuple[str | Path, dict]:
+    """The store argument and keyword arguments xarray and zarr take for ``out``."""
+    if isinstance(out, Location):
+        return out.url, {"storage_options": out.storage_options()}
+    return out, {}
+
+
+def exists(out: Place) -> bool:
+    """Whether anything is at ``out``."""
+    return remote_results.exists(out) if isinstance(out, Location) else out.exists()
+
+
+def _group(out: Place):
+    import zarr
+
+    where, kw = _zarr_args(out)
+    return zarr.open_group(str(where), mode="r+", **kw)
 
 
 def _versions() -> dict[str, str]:
@@ -62,7 +90,7 @@ def template(config: SweepConfig, data: DataSplit) -> xr.Dataset:
     kmax = max(config.ks)
     sizes = {"cluster": kmax, "iteration": config.max_iter}
     sizes |= dict(zip(data.image_dims, data.image_shape))
-    arrays = schema.empty(config.grid, sizes, data.image_dims)
+    arrays = schema.empty(config.grid, sizes, data.image_dims, data.labelled)
     coords = {
         "k": list(config.ks),
         "init": np.array(config.inits, dtype=object),
@@ -70,7 +98,7 @@ def template(config: SweepConfig, data: DataSplit) -> xr.Dataset:
     }
     coords |= {dim: np.arange(n) for dim, n in sizes.items()}
     ds = xr.Dataset(arrays, coords=coords)
-    for var in schema.VARIABLES:
+    for var in schema.variables(data.labelled):
         ds[var.name].attrs = {"long_name": var.label}
     ds.attrs = {
         RESULTS_MARK: SCHEMA_VERSION,
@@ -78,6 +106,7 @@ def template(config: SweepConfig, data: DataSplit) -> xr.Dataset:
         "dataset": data.name,
         "fingerprint": data.fingerprint,
         "class_names": data.class_names,
+        schema.LABELLED: data.labelled,
         "n_train": int(data.y_train.size),
         "n_test": int(data.y_test.size),
         "versions": json.dumps(_versions()),
@@ -100,8 +129,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def create_store(out: Path, ds: xr.Dataset) -> None:
-    """Write the template beside ``out`` and move it into place (never half-written)."""
+def create_store(out: Place, ds: xr.Dataset) -> None:
+    """Write the template beside ``out`` and move it into place (never half-written); at a URL,
+    upload it with its root ``zarr.json`` last."""
+    if isinstance(out, Location):
+
+        def write(local: Path) -> None:
+            with _quiet():
+                ds.to_zarr(local, mode="w", encoding=_encoding(ds), consolidated=True)
+
+        remote_results.create(out, write)
+        return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -115,16 +153,22 @@ def create_store(out: Path, ds: xr.Dataset) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: bool) -> xr.Dataset:
+def open_results(out: Place, config: SweepConfig, data: DataSplit, *, resume: bool) -> xr.Dataset:
     """Create the results store at a new ``out``, or reopen one for ``--resume`` after checking
-    that it matches (and bringing a store of an older schema up to this one)."""
-    if not out.exists():
-        create_store(out, template(config, data))
-    elif not resume:
+    that it matches (and bringing a store of an older schema up to this one).
+
+    A new store is returned as the template in memory (what was just written), so the
+    sweep does not read it back.
+    """
+    if not exists(out):
+        new = template(config, data)
+        create_store(out, new)
+        return new
+    if not resume:
         raise ConfigError(
             f"results store {out} exists: use --resume to complete it or --overwrite to start again"
         )
-    ds = _open(out)
+    ds = open_store(out)
     diff = config.differences(json.loads(ds.attrs.get("config", "{}")))
     if diff:
         raise ConfigError(
@@ -138,18 +182,22 @@ def open_results(out: Path, config: SweepConfig, data: DataSplit, *, resume: boo
         )
     if ds.attrs.get(RESULTS_MARK) != SCHEMA_VERSION:
         _upgrade(out, ds, template(config, data))
-        ds = _open(out)
+        ds = open_store(out)
     return ds
 
 
-def _open(out: Path) -> xr.Dataset:
+def open_store(out: Place) -> xr.Dataset:
+    """The results store at ``out``, opened lazily."""
+    where, kw = _zarr_args(out)
     try:
-        return xr.open_zarr(out)
+        return xr.open_zarr(where, **kw)
     except Exception as exc:  # zarr/xarray raise many types for a broken store
+        if isinstance(out, Location):
+            raise describe(exc, out) from None
         raise DataError(f"cannot open results store {out}: {exc}") from None
 
 
-def _upgrade(out: Path, ds: xr.Dataset, new: xr.Dataset) -> None:
+def _upgrade(out: Place, ds: xr.Dataset, new: xr.Dataset) -> None:
     """Bring a store of an older schema to this one: add the variables it lacks (their fill
     values) and stamp the schema version; ConfigError if that cannot make it whole."""
     version = ds.attrs.get(RESULTS_MARK, 0)
@@ -174,14 +222,15 @@ def _upgrade(out: Path, ds: xr.Dataset, new: xr.Dataset) -> None:
     log.info("bringing results store %s to schema version %d", out, SCHEMA_VERSION)
     import zarr
 
+    where, kw = _zarr_args(out)
     with _quiet():
         if missing:
             added = new[missing]
             added = added.drop_vars(list(added.coords))
-            added.to_zarr(out, mode="a", encoding=_encoding(added), consolidated=False)
-        group = zarr.open_group(str(out), mode="r+")
+            added.to_zarr(where, mode="a", encoding=_encoding(added), consolidated=False, **kw)
+        group = _group(out)
         group.attrs[RESULTS_MARK] = SCHEMA_VERSION
-        zarr.consolidate_metadata(str(out))
+        zarr.consolidate_metadata(group.store)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -194,13 +243,17 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def replace_store(new: Path, target: Path) -> None:
+def replace_store(new: Place, target: Place) -> None:
     """Put the complete store ``new`` at ``target`` and delete the store it replaces.
 
     The two are exchanged in one atomic rename where the system allows it, so
     at every instant ``target`` holds either the old results or the new.
-    Elsewhere the old store is moved aside first and deleted last.
+    Elsewhere the old store is moved aside first and deleted last; on object storage
+    see kmclust.sweep.remote_results.replace.
     """
+    if isinstance(new, Location) and isinstance(target, Location):
+        remote_results.replace(new, target)
+        return
     if _exchange(new, target):
         shutil.rmtree(new)
         return
@@ -210,24 +263,42 @@ def replace_store(new: Path, target: Path) -> None:
     shutil.rmtree(aside)
 
 
-def write_slab(out: Path, ki: int, slab: xr.Dataset) -> None:
+def write_slab(out: Place, ki: int, slab: xr.Dataset) -> None:
     """Write one k's cells: data first, ``status`` last (the cell-done marker)."""
     region = {"k": slice(ki, ki + 1), "init": slice(None), "seed": slice(None)}
     data = slab.drop_vars([v for v in slab.coords])
-    data.drop_vars("status").to_zarr(out, region=region, consolidated=False)
-    data[["status"]].to_zarr(out, region=region, consolidated=False)
+    where, kw = _zarr_args(out)
+    # at a URL, read the layout from the root's consolidated metadata (written at creation;
+    # the slabs change no metadata) rather than with a request per array and write
+    consolidated = isinstance(out, Location)
+    try:
+        data.drop_vars("status").to_zarr(where, region=region, consolidated=consolidated, **kw)
+        data[["status"]].to_zarr(where, region=region, consolidated=consolidated, **kw)
+    except Exception as exc:
+        if not isinstance(out, Location):
+            raise
+        raise ResultsWriteError(f"cannot write the results: {describe(exc, out)}") from None
 
 
-def finish_store(out: Path) -> None:
+def finish_store(out: Place) -> None:
     """Stamp the end time and refresh the consolidated metadata."""
     import zarr
 
-    with _quiet():
-        group = zarr.open_group(str(out), mode="r+")
-        group.attrs["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-        zarr.consolidate_metadata(str(out))
+    try:
+        with _quiet():
+            group = _group(out)
+            group.attrs["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+            zarr.consolidate_metadata(group.store)
+    except Exception as exc:
+        if not isinstance(out, Location):
+            raise
+        raise ResultsWriteError(f"cannot write the results: {describe(exc, out)}") from None
 
 
 def strings(var: xr.DataArray) -> np.ndarray:
-    """A string variable as an object array (zarr v3 strings read back as numpy StringDType)."""
-    return np.asarray(var.values).astype(object)
+    """A string variable as an object array (zarr v3 strings read back as numpy StringDType).
+
+    Read in this process (dask's synchronous scheduler): a few kilobytes do not
+    need a round trip through a cluster's workers.
+    """
+    return np.asarray(var.compute(scheduler="sync").values).astype(object)
