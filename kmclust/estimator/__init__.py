@@ -86,8 +86,9 @@ class KMeans(
 
     Notes
     -----
-    - Sums are float64 for every input dtype; float64 data are computed in float64,
-      float32 and uint8 in float32 on the engine.
+    - Sums are float64 (exact) for every input dtype; distances are computed in float32 on
+      the engine for uint8, float32 and float64 data whose range allows it (else float64),
+      with near ties settled against the float64 centroids: labels are the exact nearest.
     - ``sample_weight``: all-equal weights fit exactly as no weights (inertia scaled).
     - Empty clusters are relocated to the points farthest from their centroids
       (scikit-learn's policy). Fewer distinct points than clusters: a

@@ -17,8 +17,10 @@ uint8 rows stay uint8 and are converted to float32 ``BLOCK_ROWS`` at a time
 for the GEMMs; per-cluster sums of uint8 data are exact
 integers in float32 as long as a chunk has fewer than ``EXACT_UINT8_ROWS``
 rows (255 · n < 2**24), so partial sums do not depend on chunking or on the
-reduction order. Float input is computed in its own precision with float64
-sums.
+reduction order. Float rows' sums are exact too (:mod:`kmclust.lloyd.float_sums`);
+float64 rows get their distances in float32 where their range allows (the
+error bound then counts the rounding of the rows, near ties are settled
+against the float64 centroids), else in float64.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def dense_columns(cols: np.ndarray | None, sums: np.ndarray, kt: int) -> np.ndar
     return out
 
 
+#: Stacks of at least this many centroids get uint8 rows' distances from a GEMM of converted blocks.
+WIDE_STACK = 64
+#: Distances computed at a time when a whole chunk is assigned (rows × ΣK): a block's matrix
+#: (32 MB in float32) rather than the chunk's.
+DIST_BLOCK = 2**23
 #: Rows converted to the compute dtype at a time: uint8 chunks stay uint8 in memory, a block's float
 #: copy stays in cache while its GEMM runs, and gathering rows moves a quarter of the bytes.
 BLOCK_ROWS = 1024
@@ -77,12 +84,14 @@ def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = No
     """(m, KT) ‖c‖² − 2x·c of rows ``rows`` (default all) against the stack (centroids' dtype).
 
     The one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out.
-    uint8 rows go to a compiled kernel instead
-    (:func:`kmclust.lloyd.distance.pixel_distances`: faster for thin stacks, and
-    each row's distances are the same bits wherever the row sits, so chunk
-    sizes cannot change a relocation candidate).
+    uint8 rows against a thin stack (below ``WIDE_STACK`` centroids) go to a
+    compiled kernel instead (:func:`kmclust.lloyd.distance.pixel_distances`:
+    faster there, and each row's distances are the same bits wherever the row
+    sits); on wider stacks the GEMM is twice as fast, and relocation candidates
+    take their distances from that kernel still (:func:`candidate_distances`),
+    so chunk sizes cannot change one.
     """
-    if x.dtype == np.uint8:
+    if x.dtype == np.uint8 and centroids.shape[0] < WIDE_STACK:
         return _distance.pixel_distances(
             x, np.arange(x.shape[0]) if rows is None else rows, centroids
         )
@@ -102,6 +111,7 @@ def assign(
     bounds: bool = False,
     xsq: np.ndarray | None = None,
     cbound: np.ndarray | None = None,
+    c64: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Nearest centroid of each run for each row.
 
@@ -113,7 +123,8 @@ def assign(
     and ``second`` (n, R) of :func:`kmclust.lloyd.assign.assign_rows`, which let
     later passes skip rows. ``xsq``: the rows' ‖x‖² if known. ``cbound``
     (n, ΣK) float32, if given, receives per-centroid lower bounds
-    (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`).
+    (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`). ``c64``: the exact centroids that
+    ``centroids`` were rounded from (float64 rows computed in float32), if any.
     """
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
@@ -125,7 +136,8 @@ def assign(
         np.empty((n, r, 2)),
         np.empty((n, r), dtype=np.int32),
     )
-    place(x, centroids, offsets, None, np.arange(r), xsq, *out, cbound=cbound, col0=offsets[:-1])
+    col0 = offsets[:-1]
+    place(x, centroids, offsets, None, np.arange(r), xsq, *out, cbound=cbound, col0=col0, c64=c64)
     return out if bounds else out[:2]
 
 
@@ -143,37 +155,42 @@ def place(
     second: np.ndarray,
     cbound: np.ndarray | None = None,
     col0: np.ndarray | None = None,
+    c64: np.ndarray | None = None,
 ) -> None:
     """Assign rows ``rows`` (all if None) for a (sub)stack into columns ``runs`` of the outputs.
 
     Per-centroid bounds, if ``cbound``, go to its columns from ``col0[p]`` on for sub-stack
-    position p.
+    position p. ``c64``: the exact centroids (near ties are settled against them), if
+    ``centroids`` were rounded from float64.
     """
-    dist = distances(x, centroids, rows)
-    c64 = centroids.astype(np.float64)
+    c64 = centroids.astype(np.float64) if c64 is None else c64
+    terms = _distance.dot_terms(x.dtype, centroids.dtype, x.shape[1])
+    csq_max = np.einsum("ij,ij->i", c64, c64).max()
     if rows is None:
         rows = np.arange(x.shape[0])
-    xs = xsq[rows]
-    window = 2.0 * _distance.error_bound(
-        xs, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], dist.dtype
-    )
-    _assign.assign_rows(
-        dist,
-        offsets,
-        x,
-        rows,
-        runs,
-        c64,
-        window,
-        xs,
-        labels,
-        dmin,
-        upper,
-        lower,
-        second,
-        cbound,
-        col0,
-    )
+    step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
+    for lo in range(0, rows.size, step):  # a block of rows at a time: memory of (step, ΣK)
+        part = rows[lo : lo + step]
+        dist = distances(x, centroids, None if part.size == x.shape[0] else part)
+        xs = xsq[part]
+        window = 2.0 * _distance.error_bound(xs, csq_max, terms, dist.dtype)
+        _assign.assign_rows(
+            dist,
+            offsets,
+            x,
+            part,
+            runs,
+            c64,
+            window,
+            xs,
+            labels,
+            dmin,
+            upper,
+            lower,
+            second,
+            cbound,
+            col0,
+        )
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -283,6 +300,59 @@ def delta_sums(
         compute_dtype(x.dtype),
     )
     return touched, sums, counts.astype(np.int64)
+
+
+def pixel_farthest(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    labels: np.ndarray,
+    xsq: np.ndarray,
+    dn: np.ndarray,
+    runs: np.ndarray,
+    start: int,
+    m: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`farthest` for uint8 rows whose distances ``dn`` (n, len(runs)) came from a GEMM:
+    ranked instead by the distances :func:`kmclust.lloyd.distance.pixel_distances` gives (as
+    :func:`kmclust.lloyd.assign.assign_rows` writes them), the same bits however rows are chunked.
+
+    Both are within the error bound of the true distance, so only rows whose GEMM distance is
+    within twice that of the m-th largest can rank among the m farthest: those alone are
+    recomputed. −inf in ``dn`` (rows of weight 0) stays −inf.
+    """
+    n = x.shape[0]
+    out = (
+        np.empty((runs.size, m)),
+        np.empty((runs.size, m), np.int64),
+        np.empty((runs.size, m), int),
+    )
+    for t, p in enumerate(runs):
+        block = centroids[offsets[p] : offsets[p + 1]]
+        c64 = block.astype(np.float64)
+        err = 2.0 * _distance.error_bound(
+            xsq, np.einsum("ij,ij->i", c64, c64).max(), x.shape[1], block.dtype
+        )
+        d = dn[:, t]
+        low = d - err
+        cut = np.partition(low, n - m)[n - m] if n > m else -np.inf
+        rows = np.flatnonzero(d + err >= cut)
+        lab = labels[rows, p]
+        own = np.empty(rows.size, dtype=block.dtype)  # each row's entry for its own centroid only
+        order = np.argsort(lab, kind="stable")
+        edges = np.flatnonzero(np.diff(lab[order])) + 1
+        for sel in np.split(order, edges) if rows.size else ():
+            j = lab[sel[0]]
+            own[sel] = _distance.pixel_distances(x, rows[sel], block[j : j + 1])[:, 0]
+        exact = np.maximum(own + xsq[rows], block.dtype.type(0))
+        exact = np.where(d[rows] == -np.inf, -np.inf, exact.astype(np.float64))
+        cd, ci, cl = farthest(exact[:, None], lab[:, None], 0, m)
+        out[0][t], out[1][t], out[2][t] = (
+            cd[0],
+            np.where(ci[0] >= 0, rows[ci[0]] + start, -1),
+            cl[0],
+        )
+    return out
 
 
 def farthest(

@@ -42,6 +42,13 @@ def error_bound(
     )
 
 
+def dot_terms(x_dtype: np.dtype, dtype: np.dtype, d: int) -> int:
+    """The dot-product length for :func:`error_bound`: ``d``, or ``d + 2`` when rows of ``x_dtype``
+    are rounded to ``dtype`` first (float64 rows computed in float32: each product then carries
+    two more roundings, as a product of two more terms would)."""
+    return d if np.can_cast(x_dtype, dtype, "safe") else d + 2
+
+
 def row_norms(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(n,) ‖x_i‖² in ``dtype``: summed exactly for integer pixels, in ``dtype`` otherwise."""
     if x.dtype == np.uint8:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from kmclust.lloyd import distance as _distance
-from kmclust.lloyd import weighted
+from kmclust.lloyd import exact as _exact
+from kmclust.lloyd import float_sums, weighted
 from kmclust.lloyd.chunk import (
+    WIDE_STACK,
     assign,
-    blocks,
     cluster_sums,
     delta_sums,
     exact_errors,
     farthest,
+    pixel_farthest,
     runs_with_empty_cluster,
 )
 from kmclust.lloyd.partial import ChunkState, Partial
@@ -41,12 +43,12 @@ class ChunkArgs:
     run_ids: np.ndarray  # IN (R,) the runs' indices in the batch (the keys of their states)
     evals: dict[int, np.ndarray]  # IN stack position → float64 centroids of a run being evaluated
     m: int  # IN relocation candidates kept per run
-    integer: bool  # IN integer-valued data: exact sums; labels kept as state
+    integer: bool  # IN integer-valued data: sums exact in the compute dtype, sent as deltas
     want_labels: bool  # OUT the evaluated runs' labels
     want_errors: bool = True  # OUT the evaluated runs' exact Σ‖x − z‖² and Σ‖x − z‖
     patches: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # IN run → (rows, new labels)
     drift: dict[int, np.ndarray] | None = None  # IN run → each centroid's last move (bounds)
-    prune: bool = False  # IN skip rows by bounds (integer data with states)
+    prune: bool = False  # IN skip rows by bounds (with states)
     weights: WeightSpec | None = None  # IN how the chunk's sample weights are summed (None: none)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -69,10 +71,11 @@ def lloyd_chunk(
     """One chunk's contribution to one Lloyd iteration of a stack of runs.
 
     ``x`` (rows ``start`` on of the data) stays in its own dtype (uint8
-    pixels are converted a block at a time). For integer-valued data the
-    chunk's labels are returned as state and, when ``prev`` holds every
-    run's previous state (after the driver's relocation ``patches``), the
-    partial carries *changes* of the sums (``delta=True``). With ``prune``
+    pixels are converted a block at a time). The chunk's labels are returned
+    as state; when ``prev`` holds every run's previous state (after the
+    driver's relocation ``patches``), integer-valued data send *changes* of
+    the sums (``delta=True``), and float rows change the exact sums they kept
+    (:mod:`kmclust.lloyd.float_sums`) and send them whole. With ``prune``
     and the centroids' ``drift`` since the previous pass, Hamerly-style
     bounds (:mod:`kmclust.lloyd.prune`) skip the rows whose label cannot
     change in any run; relocation candidates are then only upper bounds
@@ -82,6 +85,12 @@ def lloyd_chunk(
     """
     centroids, offsets, run_ids, integer = args.centroids, args.offsets, args.run_ids, args.integer
     eval_centroids, prune, m = args.evals, args.prune, args.m
+    grid, c64 = None, None  # float rows: how sums are kept; exact centroids if rounded to float32
+    if not integer and x.dtype.kind == "f":
+        grid = next((st.grid for st in prev or [] if getattr(st, "grid", None)), None)
+        grid = grid or float_sums.grid_of(x)
+        if centroids.dtype == np.float64 and float_sums.fits32(grid, centroids):
+            c64, centroids = centroids, centroids.astype(np.float32)
     known = [st.xsq for st in prev or [] if st.xsq is not None and st.xsq.dtype == centroids.dtype]
     exact = None  # uint8 rows' integer ‖x‖², computed once for both ‖x‖² and Σ‖x‖²
     if known:
@@ -91,44 +100,53 @@ def lloyd_chunk(
         xsq = exact.astype(centroids.dtype)
     else:
         xsq = _distance.row_norms(x, centroids.dtype)
-    per_centroid = prune and integer and centroid_bounds(offsets)
-    prior = None
-    if integer:
-        prior = previous(prev, args.patches, run_ids, per_centroid, start, x.shape[0])
+    per_centroid = prune and centroid_bounds(offsets)
+    prior = previous(prev, args.patches, run_ids, per_centroid, start, x.shape[0])
+    if prior is not None and len(known) < len(prev):  # bounds from distances in another dtype
+        prior = replace(prior, upper=None, lower=None, second=None, cbound=None)
     pruned = prune and prior is not None and prior.upper is not None and args.drift is not None
     if pruned:
         labels, dmin, upper, lower, second, cbound = pruned_assign(
-            x, xsq, centroids, offsets, run_ids, prior, args.drift
+            x, xsq, centroids, offsets, run_ids, prior, args.drift, c64
         )
     else:
         cbound = (
             np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
         )
         labels, dmin, upper, lower, second = assign(
-            x, centroids, offsets, bounds=True, xsq=xsq, cbound=cbound
+            x, centroids, offsets, bounds=True, xsq=xsq, cbound=cbound, c64=c64
         )
         if per_centroid:
             lower = second = None
-    sum_cols, ws, wsqnorm = None, args.weights, None
+    sum_cols, ws, wsqnorm, kept = None, args.weights, None, None
     if ws is not None:
         w = w.reshape(-1)  # the chunk's (n, 1) column of weights
-    if ws is not None:
         sum_cols, sums, counts, wsqnorm = _weighted_sums(x, labels, prior, offsets, w, ws, exact)
+        delta = prior is not None and ws.exact
+    elif not integer:  # full sums, from exact ones kept and changed by deltas where possible
+        kept, sums, counts = _float_sums(x, labels, prior, offsets, grid)
+        delta = False
     elif prior is not None:
         sum_cols, sums, counts = delta_sums(x, labels, prior.labels, offsets)
+        delta = True
     else:
         sums, counts = cluster_sums(x, labels, offsets, integer)
-    # Σ‖x‖² never changes: integer data send it with the first pass only (the driver keeps it)
+        delta = False
+    # Σ‖x‖² never changes: sent with the first pass only (the driver keeps it)
     sqnorm = math.nan
     if prior is None and ws is None:
         sqnorm = float(exact.sum()) if exact is not None else _sqnorm(x)
     r = offsets.size - 1
-    kept = labels if ws is None else weighted.positive_labels(labels, w)
-    needy = runs_with_empty_cluster(kept, offsets)
+    present = labels if ws is None else weighted.positive_labels(labels, w)
+    needy = runs_with_empty_cluster(present, offsets)
     cand_d, cand_i, cand_l = np.full((r, m), -np.inf), np.full((r, m), -1), np.full((r, m), -1)
     if needy.size:
         dn = dmin[:, needy] if ws is None else weighted.candidate_distances(dmin[:, needy], w)
-        cand_d[needy], cand_i[needy], cand_l[needy] = farthest(dn, labels[:, needy], start, m)
+        if x.dtype == np.uint8 and not pruned and offsets[-1] >= WIDE_STACK:  # from a GEMM
+            found = pixel_farthest(x, centroids, offsets, labels, xsq, dn, needy, start, m)
+        else:
+            found = farthest(dn, labels[:, needy], start, m)
+        cand_d[needy], cand_i[needy], cand_l[needy] = found
     # exact: int 0, Fractions where evaluated (adding ints is far cheaper than adding Fractions)
     eval_sse = np.full(r, 0, dtype=object)
     eval_dist = np.full(r, 0, dtype=object)
@@ -144,21 +162,18 @@ def lloyd_chunk(
     if args.want_labels and eval_centroids:
         cols = sorted(eval_centroids)
         out_labels.append((start, labels[:, cols]))
-    keep_bounds = prune and integer
-    state = (
-        ChunkState(
-            np.asarray(run_ids),
-            labels,
-            upper if keep_bounds else None,
-            lower if keep_bounds else None,
-            xsq,
-            second if keep_bounds else None,
-            cbound if keep_bounds else None,
-            np.asarray(offsets),
-        )
-        if integer
-        else None
+    state = ChunkState(
+        np.asarray(run_ids),
+        labels,
+        upper if prune else None,
+        lower if prune else None,
+        xsq,
+        second if prune else None,
+        cbound if prune else None,
+        np.asarray(offsets),
     )
+    if grid is not None:
+        state = float_sums.FloatState(**vars(state), grid=grid, sums=kept)
     part = Partial(
         sums,
         counts,
@@ -169,7 +184,7 @@ def lloyd_chunk(
         eval_sse,
         eval_dist,
         labels=out_labels,
-        delta=prior is not None and (ws is None or ws.exact),
+        delta=delta,
         pruned=pruned,
         sum_cols=sum_cols,
         wsqnorm=wsqnorm,
@@ -187,13 +202,25 @@ def _weighted_sums(x, labels, prior, offsets, w, ws: WeightSpec, xsq=None) -> tu
     return None, sums, counts, weighted.sqnorm(x, w, xsq)
 
 
+def _float_sums(x, labels, prior, offsets, grid) -> tuple:
+    """(exact sums to keep or None, (ΣK, D) float64 sums, counts) of float rows: the kept sums
+    changed by the rows whose label changed, else summed in full
+    (:mod:`kmclust.lloyd.float_sums`); the same bits either way."""
+    kt = int(offsets[-1])
+    counts = np.bincount((labels + offsets[:-1][None, :]).ravel(), minlength=kt).astype(np.int64)
+    if prior is not None and prior.sums is not None:
+        exact = float_sums.changed_sums(prior.sums, x, labels, prior.sum_labels, offsets, grid)
+    else:
+        exact = float_sums.full_sums(x, labels, offsets, grid)
+    # kept only while a quarter of the chunk at most (large k: summing the rows again costs little
+    # beside the distances, and keeps a worker's memory to its chunks)
+    keep = grid.exact and 4 * exact.nbytes <= x.nbytes
+    return exact if keep else None, float_sums.as_float(exact, grid), counts
+
+
 def _sqnorm(x: np.ndarray) -> float:
-    """Σ‖x‖² of a chunk in float64 (exact for integer pixels), a block of rows at a time."""
+    """Σ‖x‖² of a chunk in float64 (exact for integer pixels; float rows in a fixed order)."""
     if x.dtype == np.uint8:
         return float(_distance.row_norms(x, np.int64).sum())
-    return float(
-        sum(
-            np.einsum("ij,ij->", blk, blk)
-            for _, _, blk in blocks(x, np.arange(x.shape[0]), np.float64)
-        )
-    )
+    zero = np.zeros((1, x.shape[1]))
+    return float(_exact.squared_errors(x, zero, np.zeros(x.shape[0], np.int64)).sum())

@@ -121,6 +121,7 @@ def reassign(
     upper: np.ndarray,
     lower: np.ndarray,
     second: np.ndarray,
+    c64: np.ndarray | None = None,
 ) -> None:
     """Hamerly's second step for the (row, run) pairs of ``need`` in stack positions ``runs``.
 
@@ -136,9 +137,9 @@ def reassign(
     float32 dot products in any order (the error bound holds for every
     order), then near ties settled exactly and the bounds renewed as in
     :func:`assign_rows`. Per pair, no GEMM: the cost follows the pairs, not
-    rows × stack.
+    rows × stack. ``c64``: the exact (float64) centroids ``centroids`` were rounded from, if any.
     """
-    c64 = centroids.astype(np.float64)
+    c64 = centroids.astype(np.float64) if c64 is None else c64
     csq = np.einsum("ij,ij->i", centroids, centroids)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     _reassign(
@@ -288,6 +289,7 @@ def reassign_centroids(
     dmin: np.ndarray,
     upper: np.ndarray,
     cbound: np.ndarray,
+    c64: np.ndarray | None = None,
 ) -> None:
     """Elkan's second step for the (row, run) pairs of ``need``, with per-centroid lower bounds.
 
@@ -297,9 +299,9 @@ def reassign_centroids(
     theirs, which also renews their bound. The label is the nearest of those
     computed, near ties settled exactly (lowest index first), as in
     :func:`assign_rows`. With many centroids per run few of them fail their
-    bound: the cost follows those, not the run's k.
+    bound: the cost follows those, not the run's k. ``c64`` as in :func:`reassign`.
     """
-    c64 = centroids.astype(np.float64)
+    c64 = centroids.astype(np.float64) if c64 is None else c64
     csq = np.einsum("ij,ij->i", centroids, centroids)
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     _reassign_centroids(

@@ -31,7 +31,7 @@ class Layout:
     n_groups: int  # groups of runs wanted per pass (more tasks than chunks keep threads busy)
     dtype: np.dtype  # compute dtype of the centroid stacks
     integer: bool  # integer-valued data: exact sums
-    stateful: bool = False  # chunk tasks take and leave per-row state (integer data only)
+    stateful: bool = False  # chunk tasks take and leave per-row state
     prune: bool = False  # ... and skip rows by bounds (with state only)
     weights: WeightSpec | None = None  # how sample weights are summed (None: no weights)
 
@@ -66,9 +66,7 @@ def layout(
     prune: bool,
     weights: WeightSpec | None = None,
 ) -> Layout:
-    """The layout of data in row chunks of the sizes ``chunks``; state needs integer data, pruning
-    needs state."""
-    stateful = stateful and integer
+    """The layout of data in row chunks of the sizes ``chunks``; pruning needs state."""
     starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64).tolist()
     return Layout(
         tuple(starts), n_groups, np.dtype(dtype), integer, stateful, prune and stateful, weights

@@ -18,6 +18,7 @@ from kmclust.lloyd import bounds as _bounds
 from kmclust.lloyd import distance as _distance
 from kmclust.lloyd import nearest as _nearest
 from kmclust.lloyd.chunk import place
+from kmclust.lloyd.float_sums import Grid
 from kmclust.lloyd.partial import ChunkState
 
 #: Runs needing more than this share of a chunk's rows share one GEMM; the others get compiled
@@ -58,6 +59,9 @@ class Prior:
     lower: np.ndarray | None  # (n, R, 2)
     second: np.ndarray | None  # (n, R)
     cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid bounds; lowered in place
+    grid: Grid | None = None  # float rows: how ``sums`` are kept (kmclust.lloyd.float_sums)
+    sums: np.ndarray | None = None  # float rows: exact sums per stacked cluster (read only)
+    sum_labels: np.ndarray | None = None  # the labels ``sums`` are of (before any patch)
 
 
 def pruned_assign(
@@ -68,6 +72,7 @@ def pruned_assign(
     run_ids: np.ndarray,
     prior: Prior,
     drift: dict[int, np.ndarray],
+    c64: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Labels with bounds: recompute only rows where some run's label might change.
 
@@ -92,15 +97,16 @@ def pruned_assign(
             for rid, k in zip(run_ids, ks)
         ]
     )  # (KT,) how far each centroid moved
-    c64 = centroids.astype(np.float64)
+    c64 = centroids.astype(np.float64) if c64 is None else c64  # exact, if rounded from float64
     csq_max = np.maximum.reduceat(np.einsum("ij,ij->i", c64, c64), offsets[:-1])
     # the bounds started from computed squared distances, each off by at most error_bound
     # per unit of ‖x‖² + 2 max‖c‖²
-    slack = 2.0 * _distance.error_bound(1.0, 0.0, x.shape[1], centroids.dtype)
+    terms = _distance.dot_terms(x.dtype, centroids.dtype, x.shape[1])
+    slack = 2.0 * _distance.error_bound(1.0, 0.0, terms, centroids.dtype)
     row_slack, run_slack = slack * xsq.astype(np.float64), slack * 2.0 * csq_max
     if prior.cbound is not None:
         return _pruned_assign_centroids(
-            x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack
+            x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack, c64
         )
     upper, lower, need = _bounds.moved_bounds(
         labels, prior.upper, prior.lower, prior.second, moved, offsets, row_slack, run_slack
@@ -130,6 +136,7 @@ def pruned_assign(
                 upper,
                 lower,
                 second,
+                c64=c64[cols],
             )
         if rows.size <= 0.9 * n:
             pairs = need.copy()
@@ -139,7 +146,7 @@ def pruned_assign(
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
         _nearest.reassign(
-            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second
+            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, lower, second, c64
         )
     return labels, dmin, upper, lower, second, None
 
@@ -155,6 +162,7 @@ def _pruned_assign_centroids(
     slack: float,
     row_slack: np.ndarray,
     run_slack: np.ndarray,
+    c64: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """:func:`pruned_assign` with a lower bound per (row, centroid) (Elkan; ``labels`` in place).
 
@@ -188,6 +196,7 @@ def _pruned_assign_centroids(
             *scratch,
             cbound=cbound,
             col0=offsets[:-1],
+            c64=c64,
         )
         # > 0.9 n: the GEMM took every row
         pairs = np.zeros_like(need) if rows.size > 0.9 * n else need.copy()
@@ -195,7 +204,7 @@ def _pruned_assign_centroids(
     rest = np.flatnonzero(pairs.any(axis=0))
     if rest.size:
         _nearest.reassign_centroids(
-            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound
+            x, xsq, centroids, offsets, rest, pairs, slack, labels, dmin, upper, cbound, c64
         )
     return labels, dmin, upper, None, None, cbound
 
@@ -256,6 +265,8 @@ def previous(
                 )
                 for name in names
             }
+    grid, sums = _kept_sums(prev, held, run_ids)
+    raw = labels  # what the kept sums are of: patches go to a copy
     touched = [
         (p, patches[int(rid)]) for p, rid in enumerate(run_ids) if patches and int(rid) in patches
     ]
@@ -274,7 +285,29 @@ def previous(
             # (per-centroid bounds hold whatever the label: the relocated centroid's jump is in
             # its move)
     return Prior(
-        labels, bounds.get("upper"), bounds.get("lower"), bounds.get("second"), bounds.get("cbound")
+        labels,
+        bounds.get("upper"),
+        bounds.get("lower"),
+        bounds.get("second"),
+        bounds.get("cbound"),
+        grid,
+        sums,
+        raw if sums is not None else None,
+    )
+
+
+def _kept_sums(
+    prev: list, held: list, run_ids: np.ndarray
+) -> tuple[Grid | None, np.ndarray | None]:
+    """The exact sums float chunks keep (:mod:`kmclust.lloyd.float_sums`) for the stack
+    ``run_ids``, gathered as the labels are; (grid, None) if some run's are missing."""
+    grid = getattr(prev[0], "grid", None)
+    if grid is None or any(getattr(st, "sums", None) is None for st, _ in held):
+        return grid, None
+    if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):
+        return grid, prev[0].sums
+    return grid, np.concatenate(
+        [st.sums[st.offsets[col] : st.offsets[col + 1]] for st, col in held], axis=0
     )
 
 
