@@ -39,6 +39,13 @@ def swept(mnist_subset_store: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("choosing-k") / "r.zarr"
     outcome = run_sweep(_config(mnist_subset_store), out, parallel=2)  # dask's threads
     assert not outcome.failed
+    # the phases the command logs: consecutive laps that add up to the sweep's time; the
+    # held-out passes and waits ran within them
+    laps = {n: s for n, s in outcome.phases.items() if not n.endswith("within the above)")}
+    assert {"engine", "data and initial centroids", "checks and data split"} <= set(laps)
+    assert 0.95 * outcome.seconds <= sum(laps.values()) <= outcome.seconds
+    inside = sum(outcome.phases.values()) - sum(laps.values())
+    assert 0 < inside <= laps["engine"] + laps["last evaluations and writes"]
     return out
 
 

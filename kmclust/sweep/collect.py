@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,6 +141,8 @@ class Collector:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kmclust-write")
         self.jobs: deque[tuple[str, Future]] = deque()  # ("values" | "write", its future)
         self.lock = threading.Lock()  # the silhouette distances, shared by the evaluators
+        # seconds the driver spent on held-out passes and waiting for the background threads
+        self.seconds = {"held-out passes": 0.0, "waiting for metrics and writes": 0.0}
 
     def close(self) -> None:
         """Stop the background threads (after the job, or on an error: queued work is dropped)."""
@@ -206,7 +209,9 @@ class Collector:
             if not self.jobs or not (wait or self.jobs[0][1].done()):
                 return
             kind, job = self.jobs.popleft()
+            t0 = time.perf_counter()
             result = job.result()  # re-raises the background thread's error here
+            self.seconds["waiting for metrics and writes"] += time.perf_counter() - t0
             if kind == "values":
                 for (ki, ii, si), values in result:
                     fill_cell(self.arrays[ki], ii, si, values)
@@ -232,7 +237,7 @@ class Collector:
         )
         idle = not self.jobs and len(self.finished) >= IDLE_BATCH
         if self.finished and (force or completes or idle):
-            batch = self.finished
+            batch, t0 = self.finished, time.perf_counter()
             tests = (
                 driver.predict(
                     self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE, errors=False
@@ -240,6 +245,7 @@ class Collector:
                 if self.data.y_test.size and self.data.labelled  # only accuracy needs it
                 else [None] * len(batch)
             )
+            self.seconds["held-out passes"] += time.perf_counter() - t0
             self.finished = []  # only now: if the held-out pass fails, the runs are retried
             for part in range(EVALUATORS):  # the runs dealt out to the evaluator threads
                 job = self.worker.submit(

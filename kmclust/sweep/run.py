@@ -63,6 +63,12 @@ class SweepOutcome:
     n_computed: int
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # where the seconds went
+
+    def breakdown(self) -> str:
+        """The phases as "name 1.2 s, …" (the driver's view: the engine includes its passes'
+        wait for the workers; held-out passes and waits ran inside the engine's loop)."""
+        return ", ".join(f"{name} {sec:.1f} s" for name, sec in self.phases.items())
 
 
 def _run_cells(
@@ -182,6 +188,7 @@ def run_sweep(
                 if isinstance(target, Location)
                 else target.with_name(f".{target.stem}.overwrite-{uuid.uuid4().hex[:8]}.zarr")
             )
+        t_sweep = time.perf_counter()
         try:
             outcome = _sweep(
                 config,
@@ -198,6 +205,7 @@ def run_sweep(
         if out != target:
             replace_store(out, target)
     outcome.path, outcome.seconds = target, time.perf_counter() - t0
+    outcome.phases = {"checks and data split": t_sweep - t0} | outcome.phases
     return outcome
 
 
@@ -249,22 +257,29 @@ def _sweep(
 ) -> SweepOutcome:
     """Run the pending cells of the results store ``out`` (created here unless resumed)."""
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = _lap(phases)
     results = open_results(out, config, data, resume=resume)
     status = strings(results["status"])
     cells: list[Cell] = [tuple(int(i) for i in c) for c in zip(*np.nonzero(status != "done"))]
     sink = Collector(
         config, data, results, out, cells, on_batch, int(np.sum(status == "done")), status.size
     )
+    lap("results store")
     try:
         if cells:
             inits = _initial_centroids(config, data, cells, sink)
+            lap("data and initial centroids")
             runnable = [c for c in cells if c in inits]
             if runnable:
                 _run_cells(config, data, runnable, inits, sink, max(1, parallel))
+            lap("engine")
             try:
                 sink.flush(force=True)
             except Exception as exc:  # noqa: BLE001 - the held-out pass of the last runs
                 raise _fatal(exc, data) or load_error(exc, data.store) from None
+            lap("last evaluations and writes")
+            phases |= {f"({name}, within the above)": s for name, s in sink.seconds.items()}
     finally:
         sink.close()
     finish_store(out)
@@ -276,7 +291,20 @@ def _sweep(
             earlier = all_status[cell] == "failed"
             failed.append(f"{desc}: {'failed in an earlier run' if earlier else 'not computed'}")
     computed = int(np.sum((status != "done") & (all_status != "pending")))
-    return SweepOutcome(out, status.size, computed, failed, time.perf_counter() - t0)
+    lap("closing the store")
+    return SweepOutcome(out, status.size, computed, failed, time.perf_counter() - t0, phases)
+
+
+def _lap(phases: dict[str, float]) -> Callable[[str], None]:
+    """A stopwatch: each call records the seconds since the previous one under its name."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return lap
 
 
 @contextlib.contextmanager
