@@ -6,10 +6,14 @@ show the URL only, and :func:`scrub` removes option values from any text that
 reaches the user (a library's exception may quote them). Credentials come the
 standard way of each backend (for S3: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, profiles, as botocore reads
-them) or from ``--storage-options JSON``; credentials written into the URL
-(``s3://key:secret@bucket``) are refused, since URLs are logged. Workers open
+them), from ``--storage-options JSON`` or from the ``storage_options`` of a
+cluster.yaml profile (the command line wins key by key: :func:`merge_options`);
+credentials written into the URL (``s3://key:secret@bucket``) are refused,
+since URLs are logged. Workers open
 the store from the URL themselves: the fsspec filesystem inside a dask graph
-carries the options, not the data.
+carries the options, not the data. A few option values that are never secret
+(the endpoint, the region, ``anon``, ``use_ssl``) stay visible in messages, so an
+unreachable endpoint is named; every other value stays hidden.
 """
 
 from __future__ import annotations
@@ -25,9 +29,44 @@ from kmclust.errors import ConfigError, DataError
 
 #: a URL: scheme "://" rest (a Windows drive letter is not a scheme)
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]+)://(?P<rest>.*)$")
-#: option keys whose values are secrets even when short
+#: words of a storage error that mean the credentials were refused
 _DENIED = ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
+#: option keys whose values are secrets even when short
 _SECRET_KEYS = re.compile(r"secret|token|password|key|credential|sas|session", re.I)
+#: option paths whose values are never secret: shown in messages (an endpoint that cannot be
+#: reached is worth naming); every other value is hidden
+VISIBLE = frozenset(
+    {
+        ("endpoint_url",),
+        ("region_name",),
+        ("anon",),
+        ("use_ssl",),
+        ("client_kwargs", "endpoint_url"),
+        ("client_kwargs", "region_name"),
+    }
+)
+#: the process's own cloud secrets, hidden from messages wherever they appear
+_SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+)
+#: error codes (S3's, as botocore gives them) that mean the storage refused the credentials
+_REFUSED = {
+    "invalidaccesskeyid": "the access key id is not known there",
+    "signaturedoesnotmatch": "the secret does not match the access key id",
+    "accessdenied": "these credentials are not allowed this access",
+    "403": "forbidden, no reason given",
+    "forbidden": "forbidden, no reason given",
+    "expiredtoken": "the session token has expired",
+    "invalidtoken": "the session token is not valid",
+}
+#: where credentials come from, named in the messages
+_SOURCES = "the environment, --storage-options or the storage_options of the cluster.yaml profile"
 
 
 @dataclass(frozen=True)
@@ -152,26 +191,42 @@ def storage_options(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--storage-options ")) from None
 
 
-def secrets(options: Mapping[str, Any]) -> list[str]:
-    """The string values inside ``options`` that must never be shown (nested dicts too)."""
+def merge_options(base: Mapping[str, Any], over: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``base`` with ``over`` on top, key by key (nested mappings such as ``client_kwargs`` too).
+
+    Why: a cluster.yaml profile's storage options are the defaults and
+    ``--storage-options`` changes only the keys it names.
+    """
+    out = dict(base)
+    for key, value in (over or {}).items():
+        mine = out.get(key)
+        both = isinstance(mine, Mapping) and isinstance(value, Mapping)
+        out[key] = merge_options(mine, value) if both else value
+    return out
+
+
+def secrets(options: Mapping[str, Any], _path: tuple[str, ...] = ()) -> list[str]:
+    """The string values inside ``options`` that must never be shown (nested dicts too): all
+    but those at the :data:`VISIBLE` paths (a value under 4 characters only if its key sounds
+    secret, so that short words are not blanked all over a message)."""
     out: list[str] = []
     for key, value in options.items():
+        path = (*_path, str(key))
         if isinstance(value, Mapping):
-            out += secrets(value)
+            out += secrets(value, path)
+        elif path in VISIBLE:
+            continue
         elif isinstance(value, str) and (len(value) >= 4 or _SECRET_KEYS.search(str(key))):
             out.append(value)
     return out
 
 
 def scrub(text: str, options: Mapping[str, Any]) -> str:
-    """``text`` with every option value (and the process's cloud secrets) replaced by ``***``."""
+    """``text`` with option values (all but the :data:`VISIBLE` ones) and the process's cloud
+    secrets replaced by ``***``."""
     import os
 
-    hidden = secrets(options) + [
-        os.environ[k]
-        for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY")
-        if os.environ.get(k)
-    ]
+    hidden = secrets(options) + [os.environ[k] for k in _SECRET_ENV if os.environ.get(k)]
     for value in sorted(set(hidden), key=len, reverse=True):
         text = text.replace(value, "***")
     return text
@@ -182,8 +237,18 @@ def describe(exc: BaseException, where: Location) -> DataError:
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
     low = f"{name} {text}".lower()
+    code = _error_code(exc)
     if "nosuchbucket" in low or "bucket does not exist" in low:
         why = "no such bucket"
+    elif code.lower() in _REFUSED:
+        why = f"access denied: the credentials were refused ({code}: {_REFUSED[code.lower()]}); "
+        why += f"check the credentials ({_SOURCES})"
+    elif code == "NoCredentialsError":
+        why = f"no credentials were found: give them through {_SOURCES} (anon: true for a public "
+        why += "bucket)"
+    elif code == "PartialCredentialsError":  # e.g. a secret without its key id, in one source
+        why = f"incomplete credentials ({text}): give the key and the secret together, through "
+        why += _SOURCES
     elif isinstance(exc, PermissionError) or any(s in low for s in _DENIED):
         why = f"access denied: check the credentials ({text})"
     elif any(s in low for s in ("could not connect", "connect timeout", "endpointconnection")):
@@ -193,3 +258,20 @@ def describe(exc: BaseException, where: Location) -> DataError:
     else:
         why = f"{name}: {text}"
     return DataError(scrub(f"{where}: {why}", where.options))
+
+
+def _error_code(exc: BaseException) -> str:
+    """The storage's error code behind ``exc`` (botocore's ``Error.Code``, found along the
+    chain of causes: s3fs raises PermissionError from it), or the name of botocore's
+    NoCredentialsError / PartialCredentialsError; "" when there is none."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, Mapping) and isinstance(response.get("Error"), Mapping):
+            return str(response["Error"].get("Code", ""))
+        if type(seen).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return type(seen).__name__  # botocore's, raised before any request
+        seen = seen.__cause__ or seen.__context__
+    return ""

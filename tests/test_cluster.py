@@ -25,7 +25,7 @@ import pytest
 from distributed import LocalCluster, Security
 
 from kmclust.cluster.connect import connect, describe
-from kmclust.cluster.profiles import find_config, load_profiles
+from kmclust.cluster.profiles import find_config, load_profiles, profile_storage_options
 from kmclust.errors import ConfigError, SchedulerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +196,86 @@ profiles:
     with pytest.raises(ConfigError, match="'nocls'.*NoSuchCluster"):
         with connect("nocls", path):
             pass
+
+
+STORAGE = """
+profiles:
+  s3:
+    module: distributed
+    class: LocalCluster
+    kwargs: {}
+    storage_options:
+      key: ${KMCLUST_T_KEY}
+      secret: "pre-${KMCLUST_T_SECRET}-post"
+      client_kwargs: {endpoint_url: "${KMCLUST_T_ENDPOINT}", region_name: eu-west-1}
+      anon: false
+  remote:
+    address: tcp://127.0.0.1:8786
+    storage_options: {endpoint_url: "http://127.0.0.1:9000"}
+"""
+
+
+def test_profiles_carry_storage_options_expanded_from_the_environment(tmp_path, monkeypatch):
+    path = write(tmp_path, STORAGE)
+    monkeypatch.setenv("KMCLUST_T_KEY", "AKIA-from-env")
+    monkeypatch.setenv("KMCLUST_T_SECRET", "s3cr3t-from-env")
+    monkeypatch.setenv("KMCLUST_T_ENDPOINT", "http://127.0.0.1:9001")
+    assert load_profiles(path)["s3"]["storage_options"]["key"] == "${KMCLUST_T_KEY}"  # kept
+    assert profile_storage_options("s3", path) == {
+        "key": "AKIA-from-env",
+        "secret": "pre-s3cr3t-from-env-post",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9001", "region_name": "eu-west-1"},
+        "anon": False,
+    }
+    remote = {"endpoint_url": "http://127.0.0.1:9000"}
+    assert profile_storage_options("remote", path) == remote
+    assert profile_storage_options("tcp://127.0.0.1:8786", path) == remote  # its address
+    assert profile_storage_options("tcp://127.0.0.1:8787", path) == {}
+    assert profile_storage_options("local", path) == {}  # the built-in default
+    assert profile_storage_options("no-such-profile", path) == {}  # connect() refuses it
+
+
+def test_an_unset_variable_is_named_and_no_value_shown(tmp_path, monkeypatch):
+    path = write(tmp_path, STORAGE)
+    monkeypatch.setenv("KMCLUST_T_KEY", "AKIA-from-env")
+    monkeypatch.delenv("KMCLUST_T_SECRET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        profile_storage_options("s3", path)
+    msg = str(err.value)
+    assert str(path) in msg and "'s3'" in msg and "storage_options.secret" in msg
+    assert "${KMCLUST_T_SECRET}" in msg and "not set" in msg
+    assert "AKIA-from-env" not in msg and "KMCLUST_T_KEY" not in msg
+    assert profile_storage_options("remote", path)  # other profiles are unaffected
+
+
+@pytest.mark.parametrize("value", ["[key, secret]", '"key=AKIA0 secret=s3cr3t-in-yaml"', "3"])
+@pytest.mark.parametrize("kind", ["cluster", "address"])
+def test_storage_options_must_be_a_mapping(tmp_path, value, kind):
+    head = (
+        "module: distributed, class: LocalCluster, kwargs: {}"
+        if kind == "cluster"
+        else "address: tcp://127.0.0.1:8786"
+    )
+    path = write(tmp_path, f"profiles:\n  p: {{{head}, storage_options: {value}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_profiles(path)
+    msg = str(err.value)
+    assert str(path) in msg and "'p'" in msg and "storage_options must be a mapping" in msg
+    assert "s3cr3t" not in msg and "AKIA0" not in msg
+
+
+def test_shipped_s3_example_is_local_plus_storage_options(monkeypatch):
+    profiles = load_profiles(SHIPPED)
+    local, example = profiles["local"], profiles["s3-example"]
+    assert "storage_options" not in local and profile_storage_options("local", SHIPPED) == {}
+    assert {k: example[k] for k in ("module", "class", "kwargs")} == local
+    monkeypatch.delenv("KMCLUST_S3_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$\{KMCLUST_S3_KEY\}, which is not set"):
+        profile_storage_options("s3-example", SHIPPED)
+    monkeypatch.setenv("KMCLUST_S3_KEY", "AKIA-example")
+    monkeypatch.setenv("KMCLUST_S3_SECRET", "example-secret")
+    got = profile_storage_options("s3-example", SHIPPED)
+    assert (got["key"], got["secret"]) == ("AKIA-example", "example-secret")
 
 
 def test_wrong_kwarg_is_caught_before_starting(tmp_path):

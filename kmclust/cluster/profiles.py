@@ -1,20 +1,25 @@
 """Reading cluster.yaml: find it, validate its profiles, pick the one asked for.
 
 Why: a mistake in the YAML must end the job before any process starts, with
-one line naming the file, the profile and the key.
+one line naming the file, the profile and the key. A profile may carry
+``storage_options`` for the data and results stores at URLs; ``${VAR}`` in their
+string values is read from the environment when the profile is used, so
+secrets need not live in the file.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kmclust.cluster.address import ADDRESS
+from kmclust.cluster.address import ADDRESS, is_address
 from kmclust.cluster.messages import one_line
 from kmclust.errors import ConfigError
 
@@ -38,8 +43,10 @@ DEFAULT_LOCAL: dict[str, Any] = {
 }
 
 _REQUIRED = {"module", "class", "kwargs"}
-_OPTIONAL = {"security", "require_encryption", "connect_timeout", "adapt"}
-_ADDRESS_KEYS = {"address", "security", "require_encryption", "connect_timeout"}
+_OPTIONAL = {"security", "require_encryption", "connect_timeout", "adapt", "storage_options"}
+_ADDRESS_KEYS = {"address", "security", "require_encryption", "connect_timeout", "storage_options"}
+#: an environment variable in a storage option's value: ${NAME}
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def load_profiles(path: str | Path) -> dict[str, dict]:
@@ -82,9 +89,9 @@ def _validate_profile(path: Path, name: str, spec: Any) -> dict:
     for key in ("module", "class"):
         if key in spec and not (isinstance(spec[key], str) and spec[key]):
             raise ConfigError(f"{where}: {key} must be a non-empty string")
-    for key in ("kwargs", "security", "adapt"):
+    for key in ("kwargs", "security", "adapt", "storage_options"):
         if key in spec and not isinstance(spec[key] or {}, Mapping):
-            raise ConfigError(f"{where}: {key} must be a mapping")
+            raise ConfigError(f"{where}: {key} must be a mapping")  # the value is not shown
         if key in spec:
             spec[key] = dict(spec[key] or {})
     if not isinstance(spec.get("require_encryption", False), bool):
@@ -133,6 +140,44 @@ def pick_profile(profiles: dict[str, dict], name: str, path: Path | None) -> tup
         f"unknown scheduler {name!r}: not a tcp:// or tls:// address and not a profile in "
         f"{path or '(no cluster.yaml found)'}; known profiles: {', '.join(known)}"
     )
+
+
+def profile_storage_options(scheduler: str, config_path: str | Path | None = None) -> dict:
+    """The storage options of the profile ``scheduler`` names (or of the address profile with
+    that address), ``${VAR}`` expanded; {} when there is none.
+
+    An unknown profile name also gives {}: connect() refuses it later with the
+    list of known profiles.
+    """
+    path = find_config(config_path)
+    if path is None:
+        return {}
+    profiles = load_profiles(path)
+    if is_address(scheduler):
+        spec = profile_for_address(profiles, scheduler)
+        name = next((n for n, p in profiles.items() if p is spec), scheduler)
+    else:
+        name, spec = scheduler, profiles.get(scheduler, {})
+    where = f"cluster config {path}, profile {name!r}: storage_options"
+    return expand_variables(spec.get("storage_options") or {}, where)
+
+
+def expand_variables(options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``options`` with every ``${VAR}`` in a string value (nested too) replaced from the
+    environment; an unset variable is a ConfigError naming it (never a value)."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        here = f"{where}.{key}"
+        if isinstance(value, Mapping):
+            out[key] = expand_variables(value, here)
+        elif isinstance(value, str):
+            for variable in _VARIABLE.findall(value):
+                if variable not in os.environ:
+                    raise ConfigError(f"{here} uses ${{{variable}}}, which is not set")
+            out[key] = _VARIABLE.sub(lambda m: os.environ[m[1]], value)
+        else:
+            out[key] = value
+    return out
 
 
 def profile_for_address(profiles: dict[str, dict], address: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kmclust.cli import ArgumentParser, progress, setup_logging
 from kmclust.errors import ConfigError
-from kmclust.location import Location, storage_options
+from kmclust.location import Location, merge_options, storage_options
 from kmclust.sweep import config as options
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="JSON",
         type=storage_options,
         help="for URLs: fsspec storage options as a JSON object (credentials, endpoint); "
-        "never recorded or shown",
+        "over the --scheduler profile's storage_options key by key; never recorded or shown",
     )
     p.add_argument(
         "--break-lock",
@@ -180,10 +180,22 @@ def check_args(args: argparse.Namespace) -> tuple[dict, Path | Location]:
     )
 
 
+def profile_options(args: argparse.Namespace) -> dict | None:
+    """The storage options of the --scheduler profile in cluster.yaml, with --storage-options
+    over them key by key (the command line wins)."""
+    if args.scheduler == "threads":
+        return args.storage_options
+    from kmclust.cluster.profiles import profile_storage_options
+
+    profile = profile_storage_options(args.scheduler, args.cluster_config)
+    return merge_options(profile, args.storage_options) or args.storage_options
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Check every option, run (or complete) the sweep, print its table and write the report."""
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose)
+    args.storage_options = profile_options(args)
     values, out = check_args(args)
     from kmclust.lloyd.placement import n_threads
     from kmclust.sweep import run as sweep
@@ -216,7 +228,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; "
         f"results: {out}"
     )
-    log.info("sweep phases: %s", outcome.breakdown())
     if not args.no_report:
         folder = (
             report.default_out_dir(out.url)
