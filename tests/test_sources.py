@@ -138,7 +138,10 @@ BAD_ARRAYS = {
     "int-above-255": (_save(images=np.full((40, 5, 7), 256), labels=LAB), "[0, 255]"),
     "images-bool": (_save(images=IMG > 9, labels=LAB), "integers 0-255 or floats"),
     "no-images": (_save(labels=LAB), "no 'images'"),
-    "no-labels": (_save(images=IMG), "no 'labels'"),
+    "names-without-labels": (
+        _save(images=IMG, class_names=np.array(["a", "b"])),
+        "'class_names' without 'labels'",
+    ),
     "label-count": (_save(images=IMG, labels=LAB[:-1]), "39 labels for 40 images"),
     "labels-float": (_save(images=IMG, labels=LAB * 1.0), "1-D integer"),
     "labels-negative": (_save(images=IMG, labels=LAB - 1), "0-255"),
@@ -157,7 +160,7 @@ BAD_ARRAYS = {
         _save(images=IMG, labels=LAB, class_names=np.array(["a", 1], dtype=object)),
         "cannot read",
     ),
-    "bare-npy": (lambda path: np.save(path.open("wb"), IMG), "bare .npy"),
+    "npy-rank-2": (lambda path: np.save(path.open("wb"), IMG[0]), "got shape (5, 7)"),
     "not-numpy": (lambda path: path.write_text("images,labels\n"), "cannot read"),
     "truncated": (
         lambda path: path.write_bytes(_npz_bytes(path, images=IMG, labels=LAB)[:300]),
@@ -197,6 +200,7 @@ def test_array_needs_from_on_the_command_line(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [
-        "error: array needs --from FILE, an .npz holding 'images' and 'labels'"
+        "error: array needs --from PATH: an .npy or .npz file, or a zarr array or group "
+        "(images; optionally labels, split, class_names)"
     ]
     assert list(tmp_path.iterdir()) == []

@@ -2,9 +2,10 @@
 
 Sources: mnist-subset (built in), mnist (--from DIR or --download),
 fashion-mnist (Debian's dataset-fashion-mnist, or --from DIR), digits
-(scikit-learn's 8 x 8 digits, built in), array (--from FILE, an .npz of images
-and labels), images (--from DIR, a folder of PNG/JPEG/BMP/TIFF/GIF files, one
-sub-folder per class or none), synthetic (--from STORE --rows N [--seed S]).
+(scikit-learn's 8 x 8 digits, built in), array (--from PATH|URL: an .npy or
+.npz file, or a zarr array or group; labels optional), images (--from DIR, a
+folder of PNG/JPEG/BMP/TIFF/GIF files, one sub-folder per class or none),
+synthetic (--from STORE --rows N [--seed S]).
 See data/README.md and README.md ("Your own images").
 """
 
@@ -18,7 +19,7 @@ from kmclust.cli import ArgumentParser, setup_logging
 from kmclust.data.images import MODES, PARALLEL, parse_size
 from kmclust.data.stores import CHUNK_BYTES, CHUNK_ROWS, SOURCES, stage, store_summary
 from kmclust.errors import ConfigError
-from kmclust.location import storage_options
+from kmclust.location import locate, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--from",
         dest="from_dir",
         metavar="DIR",
-        help="input directory (mnist, fashion-mnist), .npz file (array), folder of images "
-        "(images) or parent store (synthetic)",
+        help="input directory (mnist, fashion-mnist), .npy/.npz file or zarr array/group, "
+        "a path or a URL read with --storage-options (array), folder of images (images) or "
+        "parent store (synthetic)",
     )
     p.add_argument(
         "--out",
@@ -44,8 +46,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--storage-options",
         metavar="JSON",
         type=storage_options,
-        help="for a URL: fsspec storage options as a JSON object, e.g. "
-        '\'{"profile": "lab"}\' (credentials: the backend\'s usual environment variables)',
+        help="for a URL (--out, and array's --from): fsspec storage options as a JSON "
+        'object, e.g. \'{"profile": "lab"}\' (credentials: the backend\'s usual environment '
+        "variables)",
     )
     p.add_argument(
         "--chunk-rows",
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = vars(build_parser(prog).parse_args(argv))
     setup_logging(args.pop("verbose"))
     t0 = time.perf_counter()
-    path = stage(args.pop("source"), **args)
+    source = args.pop("source")
+    if source == "array" and args["from_dir"] is not None:  # the input may be a URL too
+        args["from_dir"] = locate(args["from_dir"], args["storage_options"])
+    path = stage(source, **args)
     print(f"{store_summary(path)}, staged in {time.perf_counter() - t0:.1f} s")
     return 0

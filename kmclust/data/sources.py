@@ -1,10 +1,10 @@
 """The data sources that data/stage.py can stage: what each one is and how it loads.
 
 Each source is one `Source` in `REGISTRY`: its name, the shape of its images,
-its class names and a loader that reads it into memory (the `array` source, an
-.npz given with --from, takes its shape and class names from the file). The
-`images` source (a folder of image files, kmclust.data.images) may be too large
-to load at once: it streams, decoded in parallel chunk by chunk into the store.
+its class names and a loader that reads it into memory. Two sources may be too
+large to load at once and stream chunk by chunk into the store, taking their
+shape and class names from their input: `images` (a folder of image files,
+kmclust.data.images) and `array` (.npy/.npz/zarr, kmclust.data.arrays).
 The literal image size lives here, in the source definitions, and nowhere else
 in kmclust.data: a store carries its own shape (its images array) and class
 names (its attrs).
@@ -21,15 +21,13 @@ import importlib.resources
 import io
 import logging
 import math
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kmclust.data import images
+from kmclust.data import arrays, images
 from kmclust.data.download import fetch_mnist, file_sha256
 from kmclust.data.idx import read_idx_pair
 from kmclust.errors import ConfigError, DataError
@@ -57,8 +55,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# What the array source's .npz may hold (images and labels are required).
-ARRAY_KEYS = ("images", "labels", "split", "class_names")
+ARRAY_KEYS = arrays.ARRAY_KEYS  # what the array source's .npz or zarr group may hold
 
 
 @dataclass
@@ -220,90 +217,6 @@ def _load_digits(from_dir: Path | None, download: bool, shape: tuple[int, int] |
     )
 
 
-def _array_images(images: np.ndarray, where: Path) -> np.ndarray:
-    """(N, H, W) pixels as uint8: integers 0-255 as they are, floats in [0, 1] as rint(v * 255)."""
-    if images.ndim != 3 or 0 in images.shape[1:]:
-        raise DataError(f"{where}: 'images' must be (N, height, width), got shape {images.shape}")
-    kind = images.dtype.kind
-    if kind == "f" and not np.isfinite(images).all():
-        raise DataError(f"{where}: 'images' holds NaN or infinite values")
-    top = {"u": 255, "i": 255, "f": 1}.get(kind)
-    if top is None:
-        raise DataError(f"{where}: 'images' must be integers 0-255 or floats in [0, 1], got {kind}")
-    if images.size and (images.min() < 0 or images.max() > top):
-        raise DataError(f"{where}: 'images' {images.dtype} values must lie in [0, {top}]")
-    if kind == "f":  # rint: round half to even, in float64 (exact for float32 input)
-        return np.rint(images.astype(np.float64) * 255).astype(np.uint8)
-    return images.astype(np.uint8)
-
-
-def _array_labels(arrays: dict[str, np.ndarray], n: int, where: Path) -> tuple:
-    """The labels (uint8) and class names of an .npz; the names default to "0".."max label"."""
-    labels = arrays.get("labels")
-    if labels is None:  # the stores, the split and the metrics all need a class per image
-        raise DataError(f"{where}: no 'labels'; the array source needs them (unlabelled: not yet)")
-    if labels.ndim != 1 or labels.dtype.kind not in "ui":
-        raise DataError(f"{where}: 'labels' must be a 1-D integer array, got {labels.dtype}")
-    if len(labels) != n:
-        raise DataError(f"{where}: {len(labels)} labels for {n} images")
-    if n and (labels.min() < 0 or labels.max() > 255):
-        raise DataError(f"{where}: labels must lie in 0-255")
-    top = int(labels.max(initial=0))
-    names = arrays.get("class_names")
-    if names is None:
-        return labels.astype(np.uint8), tuple(str(c) for c in range(top + 1))
-    if names.ndim != 1 or names.dtype.kind != "U" or len(set(names.tolist())) != len(names):
-        raise DataError(f"{where}: 'class_names' must be a 1-D array of distinct strings")
-    if top >= len(names):
-        raise DataError(f"{where}: label {top} but only {len(names)} class names")
-    return labels.astype(np.uint8), tuple(names.tolist())
-
-
-def _array_split(split: np.ndarray | None, n: int, where: Path) -> np.ndarray:
-    """The test mask: from "train"/"test" strings or a bool is_test; all train when absent."""
-    if split is None:
-        return np.zeros(n, bool)
-    if split.ndim != 1 or len(split) != n:
-        raise DataError(f"{where}: 'split' must be 1-D with one entry per image ({n})")
-    if split.dtype == bool:
-        return split
-    if split.dtype.kind == "U" and np.isin(split, ["train", "test"]).all():
-        return split == "test"
-    raise DataError(f"{where}: 'split' must be the strings train/test or a bool is_test")
-
-
-def _load_array(from_file: Path | None, download: bool, shape: tuple[int, int] | None) -> Loaded:
-    """Images, labels and optionally split and class names from an .npz (--from FILE)."""
-    if from_file is None:
-        raise ConfigError("array needs --from FILE, an .npz holding 'images' and 'labels'")
-    if not from_file.is_file():
-        raise DataError(f"{from_file}: no such file")
-    raw = from_file.read_bytes()  # read once: the fingerprint is of the bytes loaded
-    try:
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            raise DataError(
-                f"{from_file}: a bare .npy array has no labels; the array source needs an .npz "
-                "with 'images' and 'labels' (unlabelled data is not supported yet)"
-            )
-        with loaded:
-            unknown = sorted(set(loaded.files) - set(ARRAY_KEYS))
-            if unknown:
-                raise DataError(
-                    f"{from_file}: unknown keys {', '.join(unknown)}; "
-                    f"expected {', '.join(ARRAY_KEYS)}"
-                )
-            arrays = {key: loaded[key] for key in loaded.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"{from_file}: cannot read as .npz ({exc})") from None
-    if "images" not in arrays:
-        raise DataError(f"{from_file}: no 'images'")
-    images = _array_images(arrays["images"], from_file)
-    labels, names = _array_labels(arrays, len(images), from_file)
-    is_test = _array_split(arrays.get("split"), len(images), from_file)
-    return Loaded(images, labels, is_test, {from_file.name: hashlib.sha256(raw).hexdigest()}, names)
-
-
 REGISTRY: dict[str, Source] = {
     s.name: s
     for s in (
@@ -311,7 +224,7 @@ REGISTRY: dict[str, Source] = {
         Source("mnist", MNIST_SHAPE, DIGITS, _load_mnist, downloadable=True, needs_from=True),
         Source("fashion-mnist", MNIST_SHAPE, FASHION_NAMES, _load_fashion),
         Source("digits", DIGITS_SHAPE, DIGITS, _load_digits),
-        Source("array", None, (), _load_array, needs_from=True),
+        Source(arrays.NAME, None, (), None, needs_from=True, stream=arrays.stage_array),
         Source(images.NAME, None, (), None, needs_from=True, stream=images.stage_folder),
     )
 }
