@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -253,6 +254,55 @@ def metered() -> Iterator[Meter]:
     m.wall = time.perf_counter() - t0
     m.cpu = _cpu_seconds() - cpu0
     m.load = (load0, os.getloadavg()[0])
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """Largest RSS seen of the driver and of any one ``client`` worker, sampled every ``every`` s.
+
+    ``before``: the same figures when sampling started, so the growth shows. The
+    threaded scheduler (no client) runs in the driver: only the driver counts.
+    """
+
+    def __init__(self, client=None, every: float = 0.25):
+        self.client, self.every = client, every
+        self.driver = self.worker = 0
+        self.before = (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        self.driver = max(self.driver, _rss())
+        if self.client is not None:
+            with contextlib.suppress(Exception):  # a busy worker skips one sample
+                self.worker = max(self.worker, *self.client.run(_rss).values())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self._sample()
+        self.before = (self.driver, self.worker)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def text(self) -> str:
+        gib, (d0, w0) = 2.0**30, self.before
+        out = f"driver {self.driver / gib:.2f} GiB (at start {d0 / gib:.2f})"
+        if self.client is not None:
+            out += f", largest worker {self.worker / gib:.2f} GiB (at start {w0 / gib:.2f})"
+        return out
 
 
 # ---------------------------------------------------------------- data, schedulers, tools

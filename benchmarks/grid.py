@@ -4,8 +4,9 @@ Both run to strict convergence (tol=0) from the same initial centroids, the
 sweep's own (:func:`kmclust.lloyd.init.cell_seed`), so the comparison also
 checks results: Lloyd iterations, the final J and labels per run, against
 scikit-learn on float32 data and on float64 data (free of float32 rounding
-in the distances: the reference for fixed points). The share of this
-machine's float32 GEMM roofline tells how much of the grid is arithmetic.
+in the distances: the reference for fixed points). faiss (no tolerance) runs
+each run for the iterations scikit-learn needed. The share of this machine's
+float32 GEMM roofline tells how much of the grid is arithmetic.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from benchmarks.common import (
     SCALE,
     ClusterSpec,
-    cluster_note,
+    PeakRss,
     fashion_rows,
     kmclust_name,
     machine_info,
@@ -30,8 +31,10 @@ from benchmarks.common import (
     sklearn_fit,
     worker_blas,
 )
+from benchmarks.grid_notes import JOB, notes
 from benchmarks.history import Outcome, markdown_table
 from benchmarks.job import JobGrid, run_job
+from benchmarks.peers import FAISS, faiss_loop, faiss_module
 from kmclust.errors import DataError
 from kmclust.lloyd.driver import lloyd
 from kmclust.lloyd.init import cell_seed, init_centroids
@@ -39,8 +42,6 @@ from kmclust.lloyd.placement import persist_balanced
 
 log = logging.getLogger(__name__)
 
-#: the table's name of the real job
-JOB = "kmclust job (jobs/sweep.py, local)"
 #: the study's two initialisations (any of kmclust.lloyd.init.INITS may be given)
 STUDY_INITS = ("random", "data")
 COLUMNS = (
@@ -51,6 +52,8 @@ COLUMNS = (
     ("ms / iteration", "ms_per_iteration", None),
     ("speed-up vs sklearn", "speedup", 1.0),
     ("CPU-time ratio", "cpu_speedup", 1.0),
+    ("speed-up vs faiss", "speedup_faiss", "–"),
+    ("CPU-time ratio vs faiss", "cpu_speedup_faiss", "–"),
     ("max rel. J diff", "max_rel_j_diff", float("nan")),
     ("same, vs float64 J, equal labels", "max_rel_j64_diff_same_labels", float("nan")),
     ("runs with other labels", "runs_labels_differ", "–"),
@@ -71,6 +74,7 @@ class GridConfig:
     max_iter: int = 100
     prune: bool = True  # lloyd(prune=...): Hamerly-style bounds (the default) or not
     float64: bool = True  # also a float64 sklearn loop: fixed points free of float32 rounding
+    faiss: bool = True  # also a faiss loop (no subsampling), when faiss-cpu is installed
     job: bool = True  # also the real job (jobs/sweep.py, start to exit) on the same grid
     job_report: bool = True  # the job writes its report too (as `make sweep` does)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -155,14 +159,12 @@ def _fit_predict(xf: np.ndarray, x_test: np.ndarray, c: np.ndarray, max_iter: in
     return km
 
 
-def _sklearn_loops(x_np: np.ndarray, x_test: np.ndarray, inits: list[np.ndarray], cfg: GridConfig):
+def _sklearn_loops(x_np: np.ndarray, xf, xt, inits: list[np.ndarray], cfg: GridConfig):
     """The float32 loop (and the float64 one): fits, figures, float64 J of the float32 fits.
 
-    The float32 loop also labels the held-out rows after each fit (the sweep's work); the
-    float64 loop, the fixed-point reference, only fits.
+    The float32 loop also labels the held-out rows ``xt`` after each fit (the sweep's work);
+    the float64 loop, the fixed-point reference, only fits.
     """
-    xf = x_np.astype(np.float32) / np.float32(255)
-    xt = x_test.astype(np.float32) / np.float32(255)
     log.info("scikit-learn: %d runs", len(inits))
     with metered() as m32:
         sk = [_fit_predict(xf, xt, c, cfg.max_iter) for c in inits]
@@ -187,6 +189,26 @@ def _sklearn_loops(x_np: np.ndarray, x_test: np.ndarray, inits: list[np.ndarray]
     return sk, sk64, sk_j64, tools
 
 
+def _faiss_tool(xf, xt, inits: list[np.ndarray], sk, sk64, sk_j64, sk_meter: dict) -> dict:
+    """The faiss loop, each run for the iterations scikit-learn (float64 if run) needed."""
+    n_iters = [n_iter_of(m) for m in (sk64 or sk)]
+    log.info("faiss: %d runs, %d iterations in all", len(inits), sum(n_iters))
+    meter, fits = faiss_loop(xf, xt, [c.astype(np.float32) for c in inits], n_iters)
+    j = [f.inertia for f in fits]  # faiss's own J of pixels in [0, 1], as sklearn's inertia_
+    tool = {
+        **_figures(meter, fits),
+        "speedup": sk_meter["wall"] / meter.wall,
+        "cpu_speedup": sk_meter["cpu"] / meter.cpu,
+        **compare(fits, j, [f.labels for f in fits], sk, sk_j64),
+        "runs_n_iter_differ": "–",  # its n_iter is given, not found
+        "n_split": sum(f.n_split for f in fits),
+        "fits": fits,
+    }
+    if sk64 is not None:
+        tool |= _vs_float64(j, [f.labels for f in fits], sk64)
+    return tool
+
+
 def _figures(meter, fits: Sequence, base=None) -> dict:
     """Wall, CPU, load, Lloyd iterations (and the ratios to ``base``'s meter) of one tool."""
     n_iter = [n_iter_of(f) for f in fits]
@@ -208,7 +230,7 @@ def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machi
         worker_blas(client, machine)
         xp = persist_balanced(x)  # loaded and placed before the clock starts, as the sweep does
         log.info("kmclust on %s: %d runs in one batch", name, len(inits))
-        with metered() as meter:
+        with PeakRss(client) as rss, metered() as meter:
             res = lloyd(
                 xp,
                 inits,
@@ -221,7 +243,7 @@ def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machi
     bad = [r.error for r in res if r.error]
     if bad:
         raise DataError(f"kmclust run failed: {bad[0]}")
-    return meter, res
+    return meter, res, rss.text()
 
 
 def run_grid(cfg: GridConfig) -> Outcome:
@@ -235,14 +257,19 @@ def run_grid(cfg: GridConfig) -> Outcome:
     gemm = gemm_roofline()
     flop_per_iter = np.array([2.0 * n * d * k for k, _, _ in cells])
 
-    x_test = np.asarray(fashion_rows(cfg.store_dir, None, "test").compute())
-    sk, sk64, sk_j64, tools = _sklearn_loops(x_np, x_test, inits, cfg)
+    xf = x_np.astype(np.float32) / np.float32(255)
+    xt = np.asarray(fashion_rows(cfg.store_dir, None, "test").compute()) / np.float32(255)
+    sk, sk64, sk_j64, tools = _sklearn_loops(x_np, xf, xt, inits, cfg)
     sk_meter = tools["sklearn"]
+    has_faiss = cfg.faiss and faiss_module() is not None
+    if has_faiss:
+        tools[FAISS] = _faiss_tool(xf, xt, inits, sk, sk64, sk_j64, sk_meter)
     for name in cfg.cluster.schedulers:
-        meter, res = _kmclust_batch(x, inits, cfg, name, machine)
+        meter, res, rss = _kmclust_batch(x, inits, cfg, name, machine)
         j, labels = [r.jclust * n for r in res], [r.labels for r in res]
         tool = {
             **_figures(meter, res),
+            "peak_rss": rss,
             "speedup": sk_meter["wall"] / meter.wall,
             "cpu_speedup": sk_meter["cpu"] / meter.cpu,
             **compare(res, j, labels, sk, sk_j64),
@@ -258,8 +285,13 @@ def run_grid(cfg: GridConfig) -> Outcome:
             "speedup": sk_meter["wall"] / job["wall"],
             "cpu_speedup": sk_meter["cpu"] / job["cpu"],
         }
-    for t in tools.values():
+    for name, t in tools.items():
+        if has_faiss:
+            t["speedup_faiss"] = tools[FAISS]["wall"] / t["wall"]
+            t["cpu_speedup_faiss"] = tools[FAISS]["cpu"] / t["cpu"]
         n_iter = t.pop("n_iter", None)  # the job's per-run counts are in its store, not here
+        if n_iter is not None and name != FAISS:  # faiss's counts are given, not found
+            t["hit_max_iter"] = int((n_iter >= cfg.max_iter).sum())
         t["gflops"] = float("nan") if n_iter is None else n_iter @ flop_per_iter / t["wall"] / 1e9
         t["roofline_share"] = t["gflops"] / gemm
         t["ms_per_iteration"] = 1e3 * t["wall"] / t["iterations"]
@@ -275,68 +307,6 @@ def run_grid(cfg: GridConfig) -> Outcome:
         f"grid — Fashion-MNIST, {len(cells)} runs",
         {"n": n, "runs": len(cells), "roofline_gflops": gemm, "tools": tools},
         table,
-        _notes(cfg, n, d, len(cells), gemm, sk64 is not None, tools, machine),
+        notes(cfg, n, d, len(cells), gemm, sk64 is not None, has_faiss, tools, machine),
         machine,
     )
-
-
-def _notes(
-    cfg: GridConfig, n: int, d: int, runs: int, gemm: float, f64: bool, tools: dict, machine: dict
-) -> list[str]:
-    """What the grid's table measured and how to read it."""
-    return [
-        *_job_notes(tools),
-        f"data: first {n:,} Fashion-MNIST training images ({d} pixels, uint8 → [0, 1]); "
-        f"{runs} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × "
-        f"{len(cfg.seeds)} seeds; tol=0 (strict convergence), max_iter={cfg.max_iter}; "
-        "same initial centroids for every tool",
-        "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
-        "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
-        + (
-            "; sklearn float64: the same loop on float64 data (distances free of float32 "
-            "rounding: the reference for fixed points; its ratio column compares its time "
-            "with float32 sklearn's)"
-            if f64
-            else ""
-        ),
-        f"float32 GEMM roofline (8192×784 @ 784×2048, best of 5, driver BLAS threads): "
-        f"{gemm:.1f} GFLOP/s; useful flops = Σ n_iter · 2·N·D·k (distance GEMM only) / wall",
-        *cluster_note(cfg.cluster, machine),
-        "J diff: |kmclust jclust·N − sklearn inertia_| / inertia_, max over runs (sklearn's "
-        "inertia_ is accumulated in float32: ~2e-6 off on 60,000 rows); 'vs float64 J': "
-        "against Σ‖x − z‖² of sklearn's labels and centroids recomputed here in float64, over "
-        "the runs whose final labels equal sklearn's; CPU s: driver + worker processes; load: "
-        "1-min load average before → after that tool; ratios: sklearn / kmclust",
-        *[
-            f"{t}: of the runs that ended at another fixed point than sklearn (float32 near-ties "
-            f"decided differently on the way), its J is lower in "
-            f"{v['other_fixed_points']['kmclust_lower_j']} and higher in "
-            f"{v['other_fixed_points']['kmclust_higher_j']}, median relative difference "
-            f"{v['other_fixed_points']['median_rel_j_diff']:+.2e}"
-            for t, v in tools.items()
-            if v.get("runs_labels_differ")
-        ],
-    ]
-
-
-def _job_notes(tools: dict) -> list[str]:
-    """The job against the engine batch and the scikit-learn loop: the ratios, and what ran."""
-    if JOB not in tools:
-        return []
-    job, sk = tools[JOB], tools["sklearn"]
-    engines = {name: t for name, t in tools.items() if name.startswith("kmclust[")}
-    ratios = "; ".join(
-        f"job wall / {name} wall = {job['wall'] / t['wall']:.2f}, job's sweep time "
-        f"('cells computed in') / {name} wall = {job['sweep_seconds'] / t['wall']:.2f}"
-        for name, t in engines.items()
-    )
-    return [
-        f"the real job: `{job['command']}` in a subprocess, start to exit ("
-        + ("cluster start, sweep, results and report" if job["report"] else "no report")
-        + f"): {job['wall']:.1f} s wall, of which the sweep itself {job['sweep_seconds']:.1f} s; "
-        f"{job['iterations']:,} Lloyd iterations (its initial centroids are drawn from the float "
-        "rows, as the sweep does: a few iterations may differ from the batch's); CPU s: the job "
-        "and its workers",
-        f"ratios: {ratios}; sklearn loop (fit + held-out predict) wall / job wall = "
-        f"{sk['wall'] / job['wall']:.2f}",
-    ]

@@ -32,15 +32,13 @@ from benchmarks.common import (
     worker_blas,
 )
 from benchmarks.history import Outcome, markdown_table
+from benchmarks.peers import FAISS, FAISS_SUB, faiss_kmeans, faiss_module
 from kmclust.lloyd.driver import lloyd
 from kmclust.lloyd.init import init_centroids
 from kmclust.lloyd.placement import persist_balanced
 
 log = logging.getLogger(__name__)
 
-#: faiss without subsampling (every row in every iteration), and with its default sampling
-FAISS = "faiss"
-FAISS_SUB = "faiss (default: samples 256 rows per centroid)"
 #: a fit from initial centroids for at most max_iter iterations → the iterations it ran
 Fit = Callable[[np.ndarray, int], int]
 
@@ -70,26 +68,9 @@ def dask_ml_kmeans():
     return KMeans
 
 
-def faiss_module():
-    """The faiss module, or None when faiss-cpu is not installed."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
 def _faiss_iters(xf: np.ndarray, subsample: bool, c: np.ndarray, max_iter: int) -> int:
-    """faiss.Kmeans from ``c`` for exactly ``max_iter`` iterations (faiss has no tolerance).
-
-    ``subsample``: faiss's default, at most 256 rows per centroid drawn at random;
-    otherwise ``max_points_per_centroid`` is set so that every row takes part.
-    """
-    n, d = xf.shape
-    k = c.shape[0]
-    limit = {} if subsample else {"max_points_per_centroid": n // k + 1}
-    km = faiss_module().Kmeans(d, k, niter=max_iter, seed=0, verbose=False, **limit)
-    km.train(xf, init_centroids=np.ascontiguousarray(c, dtype=np.float32))
+    """faiss.Kmeans from ``c`` for exactly ``max_iter`` iterations (faiss has no tolerance)."""
+    faiss_kmeans(xf, c, max_iter, subsample)
     return max_iter
 
 
@@ -243,3 +224,80 @@ def _table(t: _Timings, ks: tuple[int, ...]) -> str:
         *[f"{name} / kmclust" for name, _ in ratios],
     ]
     return markdown_table(headers, rows)
+
+
+# ---------------------------------------------------------------- whole fits (issue 18, part 2)
+
+
+def run_convergence(store_dir: Path, k: int, max_iter: int, prune: bool = True) -> list[str]:
+    """Whole fits from the same k data rows until labels stop changing (tol=0) or ``max_iter``:
+    kmclust (uint8, threaded pool), scikit-learn lloyd (float32), and faiss (no subsampling)
+    for as many iterations as kmclust ran (faiss has no convergence test). Lines of text: per
+    tool wall and CPU seconds, iterations, J (float64 from each tool's labels and centroids),
+    labels shared with kmclust; and this process's peak RSS."""
+    import resource
+
+    import dask
+
+    x = fashion_rows(store_dir, None, None)
+    x_np = np.asarray(x.compute())
+    xf = x_np.astype(np.float32) / np.float32(255)
+    c = init_centroids(x_np, k, "data", 0) * SCALE
+    out, fits = [], {}
+
+    def j_of(labels: np.ndarray, centers: np.ndarray) -> float:
+        """Mean squared distance of the pixels / 255 in float64, 10,000 rows at a time."""
+        tot = 0.0
+        for lo in range(0, len(xf), 10_000):
+            d = x_np[lo : lo + 10_000] / 255.0 - centers[labels[lo : lo + 10_000]]
+            tot += float(np.einsum("ij,ij->", d, d))
+        return tot / len(xf)
+
+    with dask.config.set(scheduler="threads"):
+        xp = persist_balanced(x)
+        lloyd(xp, [c], tol=0.0, max_iter=2, scale=SCALE, prune=prune)  # JIT, thread pools
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with metered() as m:
+            (r,) = lloyd(xp, [c], tol=0.0, max_iter=max_iter, scale=SCALE, prune=prune,
+                         return_labels=True)  # fmt: skip
+        fits["kmclust"] = (m, r.n_iter, r.labels, r.centroids)
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with metered() as m:
+        sk = sklearn_fit(xf, c, "lloyd", max_iter)
+    fits["sklearn lloyd"] = (m, sk.n_iter_, sk.labels_, sk.cluster_centers_)
+    if faiss_module() is not None:
+        with metered() as m:
+            n, d = xf.shape
+            km = faiss_module().Kmeans(
+                d, k, niter=r.n_iter, seed=0, max_points_per_centroid=n // k + 1
+            )
+            km.train(xf, init_centroids=np.ascontiguousarray(c, dtype=np.float32))
+        _, lab = km.index.search(xf, 1)
+        fits["faiss"] = (m, r.n_iter, lab[:, 0], km.centroids)
+    for tool, (m, it, lab, cen) in fits.items():
+        j = j_of(lab, np.asarray(cen, dtype=np.float64))
+        same = float(np.mean(lab == r.labels))
+        out.append(
+            f"{tool}: {m.wall:.2f} s wall, {m.cpu:.2f} s CPU, {it} iterations "
+            f"({1e3 * m.wall / it:.0f} ms / {1e3 * m.cpu / it:.0f} ms CPU per iteration), "
+            f"J {j:.12g}, labels equal to kmclust's {same:.4%}, "
+            f"load {m.load[0]:.1f}→{m.load[1]:.1f}"
+        )
+    out.append(
+        f"kmclust converged: {r.converged}; peak RSS of this process {rss0 / 1024:.0f} MB before "
+        f"the timed kmclust fit, {rss1 / 1024:.0f} MB after (data, centroids, bounds, distances)"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="whole fits to convergence: kmclust, sklearn, faiss")
+    p.add_argument("--fit-to-convergence", action="store_true", required=True)
+    p.add_argument("--store-dir", type=Path, default=Path("data"))
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--max-iter", type=int, default=50)
+    p.add_argument("--no-prune", action="store_true")
+    a = p.parse_args()
+    print("\n".join(run_convergence(a.store_dir, a.k, a.max_iter, not a.no_prune)))

@@ -157,6 +157,70 @@ def test_grid_library_agrees_with_own_sklearn_loop(fashion_store: Path, prune: b
     assert km["roofline_share"] > 0
 
 
+def _grid_config(*args: str):
+    """The grid's config as `jobs/bench.py grid ARGS` makes it."""
+    from kmclust.commands import bench
+
+    return bench._config(bench.build_parser().parse_args(["grid", *args]))
+
+
+def test_large_k_preset_expands_and_explicit_options_win() -> None:
+    cfg = _grid_config("--large-k")
+    assert (cfg.ks, cfg.inits, cfg.seeds) == ((256, 512, 1024), ("data",), (0, 1, 2))
+    assert not cfg.job and cfg.faiss and cfg.float64 and cfg.max_iter == 100
+    assert _grid_config("--large-k", "--job").job
+    mixed = _grid_config("--large-k", "--k", "8,16", "--init", "random")
+    assert (mixed.ks, mixed.inits, mixed.seeds, mixed.job) == (
+        (8, 16),
+        ("random",),
+        (0, 1, 2),
+        False,
+    )
+    plain = _grid_config()
+    assert plain.ks == tuple(range(5, 21)) and plain.inits == ("random", "data") and plain.job
+    off = _grid_config("--no-job", "--no-faiss")
+    assert not off.job and not off.faiss
+
+
+def test_grid_faiss_loop_reaches_its_own_fixed_points(fashion_store: Path) -> None:
+    """faiss's J, labels and centroids against float64 numpy on its own output; its row beside
+    the others, and its labels against scikit-learn float64's from the same centroids."""
+    pytest.importorskip("faiss")
+    from benchmarks.peers import FAISS
+
+    args = ["--large-k", "--k", "8,16", "--seeds", "2", "--rows", "1500"]
+    cfg = _grid_config(*args, "--schedulers", "threads", "--store-dir", str(fashion_store.parent))
+    out = grid.run_grid(cfg)
+    x = datasets.load_images(datasets.open_images(fashion_store))[:1500]
+    x = x.astype(np.float64) / 255
+    fits = out.figures["tools"][FAISS]["fits"]
+    assert [f.centroids.shape[0] for f in fits] == [8, 8, 16, 16]
+    for f in fits:
+        c = f.centroids.astype(np.float64)
+        d2 = np.stack([((x - z) ** 2).sum(axis=1) for z in c], axis=1)  # brute force, float64
+        j64 = d2[np.arange(x.shape[0]), f.labels].sum()
+        assert abs(f.inertia - j64) <= 1e-5 * j64  # faiss's float32 distances, summed
+        top2 = np.sort(d2, axis=1)[:, :2]
+        clear = top2[:, 1] - top2[:, 0] > 1e-4 * top2[:, 1]
+        assert (f.labels[clear] == d2.argmin(axis=1)[clear]).all()
+        for cluster in range(c.shape[0]):  # a fixed point: each centroid its members' mean
+            members = x[f.labels == cluster]
+            assert np.allclose(c[cluster], members.mean(axis=0), atol=1e-5)
+    table = out.table
+    header = table.splitlines()[0]
+    assert "| speed-up vs faiss |" in header and "| CPU-time ratio vs faiss |" in header
+    fa, km = _table_row(table, FAISS), _table_row(table, "kmclust[threads]")
+    assert fa["runs with other labels than sklearn float64"] == "0"
+    sk64 = _table_row(table, "sklearn float64")
+    assert fa["Lloyd iterations"] == sk64["Lloyd iterations"]  # faiss ran float64's counts
+    assert float(fa["wall s"]) > 0 and float(fa["CPU s"]) > 0 and fa["speed-up vs faiss"] == "1"
+    assert float(km["speed-up vs faiss"]) > 0 and float(km["CPU-time ratio vs faiss"]) > 0
+    assert grid.JOB not in out.figures["tools"]  # the preset skips the job
+    assert any(
+        re.search(r"kmclust\[threads\] peak RSS .*: driver [0-9.]+ GiB", n) for n in out.notes
+    )
+
+
 def test_iteration_every_tool_positive(fashion_store: Path) -> None:
     cfg = iteration.IterationConfig(
         store_dir=fashion_store.parent,

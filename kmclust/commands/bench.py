@@ -1,8 +1,9 @@
 """Benchmark kmclust against scikit-learn and dask-ml on Fashion-MNIST.
 
 Modes (each prints a table and appends a dated record to the History of BENCHMARKS.md):
-  grid       the k × init × seed grid as one kmclust batch, and as the real sweep job, vs a
-             loop of sklearn KMeans (fit, then predict the held-out set)
+  grid       the k × init × seed grid as one kmclust batch, and as the real sweep job, vs
+             loops of sklearn KMeans and of faiss (fit, then predict the held-out set);
+             --large-k: k 256, 512, 1024 × data init × 3 seeds, without the job
   iteration  seconds per Lloyd iteration: kmclust (uint8 and float32 input), sklearn
              lloyd/elkan, faiss, dask-ml
   scale      streaming a large synthetic store from zarr vs persisted data
@@ -27,6 +28,9 @@ from kmclust.errors import ConfigError
 from kmclust.lloyd.init import INITS
 
 log = logging.getLogger(__name__)
+#: the grid's defaults, and its --large-k preset (k data rows: the peers' usual start)
+GRID = {"k": "5:20", "init": "random,data", "seeds": "3", "job": True}
+LARGE_K = {"k": "256,512,1024", "init": "data", "seeds": "3", "job": False}
 #: the checkout this kmclust was imported from (an editable install); the harness lives there
 ROOT = Path(kmclust.__file__).resolve().parents[1]
 
@@ -79,13 +83,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     common.add_argument("-v", "--verbose", action="store_true")
     modes = p.add_subparsers(dest="mode", required=True)
-    g = modes.add_parser("grid", parents=[common], help="whole grid: kmclust batch vs sklearn loop")
-    g.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
-    g.add_argument("--k", default="5:20", help="range 5:20 or list 5,10 (default %(default)s)")
-    g.add_argument(
-        "--init", default="random,data", help=f"any of {','.join(INITS)} (default %(default)s)"
+    g = modes.add_parser(
+        "grid", parents=[common], help="whole grid: kmclust batch vs sklearn and faiss loops"
     )
-    g.add_argument("--seeds", default="3", help="count or list (default %(default)s)")
+    g.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
+    g.add_argument(
+        "--large-k",
+        action="store_true",
+        help=f"preset: --k {LARGE_K['k']} --init {LARGE_K['init']} --seeds {LARGE_K['seeds']} "
+        "and no job unless --job (options given explicitly still win)",
+    )
+    g.add_argument(
+        "--k", help=f"range 5:20 or list 5,10 (default {GRID['k']}; --large-k {LARGE_K['k']})"
+    )
+    g.add_argument(
+        "--init", help=f"any of {','.join(INITS)} (default {GRID['init']}; --large-k data)"
+    )
+    g.add_argument("--seeds", help=f"count or list (default {GRID['seeds']})")
     g.add_argument("--rows", type=int, default=None, help="first N training rows only (quick runs)")
     g.add_argument("--max-iter", type=int, default=100, help="(default %(default)s)")
     g.add_argument(
@@ -98,11 +112,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="skip the float64 scikit-learn loop (the fixed-point reference; the slowest tool)",
     )
     g.add_argument(
-        "--no-job",
-        dest="job",
-        action="store_false",
-        help="skip the real job (jobs/sweep.py, start to exit) on the same grid",
+        "--job",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the real job (jobs/sweep.py, start to exit) on the same grid (default: yes; "
+        "--large-k: no — it would repeat the engine batch and add the metrics and report of "
+        "1024-cluster cells: not the engine-vs-peers comparison the preset is for)",
     )
+    g.add_argument("--no-faiss", dest="faiss", action="store_false", help="skip the faiss loop")
     g.add_argument(
         "--job-no-report",
         dest="job_report",
@@ -202,16 +219,20 @@ def _config(args: argparse.Namespace):
     spec = ClusterSpec(scheds, **kw)
     if args.mode == "grid":
         _positive(max_iter=args.max_iter)
+        preset = LARGE_K if args.large_k else GRID
+        given = {key: getattr(args, key) for key in preset}
+        grid = {key: preset[key] if v is None else v for key, v in given.items()}
         return GridConfig(
             store_dir=args.store_dir,
-            ks=parse_ks(args.k),
-            inits=parse_inits(args.init),
-            seeds=parse_seeds(args.seeds),
+            ks=parse_ks(grid["k"]),
+            inits=parse_inits(grid["init"]),
+            seeds=parse_seeds(grid["seeds"]),
             rows=args.rows,
             max_iter=args.max_iter,
             prune=args.prune,
             float64=args.float64,
-            job=args.job,
+            faiss=args.faiss,
+            job=grid["job"],
             job_report=args.job_report,
             cluster=spec,
         )
