@@ -251,13 +251,13 @@ def _engine(
     """The setup of a call: ``x`` as row chunks (persisted, placed evenly if ``balance``), the
     sample weights checked and chunked as x (persisted beside its chunks), the passes' layout
     and the executor."""
-    x = as_dask(x)
+    client = default_client()
+    x = as_dask(x, threads=n_threads(client))
     spec, w = (None, None) if sample_weight is None else weights.prepare(sample_weight, x)
     if persist:
         x = persist_balanced(x) if balance else x.persist()
     if w is not None:
         w = persist_like(w, x) if persist else w.rechunk({0: x.chunks[0]})
-    client = default_client()
     if integer is None:
         integer = x.dtype == np.uint8
     if n_groups is None:

@@ -61,7 +61,7 @@ def grid_of(x: np.ndarray) -> Grid:
     """The chunk's grid: the ulp of its smallest nonzero magnitude, and the parts of its values."""
     if x.size == 0:
         return Grid("parts")
-    small, big, finite = _extremes(np.ascontiguousarray(x).reshape(-1))
+    small, big, finite = extremes(x)
     if not finite:
         return Grid("fixed", big=np.inf)
     if big == 0:
@@ -89,24 +89,35 @@ def fits32(grid: Grid, centroids: np.ndarray) -> bool:
     lo, hi = 2.0**-RANGE32, 2.0**RANGE32
     if not (grid.big <= hi and (grid.small == 0 or grid.small >= lo)):
         return False
-    a = np.abs(centroids)
-    smallest = np.where(a > 0, a, 1.0).min(initial=1.0)
-    return bool(a.max(initial=0.0) <= hi and smallest >= lo * 2.0**-20)
+    smallest, largest, finite = extremes(centroids)  # one read, no temporaries (every pass)
+    return finite and largest <= hi and smallest >= lo * 2.0**-20
+
+
+def extremes(x: np.ndarray) -> tuple[float, float, bool]:
+    """(smallest nonzero |x|, largest |x|, all finite) of a float array (the first two only
+    when all are finite), read from the bits: without the sign bit, a finite float's bits
+    order as its magnitude, and inf and nan lie above every finite one."""
+    v = np.ascontiguousarray(x).reshape(-1)
+    ut = np.dtype(f"u{v.dtype.itemsize}").type
+    lo, hi = _bit_extremes(v.view(ut), ut(np.iinfo(ut).max >> 1))
+    if hi >= np.array(np.inf, v.dtype).view(ut):
+        return np.inf, np.inf, False
+    small = np.inf if lo == np.iinfo(ut).max else np.array(lo + 1, ut).view(v.dtype)[()]
+    return float(small), float(np.array(hi, ut).view(v.dtype)[()]), True
 
 
 @numba.njit(cache=True, nogil=True)
-def _extremes(v):  # pragma: no cover - compiled
-    """(smallest nonzero |v|, largest |v|, all finite) of a flat float array, in its dtype;
-    selects, no branches."""
-    inf, zero = v.dtype.type(np.inf), v.dtype.type(0)
-    small, big, probe = inf, zero, zero  # a · 0 is nan for an inf or a nan, else 0
-    for t in range(v.size):
-        a = abs(v[t])
-        probe += a * zero
-        big = a if a > big else big
-        b = a if a > zero else inf
-        small = b if b < small else small
-    return np.float64(small), np.float64(big), probe == zero
+def _bit_extremes(u, mask):  # pragma: no cover - compiled
+    """(smallest nonzero, largest) of ``u & mask``, the first minus 1 (all ones if all are 0);
+    integer selects, which the compiler vectorises."""
+    one = u.dtype.type(1)
+    lo, hi = ~u.dtype.type(0), u.dtype.type(0)
+    for t in range(u.size):
+        a = u[t] & mask
+        hi = a if a > hi else hi
+        b = a - one  # 0 wraps to all ones: never the smallest
+        lo = b if b < lo else lo
+    return lo, hi
 
 
 def full_sums(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, grid: Grid) -> np.ndarray:
@@ -128,8 +139,11 @@ def changed_sums(
     grid: Grid,
 ) -> np.ndarray:
     """A copy of exact ``sums`` of labels ``old`` changed into those of ``labels`` (the rows whose
-    label changed: + into the new cluster, − out of the old)."""
+    label changed: + into the new cluster, − out of the old); summed in full instead when at
+    least half the (row, run) pairs changed (early passes): fewer rows to add, the same sums."""
     rr, runs = np.nonzero(labels != old)
+    if 2 * rr.size >= labels.size:  # a full sum adds fewer rows: the same exact sums
+        return full_sums(x, labels, offsets, grid)
     out = sums.copy()  # the state may be shared (threaded scheduler, a retried pass)
     if rr.size:
         cols = np.concatenate([offsets[runs] + labels[rr, runs], offsets[runs] + old[rr, runs]])
@@ -176,16 +190,29 @@ def _float_add(x, rows, cols, signs, out):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _parts_add(x, rows, cols, signs, consts, out):  # pragma: no cover - compiled
     """out[cols[t], p] += part p of signs[t] · x[rows[t]] (exact splits, exact sums; no fastmath:
-    (v + c) − c must round)."""
-    d = x.shape[1]
+    (v + c) − c must round). One or two parts (most data) in one sweep of the row."""
+    d, n_parts = x.shape[1], consts.size
     rem = np.empty(d)
     for t in range(rows.size):
         o = out[cols[t]]
         xr = x[rows[t]]
         sg = np.float64(signs[t])
+        if n_parts == 1:
+            o0 = o[0]
+            for q in range(d):
+                o0[q] += np.float64(xr[q]) * sg
+            continue
+        if n_parts == 2:
+            c, o0, o1 = consts[1], o[0], o[1]
+            for q in range(d):
+                v = np.float64(xr[q]) * sg
+                h = (v + c) - c
+                o1[q] += h
+                o0[q] += v - h
+            continue
         for q in range(d):
             rem[q] = np.float64(xr[q]) * sg
-        for p in range(consts.size - 1, 0, -1):
+        for p in range(n_parts - 1, 0, -1):
             c = consts[p]
             op = o[p]
             for q in range(d):

@@ -11,11 +11,30 @@ import dask.array as da
 import numpy as np
 
 
-def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000) -> da.Array:
-    """A (N, D) dask array chunked by rows only."""
+def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000, threads: int = 1) -> da.Array:
+    """A (N, D) dask array chunked by rows only.
+
+    An in-memory array is cut into views of itself, C-contiguous (copied only
+    if it is not), in a multiple of ``threads`` near-equal chunks of at most
+    ``chunk_rows`` rows (a single chunk if it fits one), under a fresh name:
+    ``da.from_array`` would copy the whole array and hash it, a fixed cost
+    per call as large as a few Lloyd passes, for a deduplication nothing here
+    uses (every call builds its own chunks). The caller must not change ``x``
+    while the array is in use.
+    """
     if isinstance(x, da.Array):
         return x.rechunk({1: -1}) if x.numblocks[1] != 1 else x
-    return da.from_array(np.asarray(x), chunks=(chunk_rows, -1))
+    x = np.ascontiguousarray(x)
+    n = x.shape[0]
+    nb = max(1, -(-n // chunk_rows))
+    if nb > 1:  # every pass waits for its slowest thread (see even_chunks)
+        nb = threads * -(-nb // threads)
+    nb = min(nb, max(n, 1))
+    rows = tuple(n // nb + (b < n % nb) for b in range(nb))  # sizes differ by one at most
+    edges = np.concatenate([[0], np.cumsum(rows)]).tolist()
+    name = f"kmclust-rows-{uuid.uuid4().hex}"
+    blocks = {(name, b, 0): x[edges[b] : edges[b + 1]] for b in range(nb)}
+    return da.Array(blocks, name, (rows, x.shape[1:]), dtype=x.dtype, meta=x[:0])
 
 
 def even_chunks(x: da.Array, threads: int) -> da.Array:
