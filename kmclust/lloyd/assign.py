@@ -40,6 +40,8 @@ def assign_rows(
     second: np.ndarray,
     cbound: np.ndarray | None = None,
     col0: np.ndarray | None = None,
+    gbound: np.ndarray | None = None,
+    groups=None,
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
@@ -58,10 +60,18 @@ def assign_rows(
     With ``cbound`` (n, ΣK) float32, stack position p's centroids also get
     per-centroid lower bounds (the roots of their computed distances, rounded
     down) in the columns from ``col0[p]`` on
-    (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`).
+    (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`). With ``gbound`` (n, G) float32
+    (the whole stack, ``runs`` every position), each group of ``groups``
+    (:class:`kmclust.lloyd.groups.Groups`) gets the rounded-down root of the least computed
+    distance among its centroids but the label.
     """
     if cbound is None:
         cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    gid, goffs = np.zeros(0, dtype=np.int64), np.zeros(len(offsets), dtype=np.int64)
+    if gbound is None:
+        gbound = np.zeros((0, 0), dtype=np.float32)
+    else:
+        gid, goffs = groups.gid, groups.goffs
     _assign_rows(
         dist,
         np.asarray(offsets, dtype=np.int64),
@@ -78,6 +88,9 @@ def assign_rows(
         second,
         cbound,
         np.asarray(col0, dtype=np.int64),
+        gbound,
+        gid,
+        goffs,
     )
 
 
@@ -98,9 +111,13 @@ def _assign_rows(  # pragma: no cover - compiled
     second,  # OUT (n, R) int: the runner-up, local index (−1 after a settled tie)
     cbound,  # OUT (n, ·) float32: per-centroid lower bounds; (0, 0): none wanted
     col0,  # IN (P,) int64: position p's first column in ``cbound``
+    gbound,  # OUT (n, G) float32: per-group lower bounds; (0, 0): none wanted
+    gid,  # IN (ΣK,) int64: each stacked centroid's group
+    goffs,  # IN (P + 1,) int64: position p's groups are goffs[p] … goffs[p + 1] − 1
 ):
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
+    least = np.empty(goffs[-1])  # per group, the least computed value but the label's
     for i in range(dist.shape[0]):
         r = rows[i]
         row = dist[i]
@@ -132,3 +149,11 @@ def _assign_rows(  # pragma: no cover - compiled
                     cbound[r, c0 + j] = down32(
                         np.sqrt(max(np.float64(row[j]) + np.float64(xsq[i]), 0.0))
                     )
+            if gbound.shape[0] > 0:
+                for g in range(goffs[p], goffs[p + 1]):
+                    least[g] = np.inf
+                for j in range(lo, hi):
+                    if j != arg:
+                        least[gid[j]] = min(least[gid[j]], np.float64(row[j]))
+                for g in range(goffs[p], goffs[p + 1]):
+                    gbound[r, g] = down32(np.sqrt(max(least[g] + np.float64(xsq[i]), 0.0)))

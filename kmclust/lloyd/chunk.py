@@ -156,12 +156,13 @@ def place(
     cbound: np.ndarray | None = None,
     col0: np.ndarray | None = None,
     c64: np.ndarray | None = None,
+    gbound: np.ndarray | None = None,
+    groups=None,
 ) -> None:
     """Assign rows ``rows`` (all if None) for a (sub)stack into columns ``runs`` of the outputs.
 
-    Per-centroid bounds, if ``cbound``, go to its columns from ``col0[p]`` on for sub-stack
-    position p. ``c64``: the exact centroids (near ties are settled against them), if
-    ``centroids`` were rounded from float64.
+    Per-centroid bounds go to ``cbound``'s columns from ``col0[p]`` on for sub-stack position p,
+    per-group bounds to ``gbound`` (whole stack, ``groups``); ``c64``: the exact centroids, if any.
     """
     c64 = centroids.astype(np.float64) if c64 is None else c64
     terms = _distance.dot_terms(x.dtype, centroids.dtype, x.shape[1])
@@ -190,6 +191,8 @@ def place(
             second,
             cbound,
             col0,
+            gbound,
+            groups,
         )
 
 
@@ -226,9 +229,7 @@ def signed_sums(
     so integer chunks keep their exact sums.
     """
     n, d = x.shape
-    if (
-        x.dtype == np.uint8 and n <= SCATTER_MAX_ROWS
-    ):  # compiled scatter, int32 sums: exact, fastest
+    if x.dtype == np.uint8 and n <= SCATTER_MAX_ROWS:  # compiled scatter, int32 sums: exact
         touched = np.flatnonzero(np.bincount(cols, minlength=kt))
         slot_of = np.empty(kt, dtype=np.int64)
         slot_of[touched] = np.arange(touched.size)

@@ -176,6 +176,52 @@ def _pixel_distances(x, rows, ct2, csq, out):  # pragma: no cover - compiled
                     out[i0 + r, j] = tile[r, j - j0] + csq[j]
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def narrow_distances(x, rows, ct2, csq, out):  # pragma: no cover - compiled
+    """out[t] = ‖c‖² − 2x·c of row ``x[rows[t]]`` against a few centroids (``ct2`` = −2c, rows
+    padded to a multiple of 4; ``csq`` their ‖c‖²), off by at most :func:`error_bound`.
+
+    As :func:`pixel_distances`, but two rows by four centroids at a time: eight sums and the
+    loaded values fit the registers, which the six-by-four tile's do not (twice as fast for the
+    16 centroids of a group in :mod:`kmclust.lloyd.groups`).
+    """
+    m, kt = out.shape
+    d = x.shape[1]
+    zero = ct2.dtype.type(0)
+    buf = np.zeros((2, d), dtype=ct2.dtype)
+    for i0 in range(0, m, 2):
+        h = min(2, m - i0)
+        for r in range(h):
+            src = x[rows[i0 + r]]
+            for q in range(d):
+                buf[r, q] = src[q]
+        if h < 2:
+            buf[1, :] = zero
+        b0, b1 = buf[0], buf[1]
+        for j0 in range(0, ct2.shape[0], 4):
+            c0, c1, c2, c3 = ct2[j0], ct2[j0 + 1], ct2[j0 + 2], ct2[j0 + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            for q in range(d):
+                w0, w1, w2, w3 = c0[q], c1[q], c2[q], c3[q]
+                v = b0[q]
+                s00 += v * w0
+                s01 += v * w1
+                s02 += v * w2
+                s03 += v * w3
+                v = b1[q]
+                s10 += v * w0
+                s11 += v * w1
+                s12 += v * w2
+                s13 += v * w3
+            for r in range(h):
+                for jj in range(min(4, kt - j0)):
+                    if r == 0:
+                        s = s00 if jj == 0 else s01 if jj == 1 else s02 if jj == 2 else s03
+                    else:
+                        s = s10 if jj == 0 else s11 if jj == 1 else s12 if jj == 2 else s13
+                    out[i0 + r, j0 + jj] = s + csq[j0 + jj]
+
+
 @numba.njit(cache=True, nogil=True)
 def _put4(out, i, j0, csq, s0, s1, s2, s3):  # pragma: no cover - compiled
     out[i, j0] = s0 + csq[j0]

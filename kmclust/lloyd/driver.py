@@ -91,7 +91,8 @@ def lloyd(
     kernels convert a cache-sized block of rows at a time.
     ``prune`` (integer data) skips rows whose label provably cannot change
     (Hamerly-style bounds, the runner-up tracked apart; a bound per centroid,
-    as Elkan's, for a batch of one run or of runs of many centroids); results
+    as Elkan's, for a batch of one run or of runs of many centroids; a bound per
+    group of centroids, as Yinyang's, above 512 centroids: kmclust.lloyd.groups); results
     are bit-identical to the unpruned computation because labels are the
     exact nearest centroid (:mod:`kmclust.lloyd.nearest`). Runs needing many
     rows share one GEMM over their rows' union, the others a compiled

@@ -7,6 +7,7 @@ in :mod:`kmclust.lloyd.prune`, the outputs in :mod:`kmclust.lloyd.partial`.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from dataclasses import dataclass, field, replace
@@ -26,8 +27,9 @@ from kmclust.lloyd.chunk import (
     pixel_farthest,
     runs_with_empty_cluster,
 )
+from kmclust.lloyd.groups import Groups, assign_groups, make_groups
 from kmclust.lloyd.partial import ChunkState, Partial
-from kmclust.lloyd.prune import centroid_bounds, previous, pruned_assign
+from kmclust.lloyd.prune import centroid_bounds, group_bounds, previous, pruned_assign
 from kmclust.lloyd.weighted import WeightSpec
 
 
@@ -54,6 +56,12 @@ class ChunkArgs:
 
     def __dask_tokenize__(self) -> str:
         return self.token
+
+    @functools.cached_property
+    def groups(self) -> Groups:
+        """The stack's centroids in groups (:mod:`kmclust.lloyd.groups`), formed once per pass
+        and process: every chunk of a first pass asks for the same."""
+        return make_groups(self.centroids, self.offsets)
 
     @property
     def nbytes(self) -> int:
@@ -101,14 +109,22 @@ def lloyd_chunk(
     else:
         xsq = _distance.row_norms(x, centroids.dtype)
     per_centroid = prune and centroid_bounds(offsets)
-    prior = previous(prev, args.patches, run_ids, per_centroid, start, x.shape[0])
+    grouped = prune and not per_centroid and group_bounds(offsets)  # Yinyang: kmclust.lloyd.groups
+    prior = previous(prev, args.patches, run_ids, per_centroid, start, x.shape[0], grouped)
     if prior is not None and len(known) < len(prev):  # bounds from distances in another dtype
-        prior = replace(prior, upper=None, lower=None, second=None, cbound=None)
+        prior = replace(prior, upper=None, lower=None, second=None, cbound=None, gbound=None)
     pruned = prune and prior is not None and prior.upper is not None and args.drift is not None
+    groups, gbound = None, None
     if pruned:
         labels, dmin, upper, lower, second, cbound = pruned_assign(
             x, xsq, centroids, offsets, run_ids, prior, args.drift, c64
         )
+        if grouped:  # pruned_assign gave the group bounds in cbound's place
+            groups, gbound, cbound = prior.groups, cbound, None
+    elif grouped:
+        groups = args.groups
+        labels, dmin, upper, gbound = assign_groups(x, centroids, offsets, xsq, c64, groups)
+        lower = second = cbound = None
     else:
         cbound = (
             np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
@@ -171,6 +187,8 @@ def lloyd_chunk(
         second if prune else None,
         cbound if prune else None,
         np.asarray(offsets),
+        gbound,
+        groups,
     )
     if grid is not None:
         state = float_sums.FloatState(**vars(state), grid=grid, sums=kept)

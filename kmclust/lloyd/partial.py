@@ -56,6 +56,8 @@ class ChunkState:
     second: np.ndarray | None = None  # (n, R) int32 each run's second-nearest centroid (−1: none)
     cbound: np.ndarray | None = None  # (n, ΣK) float32 per-centroid lower bounds (no lower, second)
     offsets: np.ndarray | None = None  # (R + 1,) the stack's offsets (the runs' cbound columns)
+    gbound: np.ndarray | None = None  # (n, G) float32 per-group lower bounds (kmclust.lloyd.groups)
+    groups: object = None  # the stack's Groups, with gbound
 
 
 def combine(parts: list[Partial]) -> Partial:

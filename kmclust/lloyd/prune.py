@@ -3,7 +3,9 @@
 Hamerly-style bounds per (row, run) — the distance to the assigned centroid is
 at most ``upper``, to the runner-up and to the others at least two lower
 bounds — or, for a stack of one run or of large runs, one lower bound per
-(row, centroid) (Elkan; :func:`centroid_bounds`). A row keeps its label when
+(row, centroid) (Elkan; :func:`centroid_bounds`), or past
+``CENTROID_BOUNDS_MAX_K`` centroids one per (row, group of centroids)
+(Yinyang; :func:`group_bounds`, :mod:`kmclust.lloyd.groups`). A row keeps its label when
 its bounds clear twice the distances' error bound, so labels stay the exact
 nearest centroid and results are bit-identical to a pass without bounds.
 """
@@ -19,6 +21,7 @@ from kmclust.lloyd import distance as _distance
 from kmclust.lloyd import nearest as _nearest
 from kmclust.lloyd.chunk import place
 from kmclust.lloyd.float_sums import Grid
+from kmclust.lloyd.groups import Groups, pruned_assign_groups
 from kmclust.lloyd.partial import ChunkState
 
 #: Runs needing more than this share of a chunk's rows share one GEMM; the others get compiled
@@ -50,6 +53,16 @@ def centroid_bounds(offsets: np.ndarray) -> bool:
     return ks.size == 1 or int(ks.min()) >= CENTROID_BOUNDS_MIN_K
 
 
+def group_bounds(offsets: np.ndarray) -> bool:
+    """Whether a stack keeps a lower bound per (row, group of centroids) (Yinyang,
+    :mod:`kmclust.lloyd.groups`): one run, or runs of at least ``CENTROID_BOUNDS_MIN_K``
+    centroids each, too many for per-centroid bounds."""
+    ks = np.diff(offsets)
+    if not ks.size or int(offsets[-1]) <= CENTROID_BOUNDS_MAX_K:
+        return False
+    return ks.size == 1 or int(ks.min()) >= CENTROID_BOUNDS_MIN_K
+
+
 @dataclass
 class Prior:
     """A chunk's memory of the previous pass for every run of the stack."""
@@ -62,6 +75,8 @@ class Prior:
     grid: Grid | None = None  # float rows: how ``sums`` are kept (kmclust.lloyd.float_sums)
     sums: np.ndarray | None = None  # float rows: exact sums per stacked cluster (read only)
     sum_labels: np.ndarray | None = None  # the labels ``sums`` are of (before any patch)
+    gbound: np.ndarray | None = None  # (n, G) float32 per-group bounds (read only)
+    groups: Groups | None = None  # the stack's groups, with gbound
 
 
 def pruned_assign(
@@ -108,6 +123,12 @@ def pruned_assign(
         return _pruned_assign_centroids(
             x, xsq, centroids, offsets, labels, prior, moved, slack, row_slack, run_slack, c64
         )
+    if prior.gbound is not None:  # the group bounds come back in the last place
+        labels, dmin, upper, gbound = pruned_assign_groups(
+            x, xsq, centroids, offsets, labels, prior.upper, prior.gbound, prior.groups, moved,
+            slack, row_slack, run_slack, c64,
+        )  # fmt: skip
+        return labels, dmin, upper, None, None, gbound
     upper, lower, need = _bounds.moved_bounds(
         labels, prior.upper, prior.lower, prior.second, moved, offsets, row_slack, run_slack
     )
@@ -216,11 +237,13 @@ def previous(
     per_centroid: bool,
     start: int,
     n: int,
+    grouped: bool = False,
 ) -> Prior | None:
     """Every run's previous labels with relocation patches applied; None if any is missing.
 
     Also the bounds, when every run kept those the stack uses now (two per
-    run, or per centroid: ``per_centroid``); otherwise none (a full pass renews them).
+    run, per centroid: ``per_centroid``, or per group: ``grouped``, kept only while the
+    stack stays the same); otherwise none (a full pass renews them).
     """
     if not prev:
         return None
@@ -228,9 +251,12 @@ def previous(
     if any(int(rid) not in where for rid in run_ids):
         return None
     held = [where[int(rid)] for rid in run_ids]
-    kind = "cbound" if per_centroid else "lower"
+    kind = "gbound" if grouped else "cbound" if per_centroid else "lower"
     has_bounds = all(st.upper is not None and getattr(st, kind) is not None for st, _ in held)
     names = ("upper", "cbound") if per_centroid else ("upper", "lower", "second")
+    if grouped:  # group bounds only for the same stack (below): runs leaving cost a full pass
+        names, has_bounds = ("upper", "gbound", "groups"), has_bounds and len(prev) == 1
+        has_bounds = has_bounds and np.array_equal(prev[0].run_ids, run_ids)
     bounds: dict[str, np.ndarray] = {}
     if len(prev) == 1 and np.array_equal(prev[0].run_ids, run_ids):  # the usual case: same stack
         st = prev[0]
@@ -272,14 +298,17 @@ def previous(
     ]
     if touched:  # the states are shared (threaded scheduler, retries): patch copies
         labels = labels.copy()
-        bounds = {name: a if name == "cbound" else a.copy() for name, a in bounds.items()}
+        bounds = {k: a if k in ("cbound", "groups") else a.copy() for k, a in bounds.items()}
     for p, (idx, lab) in touched:
         inside = (idx >= start) & (idx < start + n)
         rows = idx[inside] - start
         labels[rows, p] = lab[inside]
         if bounds:  # moved by the driver to another centroid: no bound on that distance
             bounds["upper"][rows, p] = np.inf
-            if not per_centroid:  # and the old nearest, now one of the others, is below any bound
+            if grouped:  # the old label, now one of its group's others, is in no group bound
+                grp = bounds["groups"]
+                bounds["gbound"][rows, grp.goffs[p] : grp.goffs[p + 1]] = 0.0
+            elif not per_centroid:  # and the old nearest, now one of the others, is below any bound
                 bounds["lower"][rows, p] = 0.0
                 bounds["second"][rows, p] = -1
             # (per-centroid bounds hold whatever the label: the relocated centroid's jump is in
@@ -293,6 +322,8 @@ def previous(
         grid,
         sums,
         raw if sums is not None else None,
+        bounds.get("gbound"),
+        bounds.get("groups"),
     )
 
 
