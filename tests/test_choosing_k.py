@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
+from kmclust.errors import DataError
+from kmclust.lloyd.init import cell_seed, data_stats, init_centroids, random_from_stats
 from kmclust.report.document import write_report
 from kmclust.sweep import schema, store
 from kmclust.sweep.config import SweepConfig
-from kmclust.sweep.run import run_sweep
-from kmclust.sweep.split import split_data
+from kmclust.sweep.run import _draw, n_groups, run_sweep
+from kmclust.sweep.split import DataSplit, split_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata")
 
@@ -145,3 +149,58 @@ def test_report_shows_the_indices_and_the_k_they_pick(swept: Path, tmp_path: Pat
         )
     for file in ("davies_bouldin_vs_k.png", "calinski_harabasz_vs_k.png", "silhouette_vs_k.png"):
         assert f"]({file})" in section and (tmp_path / "report" / file).stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- the sweep's shortcuts
+
+
+def test_data_inits_from_the_uint8_rows_have_the_float_rows_bits() -> None:
+    """The sweep draws *data* inits from its uint8 rows: the same centroids, bit for bit, as
+    drawn from the scaled float32 rows (its earlier path), repeated rows included."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (300, 16), dtype=np.uint8)
+    rows[100:250] = rows[0]  # 150 distinct rows: draws must replace their repeats
+    x = rows * np.float32(1 / 255)
+    ks = (3, 40, 150, 151)  # k = 151: more than the distinct rows, a data init fails
+    config = SweepConfig(dataset="unused", ks=ks, inits=("data", "random"), seeds=(0, 1))
+    cells = [(ki, ii, si) for ki in range(len(ks)) for ii in range(2) for si in range(2)]
+    failed: list[tuple] = []
+    got = _draw(config, cells, rows, x, SimpleNamespace(fail=lambda *a: failed.append(a)))
+    stats = data_stats(x)
+    for ki, ii, si in cells:
+        k, init = ks[ki], config.inits[ii]
+        seed = cell_seed(config.seeds[si], k, init)
+        if init == "random":
+            np.testing.assert_array_equal(got[(ki, ii, si)], random_from_stats(*stats, k, seed))
+        elif k == 151:
+            with pytest.raises(ValueError, match="distinct"):
+                init_centroids(x, k, "data", seed)
+            assert (ki, ii, si) not in got
+        else:
+            assert got[(ki, ii, si)].dtype == np.float64
+            np.testing.assert_array_equal(got[(ki, ii, si)], init_centroids(x, k, "data", seed))
+    assert [cell for cell, _ in failed] == [(3, 0, 0), (3, 0, 1)]
+    assert all("initialisation failed" in why for _, why in failed)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "chunks", "want"),
+    [(2, 6, 1), (2, 2, 1), (2, 1, 2), (4, 3, 2), (3, 1, 3), (0, 4, 1)],
+)
+def test_groups_keep_every_thread_busy_and_read_each_chunk_once(parallel, chunks, want) -> None:
+    data = SimpleNamespace(x_train=da.zeros((10 * chunks, 4), chunks=(10, 4)))
+    assert n_groups(parallel, data) == want
+
+
+def test_a_failed_load_on_the_workers_ends_in_one_line(
+    mnist_subset_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers load their rows while the driver draws the inits: their failure still ends
+    the job with the load's one line."""
+
+    def broken(self) -> None:
+        raise OSError("the disk went away\nsecond line")
+
+    monkeypatch.setattr(DataSplit, "load", broken)
+    with pytest.raises(DataError, match=r"could not load the images .*the disk went away$"):
+        run_sweep(_config(mnist_subset_store), tmp_path / "r.zarr", parallel=1)

@@ -347,3 +347,14 @@ def test_silhouette_is_sklearns_bits(n, k, seed) -> None:
     labels[3] = k + 9  # a cluster of one row (its silhouette is 0)
     d = sample_distances(x, np.arange(n))
     assert silhouette(d, labels) == silhouette_score(d, labels, metric="precomputed")
+
+
+def test_silhouette_of_the_sweeps_default_sample_is_sklearns_bits() -> None:
+    """2,000 float32 rows scaled as the sweep's (its default sample), 20 clusters."""
+    from kmclust.sweep.metrics import silhouette
+
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (2000, 64), dtype=np.uint8) * np.float32(1 / 255)
+    labels = rng.integers(0, 20, 2000)
+    d = sample_distances(x, np.arange(2000))
+    assert silhouette(d, labels) == silhouette_score(d, labels, metric="precomputed")

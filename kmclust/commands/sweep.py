@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; "
         f"results: {out}"
     )
+    log.info("sweep phases: %s", outcome.breakdown())
     if not args.no_report:
         folder = (
             report.default_out_dir(out.url)

@@ -1,7 +1,8 @@
 """The k × init × seed sweep: batches of runs, the cells they fill, error isolation, resume.
 
 All pending cells run as one engine batch (see kmclust.lloyd.driver): they
-share every data pass, split into one group per worker thread. As soon as every
+share every data pass, in as few groups of runs as keep every worker thread busy
+(:func:`n_groups`). As soon as every
 cell of a k has finished, that k's slab of the results store (chunked by k) is
 written with ``status`` last, so a cell reads ``done`` only once all its data
 is on disk (kmclust.sweep.collect evaluates the runs and writes the slabs in a
@@ -20,6 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +167,8 @@ def run_sweep(
     """Run (or complete) the sweep into ``out`` (a path or an fsspec URL) on the current Dask
     scheduler.
 
-    All pending cells advance as one engine batch split into ``parallel``
-    groups (one per worker thread); ``on_batch(done_cells, total_cells, k)``
+    All pending cells advance as one engine batch whose passes keep ``parallel`` worker
+    threads busy (:func:`n_groups`); ``on_batch(done_cells, total_cells, k)``
     reports progress each time a k's cells are written. ``storage_options``
     (credentials, endpoint) reach the data and results stores at URLs and are
     never recorded; the store's lock (kmclust.sweep.lock) is held throughout.
@@ -223,24 +225,50 @@ def _discard(out: Place) -> None:
 def _initial_centroids(
     config: SweepConfig, data: DataSplit, cells: list[Cell], sink: Collector
 ) -> dict[Cell, np.ndarray]:
-    """Each cell's initial centroids; a cell whose initialisation fails is recorded as failed."""
-    try:
-        data.load()
-        x_train_np = data.train_rows() * np.float32(SCALE)
-    except Exception as exc:  # damaged chunks, a worker killed while loading
-        raise _fatal(exc, data) or load_error(exc, data.store) from None
-    sink.x_train = x_train_np  # kept for the label-free indices of every finished run
+    """Each cell's initial centroids; a cell whose initialisation fails is recorded as failed.
+
+    The workers load their rows (``data.load``) while this thread reads its own copy and
+    draws the initial centroids: neither waits for the other.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="kmclust-load") as pool:
+        loading = pool.submit(data.load)
+        try:
+            rows = data.train_rows()
+            x_train_np = rows * np.float32(SCALE)
+        except Exception as exc:  # damaged chunks
+            raise _fatal(exc, data) or load_error(exc, data.store) from None
+        sink.x_train = x_train_np  # kept for the label-free indices of every finished run
+        inits = _draw(config, cells, rows, x_train_np, sink)
+        try:
+            loading.result()
+        except Exception as exc:  # damaged chunks, a worker killed while loading
+            raise _fatal(exc, data) or load_error(exc, data.store) from None
+    return inits
+
+
+def _draw(
+    config: SweepConfig, cells: list[Cell], rows: np.ndarray, x: np.ndarray, sink: Collector
+) -> dict[Cell, np.ndarray]:
+    """The initial centroids of ``cells`` from the training rows (``rows`` uint8, ``x`` scaled).
+
+    A *data* init picks its rows from the uint8 rows: the same draw (scaling keeps distinct
+    rows distinct) without a finiteness check of the float rows per cell; the picked rows
+    are then scaled as ``x`` was, so the centroids have the same bits.
+    """
     inits: dict[Cell, np.ndarray] = {}
     stats = None  # the rows' per-pixel mean and std: every random init draws from the same
     for cell in cells:
         ki, ii, si = cell
         k, init, seed = config.ks[ki], config.inits[ii], config.seeds[si]
         try:
-            if init == "random" and k <= len(x_train_np):
-                stats = stats or data_stats(x_train_np)
+            if init == "random" and k <= len(x):
+                stats = stats or data_stats(x)
                 inits[cell] = random_from_stats(*stats, k, cell_seed(seed, k, init))
-                continue
-            inits[cell] = init_centroids(x_train_np, k, init, cell_seed(seed, k, init))
+            elif init == "data" and rows.dtype == np.uint8:
+                picked = init_centroids(rows, k, init, cell_seed(seed, k, init))
+                inits[cell] = (picked.astype(np.float32) * np.float32(SCALE)).astype(np.float64)
+            else:
+                inits[cell] = init_centroids(x, k, init, cell_seed(seed, k, init))
         except (ValueError, KmclustError) as exc:
             sink.fail(cell, f"initialisation failed: {exc}")
     return inits
@@ -272,7 +300,7 @@ def _sweep(
             lap("data and initial centroids")
             runnable = [c for c in cells if c in inits]
             if runnable:
-                _run_cells(config, data, runnable, inits, sink, max(1, parallel))
+                _run_cells(config, data, runnable, inits, sink, n_groups(parallel, data))
             lap("engine")
             try:
                 sink.flush(force=True)
@@ -293,6 +321,16 @@ def _sweep(
     computed = int(np.sum((status != "done") & (all_status != "pending")))
     lap("closing the store")
     return SweepOutcome(out, status.size, computed, failed, time.perf_counter() - t0, phases)
+
+
+def n_groups(parallel: int, data: DataSplit) -> int:
+    """Groups of runs per pass: enough that ``parallel`` threads have a task each, no more.
+
+    Every group reads every chunk once a pass: with as many chunks as threads or more, one
+    group keeps them all busy, and a second would read each chunk twice (the engine's own
+    default, :func:`kmclust.lloyd.driver.lloyd`; the results do not depend on it).
+    """
+    return max(1, math.ceil(max(1, parallel) / data.x_train.numblocks[0]))
 
 
 def _lap(phases: dict[str, float]) -> Callable[[str], None]:
