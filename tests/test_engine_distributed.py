@@ -118,6 +118,56 @@ def test_persist_balanced_places_chunks_evenly_and_keeps_them() -> None:
 
 
 @pytest.mark.slow
+def test_a_single_chunk_of_pixels_is_cut_for_every_worker_with_the_same_results() -> None:
+    """Small data in one chunk: on a cluster it is cut into one chunk per worker thread (a task
+    runs where its chunk lives, so one chunk kept one worker busy and the other idle), every pass
+    runs on both workers, and the results are the threaded scheduler's single-chunk bits. Float
+    data keep their single chunk (their sums' bits depend on the chunking)."""
+    from distributed import Client, LocalCluster, futures_of, get_task_stream
+
+    x = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.int64)[:1000, :-1].astype(np.uint8)
+    rng = np.random.default_rng(5)
+    inits = [x[rng.choice(len(x), k, replace=False)] / 255.0 for k in (5, 12, 20)]
+
+    def fit() -> list[runs.RunResult]:
+        one = da.from_array(x, chunks=(1000, 784))
+        return driver.lloyd(one, inits, tol=0, scale=1 / 255, return_labels=True)
+
+    with dask.config.set(scheduler="threads", num_workers=2):
+        assert placement.persist_balanced(da.from_array(x, chunks=(1000, 784))).numblocks[0] == 1
+        reference = fit()
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        placed = placement.persist_balanced(da.from_array(x, chunks=(1000, 784)))
+        assert placed.chunks[0] == (500, 500)
+        holders = {w for ws in client.who_has(futures_of(placed)).values() for w in ws}
+        assert holders == set(client.nthreads())
+        floats = placement.persist_balanced(da.from_array(x / 255.0, chunks=(1000, 784)))
+        assert floats.numblocks[0] == 1
+        with get_task_stream(client) as ts:
+            got = fit()
+        workers = {rec["worker"] for rec in ts.data if "kmclust-slot" in str(rec["key"])}
+        assert workers == set(client.nthreads())
+    for a, b in zip(reference, got):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert (a.n_iter, a.jclust, a.mean_distance, a.history) == (
+            b.n_iter,
+            b.jclust,
+            b.mean_distance,
+            b.history,
+        )
+
+
+@pytest.mark.slow
 def test_passes_drop_earlier_futures_only_after_submitting_and_leave_nothing_behind() -> None:
     """A pass's graph goes out before the release of the previous passes' futures (which would
     hold it back in the client's batched stream); when ``lloyd`` returns, the client holds none of

@@ -37,7 +37,7 @@ def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000, threads: int = 1
     return da.Array(blocks, name, (rows, x.shape[1:]), dtype=x.dtype, meta=x[:0])
 
 
-def even_chunks(x: da.Array, threads: int) -> da.Array:
+def even_chunks(x: da.Array, threads: int, split: bool = False) -> da.Array:
     """uint8 rows re-cut into a multiple of ``threads`` equal chunks (unless they already are).
 
     Every pass waits for its slowest thread: 7 chunks on 2 threads left one
@@ -46,10 +46,13 @@ def even_chunks(x: da.Array, threads: int) -> da.Array:
     not depend on the chunking: labels are exact, integer sums and the eval
     sums are exact (:func:`kmclust.lloyd.exact.exact_sum`). Float data keep
     their chunks (their float sums would round differently). A single chunk
-    stays one: runs are then split into groups instead (``n_groups``).
+    stays one unless ``split``: in one process runs are split into groups
+    instead (``n_groups``), but on a cluster every task of a chunk runs where
+    the chunk and its state live, so one chunk would keep one worker busy and
+    the others idle (``split`` is set under a distributed client).
     """
     nb, n = x.numblocks[0], x.shape[0]
-    if x.dtype != np.uint8 or nb < 2 or nb % threads == 0 or n < threads:
+    if x.dtype != np.uint8 or n < threads or nb % threads == 0 or (nb < 2 and not split):
         return x
     return x.rechunk({0: -(-n // (threads * -(-nb // threads)))})
 
@@ -68,7 +71,7 @@ def persist_balanced(x: da.Array) -> da.Array:
     (preferred, not required: a lost worker's chunks are recomputed elsewhere).
     """
     client = default_client()
-    x = even_chunks(x, n_threads(client))
+    x = even_chunks(x, n_threads(client), split=client is not None)
     if client is not None and x.numblocks[0] >= 2 and _balanced(client, x):
         return x
     x = x.persist()
