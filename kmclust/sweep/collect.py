@@ -52,14 +52,12 @@ def cell_values(
     data: DataSplit,
     test: tuple[np.ndarray, float, float] | None,
     seconds: float,
-    x_train: np.ndarray,
-    silhouette: tuple[np.ndarray, np.ndarray],
+    indices: dict[str, float],
 ) -> dict[str, object]:
     """Every value of one finished run, by results variable (see kmclust.sweep.schema).
 
-    ``x_train``: the training rows on the driver (float, [0, 1]); ``silhouette``: the
-    indices of those the silhouette is computed on and their distances (metrics.silhouette_rows,
-    metrics.sample_distances).
+    ``indices``: its label-free indices (Davies–Bouldin, Calinski–Harabasz, silhouette),
+    computed for several runs at once (Collector._evaluate).
     """
     k = res.centroids.shape[0]
     # its checks are slow per call; the rows are scaled uint8 images, so always finite
@@ -75,7 +73,7 @@ def cell_values(
             )
         else:  # no label metrics: the schema leaves them out of the results
             values = {"cluster_size": np.bincount(res.labels, minlength=k).astype(np.int64)}
-        values |= metrics.internal_indices(x_train, res.labels, *silhouette)
+    values |= indices
     return values | {
         "jclust": res.jclust,
         "mean_distance": res.mean_distance,
@@ -135,7 +133,8 @@ class Collector:
         self.finished: list[Finished] = []
         self.failed: list[str] = []
         self.n_done, self.total = n_done, total
-        self.x_train = np.empty((0, 0), np.float32)  # the training rows, once loaded
+        # the training rows as read (uint8), once loaded: the runs cluster x_train * SCALE
+        self.x_train = np.empty((0, 0), np.uint8)
         self.silhouettes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seed → sample, distances
         self.worker = ThreadPoolExecutor(EVALUATORS, thread_name_prefix="kmclust-evaluate")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kmclust-write")
@@ -183,13 +182,21 @@ class Collector:
         return self.silhouettes[seed]
 
     def _evaluate(self, batch: list[Finished], tests: list) -> list[tuple[Cell, dict]]:
-        """Every value of each finished run (in the background thread)."""
+        """Every value of each finished run (in the background thread); Davies–Bouldin and
+        Calinski–Harabasz of all of them from one read of the training rows."""
         out = []
         # by seed: the silhouette's sample, and the distances between its rows, are the
         # same for every run of a seed, so they are computed once per seed
-        for (cell, res, seconds), test in sorted(zip(batch, tests), key=lambda f: f[0][0][2]):
-            silhouette = self._silhouette_rows(self.config.seeds[cell[2]])
-            out.append((cell, cell_values(res, self.data, test, seconds, self.x_train, silhouette)))
+        runs = sorted(zip(batch, tests), key=lambda f: f[0][0][2])
+        labels = [res.labels for (_, res, _), _ in runs]
+        for ((cell, res, seconds), test), indices in zip(
+            runs, metrics.cluster_indices(self.x_train, labels, SCALE), strict=True
+        ):
+            sample, distances = self._silhouette_rows(self.config.seeds[cell[2]])
+            indices["silhouette"] = metrics.sample_silhouette(
+                self.x_train, res.labels, sample, distances
+            )
+            out.append((cell, cell_values(res, self.data, test, seconds, indices)))
         return out
 
     def _write(self, ki: int, slab: xr.Dataset) -> int:

@@ -1,28 +1,27 @@
 """Clustering quality: majority-label accuracy, NMI, ARI, Hungarian accuracy, purity, and
 the label-free indices for choosing k (Davies–Bouldin, Calinski–Harabasz, silhouette).
 
-Thin wrappers over scikit-learn (NMI, ARI, contingency matrix, silhouette) and
-scipy (``linear_sum_assignment``); Davies–Bouldin and Calinski–Harabasz are
-computed here in one pass over the rows (scikit-learn's definitions, checked
-against it in the tests). Cluster labels are learned on the training set
-only; the held-out test set is scored with them and never influences them.
-Label arrays are 1-D integer arrays; true labels must be >= 0 so that -1 can
-mark a cluster without members. Inputs come from the engine, not from users,
-so mistakes raise a plain ValueError.
+scikit-learn's definitions throughout (checked against it in the tests): NMI and ARI
+from one contingency table, Hungarian accuracy with scipy's ``linear_sum_assignment``,
+Davies–Bouldin and Calinski–Harabasz in two compiled passes over the rows for several
+runs at once (uint8 rows summed exactly in integers), the silhouette on a seeded sample.
+Cluster labels are learned on the training set only; the held-out test set is scored
+with them and never influences them. Label arrays are 1-D integer arrays; true labels
+must be >= 0 so that -1 can mark a cluster without members. Inputs come from the
+engine, not from users, so mistakes raise a plain ValueError.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numba
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
-from sklearn.metrics import (
-    pairwise_distances,
-)
+from sklearn.metrics import pairwise_distances
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +218,8 @@ def silhouette_rows(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def sample_distances(x: np.ndarray, sample: np.ndarray) -> np.ndarray:
-    """Euclidean distances (float64) between the sampled rows: shared by every run of a seed,
-    since computing them is most of a silhouette's cost."""
+    """Euclidean distances (float64, in the units of ``x``) between the sampled rows: shared
+    by every run of a seed, since computing them is most of a silhouette's cost."""
     if len(sample) == 0:
         return np.empty((0, 0))
     return pairwise_distances(np.asarray(x[sample], dtype=np.float64))
@@ -236,38 +235,119 @@ def internal_indices(
     labels: np.ndarray,
     sample: np.ndarray,
     distances: np.ndarray | None = None,
+    scale: float = 1.0,
 ) -> dict[str, float]:
-    """Davies–Bouldin, Calinski–Harabasz (all rows) and silhouette (rows ``sample``).
+    """Davies–Bouldin, Calinski–Harabasz (all rows) and silhouette (rows ``sample``) of one
+    labelling of the rows ``x * scale``: ``cluster_indices`` and ``sample_silhouette``."""
+    out = cluster_indices(x, [labels], scale)[0]
+    return out | {"silhouette": sample_silhouette(x, labels, sample, distances)}
 
-    ``x`` (N, D) rows, ``labels`` (N,) cluster ids; ``distances``:
-    ``sample_distances(x, sample)`` if already at hand. Cluster centres are the means of
-    their members in float64 (as scikit-learn takes them, whether or not the run
-    converged); empty clusters do not count. One pass over the rows, cluster by
-    cluster: no N × k distance matrix. An index that is undefined (fewer than two
-    non-empty clusters, or every row its own cluster; an empty sample) is NaN.
+
+def sample_silhouette(
+    x: np.ndarray, labels: np.ndarray, sample: np.ndarray, distances: np.ndarray | None = None
+) -> float:
+    """Silhouette of the rows ``sample`` (``distances``: ``sample_distances(x, sample)`` if
+    already at hand); NaN where scikit-learn refuses (fewer than two labels, or every row
+    its own cluster, in the sample; an empty sample). Any scale of ``x``: it is a ratio."""
+    sub = _ints(labels, "cluster ids")[sample]
+    if not (len(sample) and _scorable(len(np.unique(sub)), len(sample))):
+        return float("nan")
+    return silhouette(sample_distances(x, sample) if distances is None else distances, sub)
+
+
+def cluster_indices(
+    x: np.ndarray, label_sets: Sequence[np.ndarray], scale: float = 1.0
+) -> list[dict[str, float]]:
+    """Davies–Bouldin and Calinski–Harabasz of each labelling of the rows ``x * scale`` (N, D).
+
+    Several runs at once: each block of rows is read from memory once for all of them.
+    Cluster centres are the means of their members (as scikit-learn takes them, whether or
+    not the run converged); empty clusters and unused ids do not count. An index that is
+    undefined (fewer than two clusters, or every row its own) is NaN. Both are ratios, so
+    ``scale`` only enters scikit-learn's absolute test for "no spread"; uint8 rows (the
+    sweep's pixels) are summed exactly in integers, a quarter of float32 rows' memory traffic.
     """
-    labels = _ints(labels, "cluster ids")
-    present, idx = np.unique(labels, return_inverse=True)
-    n, n_labels = len(labels), len(present)
-    if n == 0:
-        means, counts = np.empty((0, x.shape[1])), np.empty(0)
-        spread, within = np.empty(0), 0.0
-    else:
-        means, counts, spread, sq = _cluster_moments(x, idx.astype(np.intp), n_labels)
-        within = float(np.sum(sq))
-    out = {"davies_bouldin": np.nan, "calinski_harabasz": np.nan, "silhouette": np.nan}
-    if _scorable(n_labels, n):
-        overall = counts @ means / n
-        between = float(counts @ ((means - overall) ** 2).sum(axis=1))
-        ch = 1.0 if within == 0 else between * (n - n_labels) / (within * (n_labels - 1))
-        out["calinski_harabasz"] = float(ch)
-        out["davies_bouldin"] = _davies_bouldin(means, spread)
-    sub = labels[sample]
-    if len(sample) and _scorable(len(np.unique(sub)), len(sample)):
-        if distances is None:
-            distances = sample_distances(x, sample)
-        out["silhouette"] = silhouette(distances, sub)
+    x, n = np.ascontiguousarray(x), len(x)
+    idx, sizes = np.empty((len(label_sets), n), np.intp), []
+    for r, labels in enumerate(label_sets):
+        labels = _ints(labels, "cluster ids")
+        if len(labels) != n:
+            raise ValueError(f"{n} rows but {len(labels)} cluster ids")
+        if n and labels.min() < 0:
+            raise ValueError("cluster ids must be non-negative")
+        counts = np.bincount(labels)
+        present = np.flatnonzero(counts)
+        renumber = np.zeros(len(counts), np.intp)
+        renumber[present] = np.arange(len(present))
+        idx[r] = renumber[labels]
+        sizes.append(len(present))
+    m = max(sizes, default=0)
+    sums = np.zeros((len(label_sets), m, x.shape[1]), _sum_dtype(x.dtype, n))
+    counts = np.zeros((len(label_sets), m), np.int64)
+    block = max(1, 2**16 // max(1, x.shape[1] * x.itemsize))  # rows in ~64 KiB, cached for all
+    _cluster_sums(x, idx, sums, counts, block)
+    with np.errstate(invalid="ignore", divide="ignore"):  # padding of runs with fewer clusters
+        means = sums / counts[:, :, None]
+    spread, sq = moments = np.zeros((2, len(label_sets), m))
+    _cluster_spreads(x, idx, means, moments, block)
+    out = []
+    for r, k in enumerate(sizes):
+        values = {"davies_bouldin": np.nan, "calinski_harabasz": np.nan}
+        if _scorable(k, n):
+            mu, size, within = means[r, :k], counts[r, :k], float(np.sum(sq[r, :k]))
+            between = float(size @ ((mu - size @ mu / n) ** 2).sum(axis=1))
+            ch = 1.0 if within == 0 else between * (n - k) / (within * (k - 1))
+            values["calinski_harabasz"] = float(ch)
+            values["davies_bouldin"] = _davies_bouldin(mu, spread[r, :k] / size, scale)
+        out.append(values)
     return out
+
+
+def _sum_dtype(dtype: np.dtype, n: int) -> type:
+    """Cluster sums of n rows: exact int32 for uint8 rows while 255·n fits, else int64;
+    float64 (numpy's row order) for any other rows."""
+    if dtype != np.uint8:
+        return np.float64
+    return np.int32 if 255 * n < 2**31 else np.int64
+
+
+@numba.njit(cache=True, nogil=True)
+def _cluster_sums(
+    x: np.ndarray, idx: np.ndarray, sums: np.ndarray, counts: np.ndarray, block: int
+) -> None:
+    """Per run r and cluster c (``idx[r]`` per row): Σ of its rows into ``sums[r, c]`` (# OUT,
+    in row order) and its member count into ``counts[r, c]`` (# OUT)."""
+    n, d = x.shape
+    for i0 in range(0, n, block):
+        for r in range(idx.shape[0]):
+            for i in range(i0, min(i0 + block, n)):
+                c = idx[r, i]
+                counts[r, c] += 1
+                total, row = sums[r, c], x[i]
+                for j in range(d):
+                    total[j] += row[j]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _cluster_spreads(
+    x: np.ndarray, idx: np.ndarray, means: np.ndarray, out: np.ndarray, block: int
+) -> None:
+    """Per run r and cluster c: Σ of its rows' distances to ``means[r, c]`` into
+    ``out[0, r, c]`` (# OUT) and Σ of their squares into ``out[1, r, c]`` (# OUT), in float64
+    from the differences themselves (no cancelling expansion; the sum over a row's
+    pixels reassociated, so that it is vectorised)."""
+    n, d = x.shape
+    for i0 in range(0, n, block):
+        for r in range(idx.shape[0]):
+            for i in range(i0, min(i0 + block, n)):
+                c = idx[r, i]
+                row, mean = x[i], means[r, c]
+                s = 0.0
+                for j in range(d):
+                    v = row[j] - mean[j]
+                    s += v * v
+                out[0, r, c] += np.sqrt(s)
+                out[1, r, c] += s
 
 
 def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
@@ -308,54 +388,11 @@ def _row_cluster_sums(distances: np.ndarray, lab: np.ndarray, m: int) -> np.ndar
     return sums
 
 
-@numba.njit(cache=True, nogil=True)
-def _cluster_moments(
-    x: np.ndarray, idx: np.ndarray, m: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per cluster 0..m-1 (``idx`` per row): float64 mean of its rows, member count, mean
-    distance of its rows to that mean, and Σ of their squared distances.
-
-    Two passes over the rows, no copy of them: the means are summed in row order (as
-    numpy's ``rows.mean(axis=0)``), each squared distance with 8 partial sums.
-    """
-    n, d = x.shape
-    means = np.zeros((m, d))
-    counts = np.zeros(m)
-    for i in range(n):
-        c = idx[i]
-        counts[c] += 1.0
-        for j in range(d):
-            means[c, j] += x[i, j]
-    for c in range(m):
-        for j in range(d):
-            means[c, j] /= counts[c]
-    spread = np.zeros(m)
-    sq = np.zeros(m)
-    part = np.zeros(8)
-    whole = d - d % 8
-    for i in range(n):
-        c = idx[i]
-        part[:] = 0.0
-        for j0 in range(0, whole, 8):
-            for t in range(8):
-                v = x[i, j0 + t] - means[c, j0 + t]
-                part[t] += v * v
-        s = 0.0
-        for j in range(whole, d):
-            v = x[i, j] - means[c, j]
-            s += v * v
-        s += ((part[0] + part[1]) + (part[2] + part[3])) + (
-            (part[4] + part[5]) + (part[6] + part[7])
-        )
-        sq[c] += s
-        spread[c] += np.sqrt(s)
-    return means, counts, spread / counts, sq
-
-
-def _davies_bouldin(means: np.ndarray, spread: np.ndarray) -> float:
-    """Mean over clusters of the worst (s_i + s_j) / ‖c_i − c_j‖, as scikit-learn defines it."""
+def _davies_bouldin(means: np.ndarray, spread: np.ndarray, scale: float = 1.0) -> float:
+    """Mean over clusters of the worst (s_i + s_j) / ‖c_i − c_j‖, as scikit-learn defines it
+    (its test for no spread, or coinciding centres, on the rows times ``scale``)."""
     gaps = cdist(means, means)
-    if np.allclose(spread, 0) or np.allclose(gaps, 0):
+    if np.allclose(spread * scale, 0) or np.allclose(gaps * scale, 0):
         return 0.0  # scikit-learn's value when no cluster has spread or all centres coincide
     gaps[gaps == 0] = np.inf
     return float(np.mean(np.max((spread[:, None] + spread[None, :]) / gaps, axis=1)))

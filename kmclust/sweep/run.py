@@ -237,7 +237,7 @@ def _initial_centroids(
             x_train_np = rows * np.float32(SCALE)
         except Exception as exc:  # damaged chunks
             raise _fatal(exc, data) or load_error(exc, data.store) from None
-        sink.x_train = x_train_np  # kept for the label-free indices of every finished run
+        sink.x_train = rows  # as read (uint8): the label-free indices of every finished run
         inits = _draw(config, cells, rows, x_train_np, sink)
         try:
             loading.result()
