@@ -302,3 +302,42 @@ def test_stream_keeps_no_rows_on_workers_and_gives_identical_results(
 def _chunk_states(dask_worker) -> int:
     """How many per-row chunk states (labels, bounds) a worker holds."""
     return sum(isinstance(v, ChunkState) for v in list(dask_worker.data.values()))
+
+
+@pytest.mark.slow
+def test_workers_warm_up_once_each_and_an_error_waits_for_their_warm_up() -> None:
+    """One warm-up task per worker, each on its own worker, leaves the engine imported there; a
+    block that fails still lets the warm-ups end before the error goes on (a worker busy in one
+    while its cluster closes would log a traceback)."""
+    import sys
+
+    from distributed import Client, LocalCluster
+
+    from kmclust.lloyd import warm
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        before = client.run(lambda: "kmclust.lloyd.kernel" in sys.modules)
+        assert not any(before.values())
+        futures = warm.warm_up(client)
+        assert [f.result() for f in futures] == [None, None]
+        ran_on = {w for f in futures for w in client.who_has([f])[f.key]}
+        assert ran_on == set(client.nthreads())
+        assert all(client.run(lambda: "kmclust.lloyd.kernel" in sys.modules).values())
+        seen: list = []
+        real = warm.warm_up
+        warm.warm_up = lambda c: seen.extend(real(c)) or seen
+        try:
+            with pytest.raises(RuntimeError), warm.warming(client):
+                raise RuntimeError("the job failed at once")
+        finally:
+            warm.warm_up = real
+        assert len(seen) == 2 and all(f.done() for f in seen)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from kmclust.errors import KmclustError, SchedulerError
-from kmclust.lloyd import driver, placement, runs
+from kmclust.lloyd import driver, placement, runs, warm
 from kmclust.lloyd.init import cell_seed, data_stats, init_centroids, random_from_stats
 from kmclust.location import Location
 from kmclust.sweep import remote_results
@@ -173,6 +173,24 @@ def run_sweep(
     (credentials, endpoint) reach the data and results stores at URLs and are
     never recorded; the store's lock (kmclust.sweep.lock) is held throughout.
     """
+    # the workers load the engine's kernels while this process checks, opens and draws
+    with warm.warming(placement.default_client()):
+        return _run_sweep(
+            config, out, resume, overwrite, parallel, on_batch, storage_options, break_lock
+        )
+
+
+def _run_sweep(
+    config: SweepConfig,
+    out: str | Path | Location,
+    resume: bool,
+    overwrite: bool,
+    parallel: int,
+    on_batch: Callable | None,
+    storage_options: dict | None,
+    break_lock: bool,
+) -> SweepOutcome:
+    """:func:`run_sweep` itself (the workers warming meanwhile)."""
     t0 = time.perf_counter()
     target = check_out(out, replace=overwrite, resume=resume, storage_options=storage_options)
     with hold(target, break_lock=break_lock):
