@@ -114,3 +114,39 @@ def test_ctrl_c_ends_with_one_line_fast(mnist_subset_store, tmp_path, moment, ne
     # the worker processes (and the resource tracker) end with the job
     _, alive = psutil.wait_procs(processes, timeout=15)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+def test_a_ctrl_c_freezes_the_local_workers_before_anything_else_and_stop_fast_ends_them():
+    """Frozen at the signal, a worker cannot log the comms the unwinding client aborts (a
+    gather from it cut short, CI saw two such tracebacks); ``stop_fast`` still ends it."""
+    from kmclust.cluster.connect import connect
+
+    seen = {}
+
+    def ctrl_c() -> None:
+        seen["pids"] = [n.pid for n in client.cluster.workers.values()]
+        os.kill(os.getpid(), signal.SIGINT)  # handled in this (the main) thread, as a Ctrl-C
+        time.sleep(5)  # the handler raises KeyboardInterrupt before this ends
+
+    with pytest.raises(KeyboardInterrupt):
+        with connect("local") as client:
+            try:
+                ctrl_c()
+            except KeyboardInterrupt:
+                seen["status"] = [stopped(pid) for pid in seen["pids"]]
+                raise
+    assert len(seen["pids"]) >= 2
+    assert seen["status"] == [True] * len(seen["pids"])
+    _, alive = psutil.wait_procs([q for pid in seen["pids"] for q in family(pid)], timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+def stopped(pid: int, seconds: float = 2.0) -> bool:
+    """Whether a process reaches the stopped state within ``seconds`` (a signal lands in
+    microseconds, but not synchronously with ``kill``)."""
+    deadline = time.monotonic() + seconds
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

@@ -58,7 +58,7 @@ def connect(
     profiles = load_profiles(path) if path is not None else {}
     client = cluster = None
     with ExitStack() as stack:
-        stack.enter_context(interrupt_handling())
+        stack.enter_context(interrupt_handling(lambda: cluster))
         try:
             if is_address(scheduler):
                 spec = profile_for_address(profiles, scheduler)

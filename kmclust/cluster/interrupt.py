@@ -22,12 +22,16 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def interrupt_handling() -> Iterator[None]:
+def interrupt_handling(cluster: Callable[[], Any] = lambda: None) -> Iterator[None]:
     """While a cluster is in use, make a Ctrl-C quiet and sure to stop the job.
 
-    - The SIGINT handler silences distributed first (``_silence_distributed``),
-      then raises KeyboardInterrupt as Python's own does: tasks abandoned on
-      the way out are reported as the stack unwinds, before ``stop_fast``.
+    - The SIGINT handler silences distributed first (``_silence_distributed``)
+      and freezes the worker processes of the local cluster ``cluster()``
+      returns, if any (``freeze_local_workers``), then raises
+      KeyboardInterrupt as Python's own does. As the stack unwinds,
+      distributed cancels what the client was waiting for and aborts its
+      comms, which a running worker would log with a traceback (a gather
+      from it cut short); frozen, it logs nothing before ``stop_fast`` kills it.
     - Python raises KeyboardInterrupt in whatever the main thread runs when
       it handles the signal. Inside a gc callback (distributed's GC diagnosis
       runs one at every collection in a process hosting a scheduler, as with
@@ -49,6 +53,9 @@ def interrupt_handling() -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         _silence_distributed()
+        built = cluster()
+        if built is not None:
+            freeze_local_workers(built)
         signal.default_int_handler(signum, frame)
 
     def hook(unraisable: Any) -> None:
@@ -154,15 +161,41 @@ def stop_fast(client: Any, cluster: Any) -> None:
             log.debug("closing the Dask %s after an interrupt: %s", what, one_line(exc))
 
 
+def freeze_local_workers(cluster: Any) -> None:
+    """SIGSTOP the worker processes of a local cluster: a frozen worker logs nothing, and a
+    later SIGKILL still ends it."""
+    for _, pid in _local_workers(cluster):
+        _signal(pid, "SIGSTOP")
+
+
 def _kill_local_workers(cluster: Any) -> None:
-    """SIGKILL the worker processes of a local cluster's nannies, which must not restart them."""
+    """SIGKILL the worker processes of a local cluster's nannies, which must not restart them.
+
+    All are frozen before any is killed: a worker still running while a peer
+    dies logs the peer's reset connection with a traceback.
+    """
+    freeze_local_workers(cluster)
+    for nanny, pid in _local_workers(cluster):
+        nanny.close_gracefully(reason="kmclust-interrupted")  # distributed's "do not restart"
+        _signal(pid, "SIGKILL")
+
+
+def _local_workers(cluster: Any) -> list[tuple[Any, int]]:
+    """(nanny, worker pid) of each worker process a local cluster's nannies run."""
+    found = []
     for nanny in list(getattr(cluster, "workers", {}).values()):
         pid = getattr(nanny, "pid", None)
-        if not isinstance(pid, int) or not hasattr(nanny, "close_gracefully"):
-            continue  # an in-process Worker, or a worker class we do not know
-        nanny.close_gracefully(reason="kmclust-interrupted")  # distributed's "do not restart"
+        if isinstance(pid, int) and hasattr(nanny, "close_gracefully"):
+            found.append((nanny, pid))  # not an in-process Worker, nor a class we do not know
+    return found
+
+
+def _signal(pid: int, name: str) -> None:
+    """Send a signal by name where the platform has it (SIGTERM for a missing SIGKILL)."""
+    number = getattr(signal, name, signal.SIGTERM if name == "SIGKILL" else None)
+    if number is not None:
         with suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            os.kill(pid, number)
 
 
 def close_quietly(obj: Any, what: str) -> None:

@@ -25,10 +25,14 @@ def warming(client) -> Iterator[None]:
     """Warm ``client``'s workers (if a client) while the block runs; on leaving, let any warm-up
     still running end first."""
     futures = warm_up(client) if client is not None else []
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C: the cluster is killed at once, nothing to wait for
+        interrupted = True
+        raise
     finally:
-        if futures:
+        if futures and not interrupted:
             from distributed import wait
 
             with contextlib.suppress(Exception):  # a lost worker, a closed client: nothing to wait
