@@ -268,3 +268,11 @@ def test_init_names_become_distinct_safe_file_names():
     names = [results.slug(n) for n in ("random", "data", "k-means++", "k-means||")]
     assert len(set(names)) == 4
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
+
+
+def test_open_results_reads_the_per_cell_variables_once_and_leaves_the_clusters_lazy(store, truth):
+    ds = results.open_results(store)
+    assert ds.status.chunks is None and ds.jclust.chunks is None  # in memory: read in one go
+    assert ds.centroids.chunks is not None  # per-cluster arrays still read on demand
+    np.testing.assert_array_equal(ds.jclust.values, truth.jclust.values)
+    assert list(results.strings(ds.status).ravel()) == list(results.strings(truth.status).ravel())

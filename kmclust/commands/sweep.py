@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 break_lock=args.break_lock,
             )
     from kmclust.report import document as report
+    from kmclust.report.results import with_cells_loaded
     from kmclust.sweep.store import open_store
 
-    results = open_store(out)
+    results = with_cells_loaded(open_store(out))
     print(report.format_table(report.summary_table(results)))
     print(
         f"{outcome.n_computed} of {outcome.n_cells} cells computed in {outcome.seconds:.1f} s; "

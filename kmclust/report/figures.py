@@ -37,6 +37,9 @@ from kmclust.sweep.schema import VARIABLES
 log = logging.getLogger(__name__)
 
 DPI = 150
+#: The representatives grid, in inches: suptitle band on top, each panel's two-line title, the
+#: colour bar's column on the right.
+REP_TOP, REP_TITLE, REP_BAR = 0.55, 0.45, 0.9
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 BAND = "±1 s.d. over seeds"
 
@@ -50,8 +53,8 @@ class Figures:
     representatives: dict[str, str]  # init → its cluster representatives
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -265,8 +268,15 @@ def representatives(
     nrows = math.ceil(k / ncols)
     aspect = images.shape[1] / images.shape[2]  # height / width of one image
     panel = 0.25 + 1.45 * min(max(aspect, 0.5), 2.0)  # title + image, 1.7 for square images
-    fig = _figure(max(1.45 * ncols + 0.9, 6.5), panel * nrows + 0.9)  # wide enough for the title
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    bar = 0.0 if colour else REP_BAR  # room for the colour bar on the right (gray only)
+    width, height = max(1.45 * ncols + 0.2 + bar, 6.5), panel * nrows + REP_TOP + 0.1
+    fig = _figure(width, height, layout=None)  # fixed geometry: constrained layout took 3/4 of it
+    grid = fig.add_gridspec(
+        nrows, ncols, left=0.1 / width, right=1 - (0.1 + bar) / width, bottom=0.1 / height,
+        top=1 - (REP_TOP + REP_TITLE) / height,  # the first row's titles below the band
+        hspace=REP_TITLE / (panel - REP_TITLE), wspace=0.1,  # each panel's title above its image
+    )  # fmt: skip
+    axes = grid.subplots(squeeze=False)
     im = None
     for idx, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -284,7 +294,11 @@ def representatives(
         else:
             ax.set_title(f"{names[idx]}\nn = {sizes[idx]:.0f}", fontsize=9)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.5, label="pixel intensity (0–1)")
+        grid_h = (panel * nrows - REP_TITLE) / height  # the bar: half the grid's height, centred
+        cax = fig.add_axes(
+            ((width - bar + 0.15) / width, 0.1 / height + grid_h / 4, 0.15 / width, grid_h / 2)
+        )
+        fig.colorbar(im, cax=cax, label="pixel intensity (0–1)")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
