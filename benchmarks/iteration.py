@@ -39,6 +39,9 @@ from kmclust.lloyd.placement import persist_balanced
 
 log = logging.getLogger(__name__)
 
+#: the estimator's columns: "<ESTIMATOR> lloyd" and "<ESTIMATOR> elkan"
+ESTIMATOR = "kmclust.KMeans float32"
+
 #: a fit from initial centroids for at most max_iter iterations → the iterations it ran
 Fit = Callable[[np.ndarray, int], int]
 
@@ -52,6 +55,7 @@ class IterationConfig:
     repeats: int = 3  # fits per tool and k; the fastest counts
     prune: bool = True
     float32: bool = True  # also kmclust given float32 rows in [0, 1] (the estimator's users)
+    estimator: bool = True  # kmclust.KMeans(...).fit on numpy float32: what its users run
     faiss: bool = True  # faiss-cpu, when installed: without subsampling and with its default
     dask_ml: bool = True  # dask-ml, when installed (slow at large k)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -80,6 +84,15 @@ def _sklearn_iters(xf: np.ndarray, algorithm: str, c: np.ndarray, max_iter: int)
 
 def _kmclust_iters(x, prune: bool, c: np.ndarray, max_iter: int, scale: float = SCALE) -> int:
     return lloyd(x, [c], tol=0.0, max_iter=max_iter, scale=scale, prune=prune)[0].n_iter
+
+
+def _estimator_iters(xf: np.ndarray, algorithm: str, c: np.ndarray, max_iter: int) -> int:
+    """kmclust.KMeans on a numpy float32 array, as its users call it (checks, conversion, the
+    engine's in-process pool, labels and inertia)."""
+    from kmclust import KMeans
+
+    km = KMeans(c.shape[0], init=c, n_init=1, max_iter=max_iter, tol=0.0, algorithm=algorithm)
+    return km.fit(xf).n_iter_
 
 
 def _dask_ml_iters(xf, c: np.ndarray, max_iter: int) -> int:
@@ -138,6 +151,10 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
     if has_faiss:
         t.measure(FAISS, functools.partial(_faiss_iters, xf, False), inits, cfg, 1)
         t.measure(FAISS_SUB, functools.partial(_faiss_iters, xf, True), inits, cfg, 1)
+    if cfg.estimator:
+        for alg in ("lloyd", "elkan"):
+            est = functools.partial(_estimator_iters, xf, alg)
+            t.measure(f"{ESTIMATOR} {alg}", est, inits, cfg, cfg.iterations)
     has_dask_ml = cfg.dask_ml and dask_ml_kmeans() is not None
     for name in cfg.cluster.schedulers:
         with scheduler(name, cfg.cluster) as client:
@@ -163,15 +180,18 @@ def run_iteration(cfg: IterationConfig) -> Outcome:
         "kmclust's final exact-J pass, dask-ml's final labelling pass — are included); (CPU) = "
         "CPU ms of driver + workers per iteration in that fit",
         "kmclust[...] is given the uint8 pixels (scale 1/255, as the sweep); kmclust[...] "
-        "float32 the same rows as float32 in [0, 1] (as kmclust.KMeans users pass them); the "
-        "peers float32 in [0, 1]",
+        "float32 the same rows as float32 in [0, 1], persisted dask chunks; "
+        f"'{ESTIMATOR} lloyd/elkan': kmclust.KMeans(init=the centroids, n_init=1, tol=0, "
+        "algorithm=lloyd/elkan).fit(the numpy float32 rows), the whole call its users make "
+        "(elkan: with distance bounds); the peers float32 in [0, 1]",
         "faiss: faiss.Kmeans(niter=iterations, seed=0) from the same centroids; 'faiss' with "
         "max_points_per_centroid = N // k + 1 (no subsampling: every row in every iteration, the "
         "same work as the others); 'faiss (default ...)' with faiss's default "
         "max_points_per_centroid=256, i.e. it trains on a random sample of 256·k rows when "
         "N > 256·k (less work, another result: not comparable as a fit of all rows)",
-        "ratios: wall time of sklearn lloyd, faiss (no subsampling), the best dask-ml scheduler "
-        "and the best kmclust float32 scheduler over the best kmclust scheduler on uint8",
+        "ratios: wall time of sklearn lloyd, faiss (no subsampling), the best dask-ml scheduler, "
+        "the best kmclust float32 scheduler and the faster kmclust.KMeans float32 algorithm over "
+        "the best kmclust scheduler on uint8",
         "1-min load average before → after each tool: "
         + ", ".join(f"{tool} {v}" for tool, v in t.loads.items()),
         f"iterations run: {t.n_iter}",
@@ -204,13 +224,15 @@ def _table(t: _Timings, ks: tuple[int, ...]) -> str:
     on uint8 input (and float32 kmclust's to it)."""
     tools = list(t.wall)
     kinds = {
-        "kmclust": [x for x in tools if x.startswith("kmclust") and not x.endswith(" float32")],
-        "float32": [x for x in tools if x.startswith("kmclust") and x.endswith(" float32")],
+        "kmclust": [x for x in tools if x.startswith("kmclust[") and not x.endswith(" float32")],
+        "float32": [x for x in tools if x.startswith("kmclust[") and x.endswith(" float32")],
+        "estimator": [x for x in tools if x.startswith(ESTIMATOR)],
         "dask-ml": [x for x in tools if x.startswith("dask-ml")],
         "faiss": [x for x in tools if x == FAISS],
     }
     ratios = [("sklearn lloyd", ["sklearn lloyd"]), *((k, kinds[k]) for k in ("faiss", "dask-ml"))]
     ratios.append(("kmclust float32", kinds["float32"]))
+    ratios.append(("best KMeans float32", kinds["estimator"]))
     rows = []
     for k in ks:
         ms = {x: 1e3 * t.wall[x][k] for x in tools}

@@ -233,6 +233,7 @@ def test_iteration_every_tool_positive(fashion_store: Path) -> None:
     out = iteration.run_iteration(cfg)
     per_iter = out.figures["per_iteration"]
     expected = {"sklearn lloyd", "sklearn elkan", "kmclust[threads]", "kmclust[threads] float32"}
+    expected |= {f"{iteration.ESTIMATOR} lloyd", f"{iteration.ESTIMATOR} elkan"}
     if importlib.util.find_spec("dask_ml") is not None:
         expected.add("dask-ml[threads]")
     if importlib.util.find_spec("faiss") is not None:

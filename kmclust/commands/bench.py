@@ -4,7 +4,8 @@ Modes (each prints a table and appends a dated record to the History of BENCHMAR
   grid       the k × init × seed grid as one kmclust batch, and as the real sweep job, vs
              loops of sklearn KMeans and of faiss (fit, then predict the held-out set);
              --large-k: k 256, 512, 1024 × data init × 3 seeds, without the job
-  iteration  seconds per Lloyd iteration: kmclust (uint8 and float32 input), sklearn
+  iteration  seconds per Lloyd iteration: kmclust (uint8 and float32 input, and the
+             kmclust.KMeans estimator on float32), sklearn
              lloyd/elkan, faiss, dask-ml
   scale      streaming a large synthetic store from zarr vs persisted data
   staging    staging 70,000 PNG files (written from Fashion-MNIST) vs a plain Pillow loop
@@ -153,6 +154,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_false",
         help="skip kmclust on float32 input (uint8 only)",
     )
+    i.add_argument(
+        "--no-estimator",
+        dest="estimator",
+        action="store_false",
+        help="skip kmclust.KMeans(...).fit on numpy float32 (lloyd and elkan)",
+    )
     s = modes.add_parser("scale", parents=[common], help="streaming from zarr vs in memory")
     s.add_argument(
         "--rows", type=int, default=5_000_000, help="synthetic rows (default %(default)s)"
@@ -245,6 +252,7 @@ def _config(args: argparse.Namespace):
         repeats=args.repeats,
         prune=args.prune,
         float32=args.float32,
+        estimator=args.estimator,
         faiss=args.faiss,
         dask_ml=args.dask_ml,
         cluster=spec,
