@@ -9,7 +9,7 @@ import pytest
 from dask.base import tokenize
 
 from kmclust.lloyd import driver
-from kmclust.lloyd.executors import GraphExecutor, PoolExecutor
+from kmclust.lloyd.executors import GraphExecutor, PoolExecutor, _loopback
 from kmclust.lloyd.kernel import ChunkArgs
 from kmclust.lloyd.partial import Partial
 from kmclust.lloyd.placement import chunk_refs
@@ -122,3 +122,10 @@ def test_a_forced_executor_must_suit_the_chunks() -> None:
         driver.predict(x, init, executor="nope")
     (a,), (b,) = (driver.lloyd(x, init, tol=0, executor=e) for e in ("pool", "graph"))
     np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+def test_large_arguments_are_scattered_only_to_a_cluster_on_this_host() -> None:
+    local = ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tls://[::1]:8786")
+    remote = ("tcp://10.1.2.3:8786", "tcp://192.0.2.7:8786", "tcp://nonexistent.invalid:8786")
+    assert all(_loopback(a) for a in local)
+    assert not any(_loopback(a) for a in remote)

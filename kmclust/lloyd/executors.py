@@ -13,10 +13,12 @@ Each has one method, ``run(plan) -> list[Partial]`` (one per group, reduced alon
 from __future__ import annotations
 
 import functools
+import ipaddress
 import itertools
 import operator
 import os
 import signal
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -26,6 +28,7 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 from dask.utils import parse_bytes
+from distributed.comm import get_address_host
 from threadpoolctl import threadpool_limits
 
 from kmclust.lloyd import kernel
@@ -243,10 +246,10 @@ class SlotExecutor:
     (:func:`kmclust.lloyd.placement.worker_slots`). A slot task's result, held
     as its chunks' state until the next pass, also keeps their partials there
     (int32 sums, sparse after the first passes); the driver reduces the
-    gathered partials along the plan's tree. Small arguments go inline; a large
-    centroid stack is scattered once a pass straight to every worker (inline, it
-    went through the scheduler once per slot task: 12.5 MB each for the default
-    study's 4,000 centroids), never as a task's output (a hop between workers).
+    gathered partials along the plan's tree. Small arguments go inline; on a
+    cluster of this host a large centroid stack is scattered once a pass straight
+    to every worker (inline, it went through the scheduler once per slot task:
+    12.5 MB each for the default study's 4,000 centroids).
     """
 
     def __init__(self, client, chunks: list, slots: list[list[int]], weights: list | None = None):
@@ -301,9 +304,11 @@ class SlotExecutor:
         return results
 
     def _scatter(self, args: ChunkArgs):
-        """A group's arguments: inline when small, else sent once, straight to every worker
-        (inline, a large centroid stack went through the scheduler once per slot task)."""
-        if args.nbytes < SHARE_BYTES:
+        """A group's arguments: inline when small or the cluster is remote, else sent once,
+        straight to every worker (inline, a large centroid stack went through the scheduler
+        once per slot task). From a client far from its cluster (a laptop driving a cloud
+        cluster) the scheduler's fan-out is the cheaper path, so the stack stays inline there."""
+        if args.nbytes < SHARE_BYTES or not _on_this_host(self.client):
             return args
         return self.client.scatter(args, broadcast=True, direct=True, hash=False)
 
@@ -321,6 +326,24 @@ class SlotExecutor:
                 flat += [index[fut.key], j]
             where.append(flat)
         return refs, where
+
+
+def _on_this_host(client) -> bool:
+    """Whether the client's scheduler listens on a loopback address (LocalCluster, or a
+    ``dask scheduler`` on this machine): its workers are then a local copy away."""
+    return _loopback(client.scheduler.address)
+
+
+@functools.cache
+def _loopback(address: str) -> bool:
+    host = get_address_host(address).strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: what it resolves to
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except (OSError, ValueError):
+            return False
 
 
 def _submit(client, dsk: dict, keys: list, carried: int) -> list:
