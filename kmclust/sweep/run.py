@@ -248,7 +248,8 @@ def _initial_centroids(
     The workers load their rows (``data.load``) while this thread reads its own copy and
     draws the initial centroids: neither waits for the other.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="kmclust-load") as pool:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kmclust-load")
+    try:
         loading = pool.submit(data.load)
         try:
             rows = data.train_rows()
@@ -261,6 +262,12 @@ def _initial_centroids(
             loading.result()
         except Exception as exc:  # damaged chunks, a worker killed while loading
             raise _fatal(exc, data) or load_error(exc, data.store) from None
+    except BaseException:
+        # no wait for the load: after a Ctrl-C the workers are frozen and it would never end;
+        # closing the cluster ends it
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return inits
 
 
