@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +151,34 @@ def stopped(pid: int, seconds: float = 2.0) -> bool:
             return False
         time.sleep(0.001)
     return True
+
+
+def test_an_interrupt_while_the_workers_load_does_not_wait_for_the_load() -> None:
+    """After a Ctrl-C the workers are frozen, so the rows they load never arrive: leaving the
+    initial-centroid step must not wait for that load (it hung the job 1 time in 3)."""
+    from kmclust.sweep import run
+
+    frozen = threading.Event()
+
+    class Loading:  # the DataSplit calls _initial_centroids makes, as a Ctrl-C finds them
+        store = "store.zarr"
+
+        def load(self) -> None:
+            frozen.wait()  # the workers' load: ends only when the cluster is closed
+
+        def train_rows(self):
+            raise KeyboardInterrupt
+
+    left = threading.Event()
+
+    def call() -> None:
+        try:
+            run._initial_centroids(None, Loading(), [], None)
+        except KeyboardInterrupt:
+            left.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    try:
+        assert left.wait(30), "the interrupted job waited for the frozen workers' load"
+    finally:
+        frozen.set()
