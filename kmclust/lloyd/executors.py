@@ -308,7 +308,7 @@ class SlotExecutor:
         straight to every worker (inline, a large centroid stack went through the scheduler
         once per slot task). From a client far from its cluster (a laptop driving a cloud
         cluster) the scheduler's fan-out is the cheaper path, so the stack stays inline there."""
-        if args.nbytes < SHARE_BYTES or not _on_this_host(self.client):
+        if args.nbytes < SHARE_BYTES or not _loopback(self.client.scheduler.address):
             return args
         return self.client.scatter(args, broadcast=True, direct=True, hash=False)
 
@@ -328,14 +328,10 @@ class SlotExecutor:
         return refs, where
 
 
-def _on_this_host(client) -> bool:
-    """Whether the client's scheduler listens on a loopback address (LocalCluster, or a
-    ``dask scheduler`` on this machine): its workers are then a local copy away."""
-    return _loopback(client.scheduler.address)
-
-
 @functools.cache
 def _loopback(address: str) -> bool:
+    """Whether a scheduler address is on this machine's loopback (LocalCluster, or a
+    ``dask scheduler`` here): its workers are then a local copy away."""
     host = get_address_host(address).strip("[]")
     try:
         return ipaddress.ip_address(host).is_loopback

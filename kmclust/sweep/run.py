@@ -248,7 +248,7 @@ def _initial_centroids(
     The workers load their rows (``data.load``) while this thread reads its own copy and
     draws the initial centroids: neither waits for the other.
     """
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kmclust-load")
+    pool, interrupted = ThreadPoolExecutor(1, thread_name_prefix="kmclust-load"), False
     try:
         loading = pool.submit(data.load)
         try:
@@ -262,12 +262,11 @@ def _initial_centroids(
             loading.result()
         except Exception as exc:  # damaged chunks, a worker killed while loading
             raise _fatal(exc, data) or load_error(exc, data.store) from None
-    except BaseException:
-        # no wait for the load: after a Ctrl-C the workers are frozen and it would never end;
-        # closing the cluster ends it
-        pool.shutdown(wait=False, cancel_futures=True)
+    except KeyboardInterrupt:
+        interrupted = True  # the SIGINT handler froze the workers: the load would never end
         raise
-    pool.shutdown()
+    finally:  # after an error the load ends (or fails) first; after a Ctrl-C the cluster's close
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
     return inits
 
 
