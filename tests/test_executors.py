@@ -9,7 +9,7 @@ import pytest
 from dask.base import tokenize
 
 from kmclust.lloyd import driver
-from kmclust.lloyd.executors import GraphExecutor, PoolExecutor, _loopback
+from kmclust.lloyd.executors import SHARE_BYTES, GraphExecutor, PoolExecutor, _share
 from kmclust.lloyd.kernel import ChunkArgs
 from kmclust.lloyd.partial import Partial
 from kmclust.lloyd.placement import chunk_refs
@@ -124,8 +124,25 @@ def test_a_forced_executor_must_suit_the_chunks() -> None:
     np.testing.assert_array_equal(a.centroids, b.centroids)
 
 
-def test_large_arguments_are_scattered_only_to_a_cluster_on_this_host() -> None:
-    local = ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tls://[::1]:8786")
-    remote = ("tcp://10.1.2.3:8786", "tcp://192.0.2.7:8786", "tcp://nonexistent.invalid:8786")
-    assert all(_loopback(a) for a in local)
-    assert not any(_loopback(a) for a in remote)
+def test_a_large_centroid_stack_is_one_data_key_of_the_pass_on_a_cluster() -> None:
+    """On a cluster a large stack goes in the graph once, as data (computed again if the worker
+    holding it dies, unlike scattered data); a small one, or any without a cluster, inline."""
+    rng = np.random.default_rng(3)
+    small, large = (rng.random((k, 784)).astype(np.float32) for k in (2, 64))
+    assert small.nbytes < SHARE_BYTES <= large.nbytes
+
+    def args(stack: np.ndarray) -> ChunkArgs:
+        k = len(stack)
+        return ChunkArgs(stack, np.array([0, k]), np.array([0]), {}, 1, True, False)
+
+    cluster = object()  # only its presence matters
+    for stack, client, inline in (
+        (small, cluster, True),
+        (large, None, True),
+        (large, cluster, False),
+    ):
+        dsk: dict = {}
+        a = args(stack)
+        ref = _share(dsk, "kmclust-args-t-0", a, client)
+        assert (ref is a) == inline
+        assert dsk == ({} if inline else {"kmclust-args-t-0": a})

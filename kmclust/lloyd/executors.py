@@ -13,12 +13,10 @@ Each has one method, ``run(plan) -> list[Partial]`` (one per group, reduced alon
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import operator
 import os
 import signal
-import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -28,7 +26,6 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 from dask.utils import parse_bytes
-from distributed.comm import get_address_host
 from threadpoolctl import threadpool_limits
 
 from kmclust.lloyd import kernel
@@ -166,7 +163,7 @@ class GraphExecutor:
         state_keys: list[list] = [[] for _ in self.chunks]
         carried = 0  # bytes of centroids in the graph: once per chunk task unless shared
         for g, args in enumerate(plan.tasks):
-            ref = self._share(dsk, f"kmclust-args-{token}-{g}", args)
+            ref = _share(dsk, f"kmclust-args-{token}-{g}", args, self.client)
             carried += args.nbytes * (1 if ref is not args else len(self.chunks))
             parts = []
             for c, (blk, start) in enumerate(zip(self.chunks, plan.starts)):
@@ -197,15 +194,20 @@ class GraphExecutor:
             self.states = [list(states[c * per : (c + 1) * per]) for c in range(len(self.chunks))]
         return list(results)
 
-    def _share(self, dsk: dict, key: str, args: ChunkArgs):
-        """A group's arguments for its chunk tasks: inline, or (large, on a cluster) one data key.
 
-        As a key a large centroid stack travels once per pass instead of once per chunk task.
-        """
-        if self.client is None or args.nbytes < SHARE_BYTES:
-            return args
-        dsk[key] = args
-        return key
+def _share(dsk: dict, key: str, args: ChunkArgs, client) -> ChunkArgs | str:
+    """A group's arguments for its tasks: inline, or (large, on a cluster) one data key.
+
+    As a key a large centroid stack travels to one worker once a pass and from it
+    to the others (inline, it went through the scheduler once per task: 12.5 MB each
+    for the default study's 4,000 centroids). A key, unlike scattered data, is
+    computed again if the worker holding it dies: a scatter with ``broadcast``
+    hung for good when a worker was killed during it.
+    """
+    if client is None or args.nbytes < SHARE_BYTES:
+        return args
+    dsk[key] = args
+    return key
 
 
 def _add_combine(dsk: dict, name: str) -> Callable[[list], tuple]:
@@ -246,10 +248,8 @@ class SlotExecutor:
     (:func:`kmclust.lloyd.placement.worker_slots`). A slot task's result, held
     as its chunks' state until the next pass, also keeps their partials there
     (int32 sums, sparse after the first passes); the driver reduces the
-    gathered partials along the plan's tree. Small arguments go inline; on a
-    cluster of this host a large centroid stack is scattered once a pass straight
-    to every worker (inline, it went through the scheduler once per slot task:
-    12.5 MB each for the default study's 4,000 centroids).
+    gathered partials along the plan's tree. Small arguments go inline, a large
+    centroid stack as one data key a pass (:func:`_share`).
     """
 
     def __init__(self, client, chunks: list, slots: list[list[int]], weights: list | None = None):
@@ -264,7 +264,13 @@ class SlotExecutor:
         dsk: dict = {}
         part_keys = []  # per group, per slot
         state_keys: list[list] = [[] for _ in self.chunks]  # per chunk: (slot task key, position)
-        shared = [self._scatter(args) for args in plan.tasks]
+        shared = [
+            _share(dsk, f"kmclust-args-{plan.token}-{g}", a, self.client)
+            for g, a in enumerate(plan.tasks)
+        ]
+        carried = sum(
+            a.nbytes * (1 if r is not a else len(self.slots)) for a, r in zip(plan.tasks, shared)
+        )
         for g, args in enumerate(shared):
             for s, members in enumerate(self.slots):
                 refs, where = (
@@ -286,8 +292,8 @@ class SlotExecutor:
                 for j, c in enumerate(members):
                     state_keys[c].append((task, j))
         tasks = sorted({key for per in state_keys for key, _ in per}) if plan.stateful else []
-        futures = _submit(self.client, dsk, part_keys + tasks, len(self.slots) * plan.carried)
-        self._held = [futures, shared]
+        futures = _submit(self.client, dsk, part_keys + tasks, carried)
+        self._held = [futures]
         earlier = [f for per_chunk in self.states or [] for f, _ in per_chunk]
         gathered = _gather(self.client, futures, len(part_keys), earlier, direct=True)
         if plan.stateful:
@@ -303,15 +309,6 @@ class SlotExecutor:
             results.append(fold(by_chunk, plan.tree, combine))
         return results
 
-    def _scatter(self, args: ChunkArgs):
-        """A group's arguments: inline when small or the cluster is remote, else sent once,
-        straight to every worker (inline, a large centroid stack went through the scheduler
-        once per slot task). From a client far from its cluster (a laptop driving a cloud
-        cluster) the scheduler's fan-out is the cheaper path, so the stack stays inline there."""
-        if args.nbytes < SHARE_BYTES or not _loopback(self.client.scheduler.address):
-            return args
-        return self.client.scatter(args, broadcast=True, direct=True, hash=False)
-
     def _previous(self, members: list[int]) -> tuple[list, list[list[int]]]:
         """The previous slot results holding the states of chunks ``members``, and per chunk its
         (result, position) pairs, flattened."""
@@ -326,20 +323,6 @@ class SlotExecutor:
                 flat += [index[fut.key], j]
             where.append(flat)
         return refs, where
-
-
-@functools.cache
-def _loopback(address: str) -> bool:
-    """Whether a scheduler address is on this machine's loopback (LocalCluster, or a
-    ``dask scheduler`` here): its workers are then a local copy away."""
-    host = get_address_host(address).strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: what it resolves to
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except (OSError, ValueError):
-            return False
 
 
 def _submit(client, dsk: dict, keys: list, carried: int) -> list:
