@@ -245,6 +245,34 @@ def test_iteration_every_tool_positive(fashion_store: Path) -> None:
     assert "| 5 |" in out.table
 
 
+def test_blobs_times_every_tool_and_kmclust_reaches_sklearns_fixed_point() -> None:
+    from benchmarks import blobs
+
+    cfg = blobs.BlobsConfig(shapes=((2, 4), (20, 6)), rows=2000, repeats=1)
+    out = blobs.run_blobs(cfg)
+    tools = {blobs.REFERENCE, "sklearn lloyd", "sklearn elkan", f"{blobs.ESTIMATOR} lloyd"}
+    tools |= {f"{blobs.ESTIMATOR} elkan"} | ({blobs.FAISS} if out.figures["faiss"] else set())
+    assert set(out.figures["seconds"]) == tools
+    for tool in tools:
+        for shape in ("2x4", "20x6"):
+            assert out.figures["seconds"][tool][shape] > 0
+            if tool.startswith(blobs.ESTIMATOR):  # the exact fixed point, as float64 sklearn's
+                assert out.figures["agree"][tool][shape] == 1.0, (tool, shape)
+                # scikit-learn may count one more (the iteration that finds nothing changed)
+                ref = out.figures["n_iter"][blobs.REFERENCE][shape]
+                assert ref - 1 <= out.figures["n_iter"][tool][shape] <= ref
+    assert "| 20 | 6 |" in out.table
+
+
+@pytest.mark.parametrize("shapes", ["2x", "0x4", "axb", ""])
+def test_blobs_rejects_bad_shapes(shapes: str) -> None:
+    from kmclust.commands import bench
+    from kmclust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--shapes"):
+        bench._shapes(shapes)
+
+
 @pytest.mark.slow
 def test_iteration_cli_on_local_cluster(fashion_store: Path, tmp_path: Path) -> None:
     proc = _run_job(

@@ -160,6 +160,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_false",
         help="skip kmclust.KMeans(...).fit on numpy float32 (lloyd and elkan)",
     )
+    b = modes.add_parser(
+        "blobs", parents=[common], help="kmclust.KMeans on float blobs of any d vs the peers"
+    )
+    b.add_argument(
+        "--shapes",
+        default="2x8,16x32,50x10,300x10",
+        help="d×k pairs, as DxK separated by commas (default %(default)s)",
+    )
+    b.add_argument("--rows", type=int, default=200_000, help="(default %(default)s)")
+    b.add_argument("--max-iter", type=int, default=300, help="(default %(default)s)")
+    b.add_argument("--repeats", type=int, default=2, help="fits per tool, the fastest counts")
+    b.add_argument("--no-faiss", dest="faiss", action="store_false", help="skip faiss")
     s = modes.add_parser("scale", parents=[common], help="streaming from zarr vs in memory")
     s.add_argument(
         "--rows", type=int, default=5_000_000, help="synthetic rows (default %(default)s)"
@@ -187,6 +199,19 @@ def _positive(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {v}")
 
 
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``"2x8,16x32"`` → ((2, 8), (16, 32)), each d and k ≥ 1."""
+    try:
+        shapes = tuple(
+            (int(d), int(k)) for d, k in (s.lower().split("x") for s in text.split(",") if s)
+        )
+    except ValueError:
+        shapes = ()
+    if not shapes or min(min(s) for s in shapes) < 1:
+        raise ConfigError(f"--shapes {text!r}: give d×k pairs like 2x8,16x32")
+    return shapes
+
+
 def _config(args: argparse.Namespace):
     """The frozen config of ``args.mode`` from the options, checked."""
     from benchmarks.common import SCHEDULERS, ClusterSpec
@@ -200,6 +225,17 @@ def _config(args: argparse.Namespace):
 
         _positive(repeats=args.repeats)
         return StagingConfig(root=args.root, repeats=args.repeats)
+    if args.mode == "blobs":
+        from benchmarks.blobs import BlobsConfig
+
+        _positive(rows=args.rows, max_iter=args.max_iter, repeats=args.repeats)
+        return BlobsConfig(
+            shapes=_shapes(args.shapes),
+            rows=args.rows,
+            max_iter=args.max_iter,
+            repeats=args.repeats,
+            faiss=args.faiss,
+        )
     _positive(workers=args.workers, threads_per_worker=args.threads_per_worker, rows=args.rows)
     kw = {"n_workers": args.workers, "threads_per_worker": args.threads_per_worker}
     if args.mode == "scale":
@@ -270,6 +306,7 @@ def main(
     args = build_parser(prog).parse_args(argv)
     _use_harness()
     from benchmarks import common
+    from benchmarks.blobs import run_blobs
     from benchmarks.grid import run_grid
     from benchmarks.history import record
     from benchmarks.iteration import run_iteration
@@ -288,7 +325,7 @@ def main(
         f"BLAS (threadpoolctl): {'; '.join(common.blas_kernels()) or 'none loaded yet'}", flush=True
     )
     runs = {"grid": run_grid, "iteration": run_iteration, "scale": run_scale}
-    outcome = {**runs, "staging": run_staging}[args.mode](cfg)
+    outcome = {**runs, "staging": run_staging, "blobs": run_blobs}[args.mode](cfg)
     if args.mode == "iteration" and args.dask_ml and not outcome.figures["dask_ml"]:
         print(
             "dask-ml is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr
