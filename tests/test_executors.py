@@ -146,3 +146,22 @@ def test_a_large_centroid_stack_is_one_data_key_of_the_pass_on_a_cluster() -> No
         ref = _share(dsk, "kmclust-args-t-0", a, client)
         assert (ref is a) == inline
         assert dsk == ({} if inline else {"kmclust-args-t-0": a})
+
+
+def test_one_blas_thread_limits_numpys_blas_on_every_call_and_restores_it() -> None:
+    """The limit the bit-identity across schedulers rests on: one BLAS thread inside, on every
+    call (the thread pools are found once per process), the user's setting back after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from kmclust.lloyd.executors import one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    inside = one_blas_thread(blas_threads)
+    with threadpool_limits(limits=2, user_api="blas"):  # a setting the limit must change
+        before = blas_threads()
+        assert before and set(before) == {2}, "numpy's BLAS is loaded"
+        for _ in range(2):
+            assert inside() == [1] * len(before)
+            assert blas_threads() == before

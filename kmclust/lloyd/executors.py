@@ -26,7 +26,7 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 from dask.utils import parse_bytes
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from kmclust.lloyd import kernel
 from kmclust.lloyd.kernel import ChunkArgs
@@ -370,7 +370,15 @@ def one_blas_thread(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas().limit(limits=1, user_api="blas"):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's thread pools, found once: each search reads every loaded library's path
+    (~7 ms here, more than a whole small fit of scikit-learn's). The BLAS the kernels call is
+    numpy's, loaded before kmclust is."""
+    return ThreadpoolController()
