@@ -42,6 +42,7 @@ def assign_rows(
     col0: np.ndarray | None = None,
     gbound: np.ndarray | None = None,
     groups=None,
+    bounds: bool = True,
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
@@ -63,7 +64,8 @@ def assign_rows(
     (:func:`kmclust.lloyd.bounds.moved_centroid_bounds`). With ``gbound`` (n, G) float32
     (the whole stack, ``runs`` every position), each group of ``groups``
     (:class:`kmclust.lloyd.groups.Groups`) gets the rounded-down root of the least computed
-    distance among its centroids but the label.
+    distance among its centroids but the label. ``bounds=False``: only ``labels`` and ``dmin``
+    (a pass without pruning keeps no bounds; ``upper``, ``lower`` and ``second`` untouched).
     """
     if cbound is None:
         cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
@@ -91,6 +93,7 @@ def assign_rows(
         gbound,
         gid,
         goffs,
+        bounds,
     )
 
 
@@ -114,6 +117,7 @@ def _assign_rows(  # pragma: no cover - compiled
     gbound,  # OUT (n, G) float32: per-group lower bounds; (0, 0): none wanted
     gid,  # IN (ΣK,) int64: each stacked centroid's group
     goffs,  # IN (P + 1,) int64: position p's groups are goffs[p] … goffs[p + 1] − 1
+    bounds,  # IN bool: write upper, lower and second (else labels and dmin only)
 ):
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
@@ -128,6 +132,10 @@ def _assign_rows(  # pragma: no cover - compiled
                 arg = settle_tie(x[r], c64, row, 0, lo, hi, best + window[i], arg, buf)
                 sec_arg = -1  # the label may be any near one: only the minimum bounds the others
                 sec = third = best
+            if not bounds:
+                labels[r, runs[p]] = arg - lo
+                dmin[r, runs[p]] = max(row[arg] + xsq[i], zero)
+                continue
             set_bounds(
                 labels,
                 dmin,

@@ -129,15 +129,28 @@ def assign(
     n, r = x.shape[0], offsets.size - 1
     if xsq is None:
         xsq = _distance.row_norms(x, centroids.dtype)
+    shape = (n, r) if bounds else (0, 0)  # without bounds, only labels and dmin are written
     out = (
         np.empty((n, r), dtype=np.int32),
         np.empty((n, r)),
-        np.empty((n, r)),
-        np.empty((n, r, 2)),
-        np.empty((n, r), dtype=np.int32),
+        np.empty(shape),
+        np.empty((*shape, 2)),
+        np.empty(shape, dtype=np.int32),
     )
     col0 = offsets[:-1]
-    place(x, centroids, offsets, None, np.arange(r), xsq, *out, cbound=cbound, col0=col0, c64=c64)
+    place(
+        x,
+        centroids,
+        offsets,
+        None,
+        np.arange(r),
+        xsq,
+        *out,
+        cbound=cbound,
+        col0=col0,
+        c64=c64,
+        bounds=bounds,
+    )
     return out if bounds else out[:2]
 
 
@@ -158,6 +171,7 @@ def place(
     c64: np.ndarray | None = None,
     gbound: np.ndarray | None = None,
     groups=None,
+    bounds: bool = True,
 ) -> None:
     """Assign rows ``rows`` (all if None) for a (sub)stack into columns ``runs`` of the outputs.
 
@@ -193,6 +207,7 @@ def place(
             col0,
             gbound,
             groups,
+            bounds,
         )
 
 

@@ -125,7 +125,7 @@ def lloyd_chunk(
         groups = args.groups
         labels, dmin, upper, gbound = assign_groups(x, centroids, offsets, xsq, c64, groups)
         lower = second = cbound = None
-    else:
+    elif prune:
         cbound = (
             np.empty((x.shape[0], int(offsets[-1])), dtype=np.float32) if per_centroid else None
         )
@@ -134,6 +134,9 @@ def lloyd_chunk(
         )
         if per_centroid:
             lower = second = None
+    else:  # no bounds kept: labels and distances only
+        labels, dmin = assign(x, centroids, offsets, xsq=xsq, c64=c64)
+        upper = lower = second = cbound = None
     sum_cols, ws, wsqnorm, kept = None, args.weights, None, None
     if ws is not None:
         w = w.reshape(-1)  # the chunk's (n, 1) column of weights
