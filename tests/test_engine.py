@@ -256,18 +256,18 @@ def test_pruned_runs_bit_identical_to_unpruned(
         xs = x / 255.0
         inits = [xs.mean(0) + xs.std(0) * rng.standard_normal((k, 784)) for k in (8, 16)]
     rows_assigned, subsets, pairs = [], [], []
-    real_distances, real_reassign = chunk.distances, prune._nearest.reassign
+    real_products, real_reassign = chunk.products, prune._nearest.reassign
 
     def counting(x, centroids, rows=None):
         rows_assigned.append(x.shape[0] if rows is None else rows.size)
         subsets.append(rows is not None)
-        return real_distances(x, centroids, rows)
+        return real_products(x, centroids, rows)
 
     def counting_pairs(*args):
         pairs.append(int(args[5][:, args[4]].sum()))
         return real_reassign(*args)
 
-    monkeypatch.setattr(chunk, "distances", counting)
+    monkeypatch.setattr(chunk, "products", counting)
     monkeypatch.setattr(prune._nearest, "reassign", counting_pairs)
     fit = {"tol": 0, "scale": 1 / 255, "return_labels": True, "executor": executor}
     pruned = driver.lloyd(da_chunks(x), inits, prune=True, **fit)

@@ -26,6 +26,7 @@ from kmclust.lloyd.nearest import best_three, set_bounds, settle_tie
 
 def assign_rows(
     dist: np.ndarray,
+    csq: np.ndarray,
     offsets: np.ndarray,
     x: np.ndarray,
     rows: np.ndarray,
@@ -46,7 +47,8 @@ def assign_rows(
 ) -> None:
     """Exact nearest centroid of every (row, run) of a stacked ``dist`` (m, ΣK), written in place.
 
-    ``dist`` holds ‖c‖² − 2x·c (‖x‖² left out) for rows ``rows`` of ``x``
+    ``dist`` holds −2x·c, plus ``csq`` = ‖c‖² (added here, as each row is read; empty: already
+    in ``dist``) (‖x‖² left out), for rows ``rows`` of ``x``
     against the stacked centroids ``c64`` (float64) with ``offsets``;
     ``window`` is twice each row's error bound, ``xsq`` the rows' ‖x‖² in
     ``dist``'s dtype. For stack position p, column ``runs[p]`` of the (n, R)
@@ -76,6 +78,7 @@ def assign_rows(
         gid, goffs = groups.gid, groups.goffs
     _assign_rows(
         dist,
+        csq,
         np.asarray(offsets, dtype=np.int64),
         x,
         np.asarray(rows, dtype=np.int64),
@@ -99,7 +102,8 @@ def assign_rows(
 
 @numba.njit(cache=True, nogil=True)
 def _assign_rows(  # pragma: no cover - compiled
-    dist,  # IN (m, ΣK) float32/64: computed ‖c‖² − 2x·c of the m rows against the stack
+    dist,  # IN (m, ΣK) float32/64: computed −2x·c of the m rows against the stack (+ ‖c‖²)
+    csq,  # IN (ΣK,) dist's dtype: the ‖c‖² to add to each row of ``dist``; (0,): added already
     offsets,  # IN (P + 1,) int64: stack position p's columns are offsets[p] … offsets[p + 1] − 1
     x,  # IN (n, D) uint8/float: the chunk's rows
     rows,  # IN (m,) int64: the row of ``x`` (and of the outputs) of each row of ``dist``
@@ -122,9 +126,14 @@ def _assign_rows(  # pragma: no cover - compiled
     zero = dist.dtype.type(0)
     buf = np.empty(x.shape[1])
     least = np.empty(goffs[-1])  # per group, the least computed value but the label's
+    full = np.empty(dist.shape[1], dtype=dist.dtype)  # a row of dist with ‖c‖² added
     for i in range(dist.shape[0]):
         r = rows[i]
         row = dist[i]
+        if csq.size:
+            for j in range(row.size):
+                full[j] = row[j] + csq[j]
+            row = full
         for p in range(offsets.size - 1):
             lo, hi = offsets[p], offsets[p + 1]
             arg, best, sec_arg, sec, third = best_three(row, lo, hi)

@@ -3,21 +3,18 @@
 Numpy and the compiled loops of :mod:`~kmclust.lloyd.distance`,
 :mod:`~kmclust.lloyd.assign` and :mod:`~kmclust.lloyd.exact`, no dask; one
 chunk task puts them together (:func:`kmclust.lloyd.kernel.lloyd_chunk`).
-A *stack* holds the centroids of R runs one above the other (ΣK × D) with
-``offsets`` (R + 1,) marking where each run's block starts. One GEMM of the
-chunk against the whole stack serves every run still moving; runs whose
-bounds clear most rows get compiled per-pair work instead; the rest is
-vectorised over runs or compiled (no Python loop over samples in the hot path).
+A *stack* holds the centroids of R runs one above the other (ΣK × D), ``offsets`` (R + 1,)
+marking where each run's block starts. One GEMM of the chunk against the whole stack serves
+every run still moving; runs whose bounds clear most rows get compiled per-pair work
+instead; the rest is vectorised over runs or compiled (no Python loop over rows).
 Bounds: two lower bounds per (row, run) (runner-up and the rest), or for a
 stack of one run or of large runs one per (row, centroid) (Elkan; see
 :func:`kmclust.lloyd.prune.centroid_bounds`).
 
-Units: the kernel works in the data's own units (0–255 for uint8 images).
-uint8 rows stay uint8 and are converted to float32 ``BLOCK_ROWS`` at a time
-for the GEMMs; per-cluster sums of uint8 data are exact
-integers in float32 as long as a chunk has fewer than ``EXACT_UINT8_ROWS``
-rows (255 · n < 2**24), so partial sums do not depend on chunking or on the
-reduction order. Float rows' sums are exact too (:mod:`kmclust.lloyd.float_sums`);
+Units: the data's own (0–255 for uint8 images). uint8 rows stay uint8, converted to float32
+``BLOCK_ROWS`` at a time for the GEMMs; their per-cluster sums are exact integers in float32
+while a chunk has fewer than ``EXACT_UINT8_ROWS`` rows (255 · n < 2**24), so partial sums do
+not depend on chunking or on the reduction order. Float rows' sums are exact too (:mod:`kmclust.lloyd.float_sums`);
 float64 rows get their distances in float32 where their range allows (the
 error bound then counts the rounding of the rows, near ties are settled
 against the float64 centroids), else in float64.
@@ -81,27 +78,34 @@ def blocks(x: np.ndarray, rows: np.ndarray | None, dtype: np.dtype):
 
 
 def distances(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """(m, KT) ‖c‖² − 2x·c of rows ``rows`` (default all) against the stack (centroids' dtype).
+    """(m, KT) ‖c‖² − 2x·c of rows ``rows`` (default all) against the stack (:func:`products`)."""
+    dist, csq = products(x, centroids, rows)
+    return dist + csq[None, :] if csq.size else dist
 
-    The one GEMM against the whole stack (×(−2) is exact); ‖x‖² left out.
-    uint8 rows against a thin stack (below ``WIDE_STACK`` centroids) go to a
-    compiled kernel instead (:func:`kmclust.lloyd.distance.pixel_distances`:
-    faster there, and each row's distances are the same bits wherever the row
-    sits); on wider stacks the GEMM is twice as fast, and relocation candidates
-    take their distances from that kernel still (:func:`candidate_distances`),
-    so chunk sizes cannot change one.
+
+def products(
+    x: np.ndarray, centroids: np.ndarray, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(m, KT) −2x·c of rows ``rows`` (default all) against the stack, and the (KT,) ‖c‖² still
+    to add (empty: added already), in the centroids' dtype; ‖x‖² left out.
+
+    One GEMM against the whole stack (×(−2) is exact); ‖c‖² is added as each row is assigned
+    (:func:`~kmclust.lloyd.assign.assign_rows`: a pass over the (m, KT) matrix took longer than
+    the GEMM at small d and k). uint8 rows against a thin stack (< ``WIDE_STACK``) go to
+    :func:`kmclust.lloyd.distance.pixel_distances` (faster there, ‖c‖² included, a row's values
+    the same wherever it sits; relocation candidates always take theirs from it).
     """
     if x.dtype == np.uint8 and centroids.shape[0] < WIDE_STACK:
-        return _distance.pixel_distances(
+        dist = _distance.pixel_distances(
             x, np.arange(x.shape[0]) if rows is None else rows, centroids
         )
+        return dist, np.zeros(0, dtype=dist.dtype)
     ct = (centroids * -2.0).T
     m = x.shape[0] if rows is None else rows.size
     dist = np.empty((m, centroids.shape[0]), dtype=centroids.dtype)
     for lo, hi, blk in blocks(x, rows, centroids.dtype):
         np.matmul(blk, ct, out=dist[lo:hi])
-    dist += np.einsum("ij,ij->i", centroids, centroids)[None, :]
-    return dist
+    return dist, np.einsum("ij,ij->i", centroids, centroids)
 
 
 def assign(
@@ -186,11 +190,12 @@ def place(
     step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     for lo in range(0, rows.size, step):  # a block of rows at a time: memory of (step, ΣK)
         part = rows[lo : lo + step]
-        dist = distances(x, centroids, None if part.size == x.shape[0] else part)
+        dist, csq = products(x, centroids, None if part.size == x.shape[0] else part)
         xs = xsq[part]
         window = 2.0 * _distance.error_bound(xs, csq_max, terms, dist.dtype)
         _assign.assign_rows(
             dist,
+            csq,
             offsets,
             x,
             part,
