@@ -14,9 +14,9 @@ stack of one run or of large runs one per (row, centroid) (Elkan; see
 Units: the data's own (0–255 for uint8 images). uint8 rows stay uint8, converted to float32
 ``BLOCK_ROWS`` at a time for the GEMMs; their per-cluster sums are exact integers in float32
 while a chunk has fewer than ``EXACT_UINT8_ROWS`` rows (255 · n < 2**24), so partial sums do
-not depend on chunking or on the reduction order. Float rows' sums are exact too (:mod:`kmclust.lloyd.float_sums`);
-float64 rows get their distances in float32 where their range allows (the
-error bound then counts the rounding of the rows, near ties are settled
+not depend on chunking or on the reduction order. Float rows' sums are exact too
+(:mod:`kmclust.lloyd.float_sums`); float64 rows get their distances in float32 where their
+range allows (the error bound then counts the rounding of the rows, near ties are settled
 against the float64 centroids), else in float64.
 """
 
@@ -305,7 +305,7 @@ def delta_sums(
     ``EXACT_UINT8_ROWS`` rows.
     """
     kt = int(offsets[-1])
-    rr, runs = np.nonzero(labels != old)
+    rr, runs = np.divmod(np.flatnonzero(labels != old), labels.shape[1])  # as np.nonzero
     new_cols = offsets[runs] + labels[rr, runs]
     old_cols = offsets[runs] + old[rr, runs]
     counts = np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)

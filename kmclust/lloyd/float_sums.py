@@ -141,7 +141,8 @@ def changed_sums(
     """A copy of exact ``sums`` of labels ``old`` changed into those of ``labels`` (the rows whose
     label changed: + into the new cluster, − out of the old); summed in full instead when at
     least half the (row, run) pairs changed (early passes): fewer rows to add, the same sums."""
-    rr, runs = np.nonzero(labels != old)
+    # (row, run) pairs in row-major order, as np.nonzero gives them, at a sixth of its cost
+    rr, runs = np.divmod(np.flatnonzero(labels != old), labels.shape[1])
     if 2 * rr.size >= labels.size:  # a full sum adds fewer rows: the same exact sums
         return full_sums(x, labels, offsets, grid)
     out = sums.copy()  # the state may be shared (threaded scheduler, a retried pass)

@@ -169,7 +169,8 @@ def delta_sums(
     """Change of the packed sums and counts when labels go from ``old`` to ``labels`` (exact
     limbs only): (columns, sums, counts), as :func:`kmclust.lloyd.chunk.delta_sums`."""
     kt = int(offsets[-1])
-    rr, runs = np.nonzero((labels != old) & (w > 0)[:, None])
+    changed = (labels != old) & (w > 0)[:, None]
+    rr, runs = np.divmod(np.flatnonzero(changed), labels.shape[1])  # as np.nonzero, faster
     new_cols = offsets[runs] + labels[rr, runs]
     old_cols = offsets[runs] + old[rr, runs]
     counts = np.bincount(new_cols, minlength=kt) - np.bincount(old_cols, minlength=kt)
