@@ -45,9 +45,9 @@ from kmclust.lloyd.partial import Partial
 from kmclust.lloyd.placement import (
     as_dask,
     default_client,
-    in_memory,
     n_threads,
     persist_balanced,
+    persist_here,
     persist_like,
 )
 from kmclust.lloyd.plan import Layout, layout, plan_pass
@@ -257,8 +257,7 @@ def _engine(
     x = as_dask(x, threads=n_threads(client))
     spec, w = (None, None) if sample_weight is None else weights.prepare(sample_weight, x)
     if persist:
-        local_data = client is None and in_memory(x)
-        x = persist_balanced(x) if balance else x if local_data else x.persist()
+        x = persist_balanced(x) if balance else persist_here(x, client)
     if w is not None:
         w = persist_like(w, x) if persist else w.rechunk({0: x.chunks[0]})
     if integer is None:

@@ -74,7 +74,7 @@ def persist_balanced(x: da.Array) -> da.Array:
     x = even_chunks(x, n_threads(client), split=client is not None)
     if client is not None and x.numblocks[0] >= 2 and _balanced(client, x):
         return x
-    x = x if client is None and in_memory(x) else x.persist()
+    x = persist_here(x, client)
     if client is None or x.numblocks[0] < 2:
         return x
     from distributed import wait
@@ -147,12 +147,15 @@ def chunk_refs(x: da.Array) -> tuple[dict, list]:
     return (graph if needs_graph else {}), refs
 
 
-def in_memory(x: da.Array) -> bool:
-    """Whether every chunk of ``x`` is a numpy array already (as :func:`as_dask` cuts one):
-    persisting it in this process would only run a graph of constants (~2 ms, as long as a small
-    fit's passes)."""
-    graph, refs = chunk_refs(x)
-    return not graph and all(isinstance(r, np.ndarray) for r in refs)
+def persist_here(x: da.Array, client) -> da.Array:
+    """``x`` persisted, unless it is in this process (no ``client``) with every chunk a numpy
+    array already (as :func:`as_dask` cuts one): persisting would only run a graph of
+    constants (~2 ms, as long as a small fit's passes)."""
+    if client is None:
+        graph, refs = chunk_refs(x)
+        if not graph and all(isinstance(r, np.ndarray) for r in refs):
+            return x
+    return x.persist()
 
 
 def _is_key(value, graph: dict) -> bool:
