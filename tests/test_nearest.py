@@ -54,6 +54,54 @@ def test_labels_are_exact_nearest_with_ties_to_lowest_index(seed: int) -> None:
     np.testing.assert_array_equal(labels, ref)
 
 
+def _thin_problem(seed: int, d: int = 3):
+    """Float rows of a few large integer features whose two nearest centroids (0 and 1) are 0, 4
+    or 8 apart in squared distance, or exactly tied: far below float32's rounding of ‖x‖² ~ 2e9."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(20_000, 30_000, d)
+    x = base[None, :] + rng.integers(-30, 31, (400, d))
+    runs = []
+    for r in range(3):
+        c = base[None, :] + rng.integers(-30, 31, (3 + 2 * r, d))
+        c[0] = c[1] = base
+        q = int(rng.integers(d))
+        c[1, q] += 2
+        x[: 200 + 50 * r, q] = base[q] + 1 + rng.integers(-2, 3, 200 + 50 * r)
+        runs.append(c.astype(np.float64))
+    return x.astype(np.float32), runs
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_of_few_features_get_exact_nearest_labels_without_a_gemm(monkeypatch, seed) -> None:
+    """Float rows of ≤ THIN_DIM features, no bounds wanted: distances computed row block by row
+    block (no GEMM); the labels are the exact nearest (ties to the lowest index) as on the GEMM
+    path, for float32 rows and for float64 rows computed in float32, and the distances are within
+    the error bound of the exact ones."""
+    x, runs = _thin_problem(seed)
+    stack64 = np.concatenate(runs)
+    stack = stack64.astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
+    ref = _brute(x, runs)
+    assert np.any(ref[:, 0] == 0) and np.any(ref[:, 0] == 1)  # both sides of the tie
+    gemm, _ = kernels.assign(x, stack, offsets, bounds=True)[:2]
+
+    def no_gemm(*args):
+        raise AssertionError("rows of a few features went to the GEMM")
+
+    monkeypatch.setattr(kernels, "products", no_gemm)
+    labels, dmin = kernels.assign(x, stack, offsets)
+    np.testing.assert_array_equal(labels, ref)
+    np.testing.assert_array_equal(gemm, ref)
+    rows64, _ = kernels.assign(x.astype(np.float64), stack, offsets, c64=stack64)
+    np.testing.assert_array_equal(rows64, ref)
+    xi = x.astype(np.int64)
+    for p, c in enumerate(runs):
+        exact = ((xi - c.astype(np.int64)[ref[:, p]]) ** 2).sum(1)
+        csq_max = float((c**2).sum(1).max())
+        bound = error_bound(np.einsum("ij,ij->i", x, x), csq_max, x.shape[1], np.float32)
+        assert np.all(np.abs(dmin[:, p] - exact) <= bound)
+
+
 def test_settle_tie_takes_the_exact_nearest_within_the_limit() -> None:
     """The one near-tie rule of all three steps: of the centroids whose computed value is within the
     limit, the least float64 ‖x − c‖² wins, the lowest index among equals; the others never do."""

@@ -69,13 +69,6 @@ def assign_rows(
     distance among its centroids but the label. ``bounds=False``: only ``labels`` and ``dmin``
     (a pass without pruning keeps no bounds; ``upper``, ``lower`` and ``second`` untouched).
     """
-    if cbound is None:
-        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    gid, goffs = np.zeros(0, dtype=np.int64), np.zeros(len(offsets), dtype=np.int64)
-    if gbound is None:
-        gbound = np.zeros((0, 0), dtype=np.float32)
-    else:
-        gid, goffs = groups.gid, groups.goffs
     _assign_rows(
         dist,
         csq,
@@ -86,18 +79,121 @@ def assign_rows(
         c64,
         window,
         xsq,
-        labels,
-        dmin,
-        upper,
-        lower,
-        second,
-        cbound,
-        np.asarray(col0, dtype=np.int64),
-        gbound,
-        gid,
-        goffs,
+        *_outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets),
         bounds,
     )
+
+
+def nearest_thin(
+    x: np.ndarray,
+    rows: np.ndarray,
+    centroids: np.ndarray,
+    offsets: np.ndarray,
+    runs: np.ndarray,
+    c64: np.ndarray,
+    xsq: np.ndarray,
+    coef: float,
+    csq_max: float,
+    labels: np.ndarray,
+    dmin: np.ndarray,
+) -> None:
+    """:func:`assign_rows` without bounds (labels and ``dmin`` only) for float rows ``x[rows]`` of
+    a few features (≤ :data:`THIN_DIM`): their distances computed on the way, a block of rows
+    at a time, vectorised across the rows (a GEMM of so short a product is mostly packing, and
+    every (row, centroid) value then went through memory). ``xsq``: the chunk's ‖x‖²; each row's
+    near-tie window is ``coef`` · (‖x‖² + 2 ``csq_max``)
+    (:func:`~kmclust.lloyd.distance.error_bound`).
+    """
+    _nearest_thin(
+        x,
+        np.asarray(rows, dtype=np.int64),
+        centroids * -2.0,  # exact
+        np.einsum("ij,ij->i", centroids, centroids),
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(runs, dtype=np.int64),
+        c64,
+        xsq,
+        coef,
+        csq_max,
+        labels,
+        dmin,
+    )
+
+
+#: Float rows of at most this many features are assigned without bounds by :func:`nearest_thin`.
+THIN_DIM = 16
+
+
+def _outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets) -> tuple:
+    """The compiled loops' output arguments, with empty arrays for the bounds not wanted."""
+    if cbound is None:
+        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    gid, goffs = np.zeros(0, dtype=np.int64), np.zeros(len(offsets), dtype=np.int64)
+    if gbound is None:
+        gbound = np.zeros((0, 0), dtype=np.float32)
+    else:
+        gid, goffs = groups.gid, groups.goffs
+    col0 = np.asarray(col0, dtype=np.int64)
+    return labels, dmin, upper, lower, second, cbound, col0, gbound, gid, goffs
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _nearest_thin(  # pragma: no cover - compiled
+    x, rows, c2, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin
+):  # fmt: skip
+    """A block of rows at a time, transposed (a feature's values of the block side by side): each
+    centroid's distances to the whole block are a few vector sums (Σ_q (−2c_q) x_q, then + ‖c‖²: the
+    dot product and one addition, as a GEMM's, so :func:`~kmclust.lloyd.distance.error_bound`
+    holds), folded into the block's two least per run with selects; the rules of
+    :func:`_assign_rows` apply."""
+    kt, d = c2.shape
+    step = max(8, min(128, 2**16 // kt))
+    zero, inf = c2.dtype.type(0), c2.dtype.type(np.inf)
+    xt = np.empty((d, step), dtype=c2.dtype)
+    vals = np.empty((kt, step), dtype=c2.dtype)  # the block's distances: for near ties
+    b1 = np.empty(step, dtype=c2.dtype)
+    b2 = np.empty(step, dtype=c2.dtype)
+    arg = np.empty(step, dtype=np.int32)
+    col = np.empty(kt, dtype=c2.dtype)
+    buf = np.empty(d)
+    for i0 in range(0, rows.size, step):
+        h = min(step, rows.size - i0)
+        for t in range(h):
+            src = x[rows[i0 + t]]
+            for q in range(d):
+                xt[q, t] = src[q]
+        for p in range(offsets.size - 1):
+            lo, hi = offsets[p], offsets[p + 1]
+            for t in range(h):
+                b1[t], b2[t], arg[t] = inf, inf, lo
+            for j in range(lo, hi):
+                v = vals[j]
+                cq, xq = c2[j, 0], xt[0]
+                for t in range(h):
+                    v[t] = cq * xq[t]
+                for q in range(1, d):
+                    cq, xq = c2[j, q], xt[q]
+                    for t in range(h):
+                        v[t] += cq * xq[t]
+                jj, cs = np.int32(j), csq[j]
+                for t in range(h):  # ‖c‖² added last, as to a GEMM's product; selects: vectorises
+                    s, o1 = v[t] + cs, b1[t]
+                    v[t] = s
+                    below = s < o1  # the first of equal minima is kept
+                    arg[t] = jj if below else arg[t]
+                    m = o1 if below else s
+                    b2[t] = m if m < b2[t] else b2[t]
+                    b1[t] = s if below else o1
+            for t in range(h):
+                r = rows[i0 + t]
+                a = arg[t]
+                window = coef * (np.float64(xsq[r]) + 2.0 * csq_max)
+                if b2[t] - b1[t] <= window:  # near tie: settle exactly
+                    for j in range(lo, hi):
+                        col[j] = vals[j, t]
+                    a = settle_tie(x[r], c64, col, 0, lo, hi, b1[t] + window, a, buf)
+                labels[r, runs[p]] = a - lo
+                dmin[r, runs[p]] = max(vals[a, t] + xsq[r], zero)
 
 
 @numba.njit(cache=True, nogil=True)

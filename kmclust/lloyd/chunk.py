@@ -187,33 +187,18 @@ def place(
     csq_max = np.einsum("ij,ij->i", c64, c64).max()
     if rows is None:
         rows = np.arange(x.shape[0])
+    outs = (labels, dmin, upper, lower, second, cbound, col0, gbound, groups, bounds)
+    if not bounds and x.dtype.kind == "f" and x.shape[1] <= _assign.THIN_DIM:  # no GEMM
+        coef = 2.0 * _distance.error_coef(terms, centroids.dtype)
+        _assign.nearest_thin(x, rows, centroids, offsets, runs, c64, xsq, coef, csq_max, *outs[:2])
+        return
     step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     for lo in range(0, rows.size, step):  # a block of rows at a time: memory of (step, ΣK)
         part = rows[lo : lo + step]
         dist, csq = products(x, centroids, None if part.size == x.shape[0] else part)
         xs = xsq[part]
         window = 2.0 * _distance.error_bound(xs, csq_max, terms, dist.dtype)
-        _assign.assign_rows(
-            dist,
-            csq,
-            offsets,
-            x,
-            part,
-            runs,
-            c64,
-            window,
-            xs,
-            labels,
-            dmin,
-            upper,
-            lower,
-            second,
-            cbound,
-            col0,
-            gbound,
-            groups,
-            bounds,
-        )
+        _assign.assign_rows(dist, csq, offsets, x, part, runs, c64, window, xs, *outs)
 
 
 def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -33,13 +33,14 @@ def error_bound(
     d + 4 cover γ_d's higher-order terms (d·u ≈ 5e-5 for float32) and the
     norms passed in being computed values themselves.
     """
-    u = float(np.finfo(dtype).eps) / 2
-    return (
-        1.25
-        * (d + 4)
-        * u
-        * (np.asarray(xsq, dtype=np.float64) + 2.0 * np.asarray(csq_max, dtype=np.float64))
+    return error_coef(d, dtype) * (
+        np.asarray(xsq, dtype=np.float64) + 2.0 * np.asarray(csq_max, dtype=np.float64)
     )
+
+
+def error_coef(d: int, dtype: np.dtype) -> float:
+    """:func:`error_bound`'s factor of ‖x‖² + 2 max‖c‖²: 1.25 · (d + 4) · u."""
+    return 1.25 * (d + 4) * (float(np.finfo(dtype).eps) / 2)
 
 
 def dot_terms(x_dtype: np.dtype, dtype: np.dtype, d: int) -> int:
