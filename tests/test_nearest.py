@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kmclust.lloyd import assign, nearest
 from kmclust.lloyd import chunk as kernels
-from kmclust.lloyd import nearest
 from kmclust.lloyd.bounds import moved_bounds, moved_centroid_bounds
 from kmclust.lloyd.distance import error_bound, row_norms
 from kmclust.lloyd.exact import exact_sum
@@ -72,12 +72,15 @@ def _thin_problem(seed: int, d: int = 3):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_rows_of_few_features_get_exact_nearest_labels_without_a_gemm(monkeypatch, seed) -> None:
-    """Float rows of ≤ THIN_DIM features, no bounds wanted: distances computed row block by row
-    block (no GEMM); the labels are the exact nearest (ties to the lowest index) as on the GEMM
+@pytest.mark.parametrize("d", [3, 20], ids=["thin", "wide"])
+def test_float_rows_without_bounds_get_exact_nearest_labels(monkeypatch, seed, d) -> None:
+    """Float rows, no bounds wanted (the two least folded in across rows, :func:`assign.nearest`):
+    distances computed on the way for ≤ THIN_DIM features, else by a transposed GEMM, never through
+    chunk.products; the labels are the exact nearest (ties to the lowest index) as on the bounds
     path, for float32 rows and for float64 rows computed in float32, and the distances are within
     the error bound of the exact ones."""
-    x, runs = _thin_problem(seed)
+    assert (d <= assign.THIN_DIM) == (d == 3)
+    x, runs = _thin_problem(seed, d)
     stack64 = np.concatenate(runs)
     stack = stack64.astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in runs])])
@@ -86,7 +89,7 @@ def test_rows_of_few_features_get_exact_nearest_labels_without_a_gemm(monkeypatc
     gemm, _ = kernels.assign(x, stack, offsets, bounds=True)[:2]
 
     def no_gemm(*args):
-        raise AssertionError("rows of a few features went to the GEMM")
+        raise AssertionError("rows without bounds went through chunk.products")
 
     monkeypatch.setattr(kernels, "products", no_gemm)
     labels, dmin = kernels.assign(x, stack, offsets)

@@ -84,9 +84,8 @@ def assign_rows(
     )
 
 
-def nearest_thin(
+def nearest(
     x: np.ndarray,
-    rows: np.ndarray,
     centroids: np.ndarray,
     offsets: np.ndarray,
     runs: np.ndarray,
@@ -96,32 +95,35 @@ def nearest_thin(
     csq_max: float,
     labels: np.ndarray,
     dmin: np.ndarray,
+    step: int,
 ) -> None:
-    """:func:`assign_rows` without bounds (labels and ``dmin`` only) for float rows ``x[rows]`` of
-    a few features (≤ :data:`THIN_DIM`): their distances computed on the way, a block of rows
-    at a time, vectorised across the rows (a GEMM of so short a product is mostly packing, and
-    every (row, centroid) value then went through memory). ``xsq``: the chunk's ‖x‖²; each row's
-    near-tie window is ``coef`` · (‖x‖² + 2 ``csq_max``)
-    (:func:`~kmclust.lloyd.distance.error_bound`).
+    """:func:`assign_rows` without bounds (labels and ``dmin`` only) for every row of a float
+    chunk, its distances vectorised across rows: the two least of each run folded in with selects
+    over a (ΣK, rows) block of distances, row after row being what a compiler cannot vectorise
+    (:func:`best_three` took ~33 ns a row at k=8, more than the distances). Rows of at most
+    :data:`THIN_DIM` features get theirs computed on the way, a small block of rows at a time
+    (a GEMM of so short a product is mostly packing); wider rows from a GEMM of ``step`` rows at a
+    time, transposed. ``xsq``: the chunk's ‖x‖²; each row's near-tie window is ``coef`` · (‖x‖²
+    + 2 ``csq_max``) (:func:`~kmclust.lloyd.distance.error_bound`).
     """
-    _nearest_thin(
-        x,
-        np.asarray(rows, dtype=np.int64),
-        centroids * -2.0,  # exact
-        np.einsum("ij,ij->i", centroids, centroids),
-        np.asarray(offsets, dtype=np.int64),
-        np.asarray(runs, dtype=np.int64),
-        c64,
-        xsq,
-        coef,
-        csq_max,
-        labels,
-        dmin,
-    )
+    c2 = centroids * -2.0  # exact
+    csq = np.einsum("ij,ij->i", centroids, centroids)
+    offsets, runs = np.asarray(offsets, dtype=np.int64), np.asarray(runs, dtype=np.int64)
+    rest = (c64, xsq, coef, csq_max, labels, dmin)
+    if x.shape[1] <= THIN_DIM:
+        _nearest_thin(x, c2, csq, offsets, runs, *rest)
+        return
+    for lo in range(0, x.shape[0], step):
+        blk = x[lo : lo + step].astype(c2.dtype, copy=False)
+        prod = np.empty((c2.shape[0], blk.shape[0]), dtype=c2.dtype)
+        np.matmul(c2, blk.T, out=prod)  # (ΣK, rows): −2c·x, a row's values side by side
+        _nearest_products(prod, lo, x, csq, offsets, runs, *rest)
 
 
-#: Float rows of at most this many features are assigned without bounds by :func:`nearest_thin`.
+#: Float rows of at most this many features get their distances without a GEMM (:func:`nearest`).
 THIN_DIM = 16
+#: Rows folded at a time by :func:`nearest`'s compiled loops (their two least stay in cache).
+FOLD_ROWS = 128
 
 
 def _outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets) -> tuple:
@@ -139,61 +141,95 @@ def _outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, o
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
 def _nearest_thin(  # pragma: no cover - compiled
-    x, rows, c2, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin
+    x, c2, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin
 ):  # fmt: skip
     """A block of rows at a time, transposed (a feature's values of the block side by side): each
-    centroid's distances to the whole block are a few vector sums (Σ_q (−2c_q) x_q, then + ‖c‖²: the
-    dot product and one addition, as a GEMM's, so :func:`~kmclust.lloyd.distance.error_bound`
-    holds), folded into the block's two least per run with selects; the rules of
-    :func:`_assign_rows` apply."""
+    centroid's products with the whole block are a few vector sums (Σ_q (−2c_q) x_q, the dot
+    product of a GEMM; ‖c‖² is added by :func:`_fold`, so
+    :func:`~kmclust.lloyd.distance.error_bound` holds), then :func:`_fold`."""
     kt, d = c2.shape
-    step = max(8, min(128, 2**16 // kt))
-    zero, inf = c2.dtype.type(0), c2.dtype.type(np.inf)
+    step = max(8, min(FOLD_ROWS, 2**16 // kt))
     xt = np.empty((d, step), dtype=c2.dtype)
-    vals = np.empty((kt, step), dtype=c2.dtype)  # the block's distances: for near ties
-    b1 = np.empty(step, dtype=c2.dtype)
-    b2 = np.empty(step, dtype=c2.dtype)
-    arg = np.empty(step, dtype=np.int32)
-    col = np.empty(kt, dtype=c2.dtype)
-    buf = np.empty(d)
-    for i0 in range(0, rows.size, step):
-        h = min(step, rows.size - i0)
+    vals = np.empty((kt, step), dtype=c2.dtype)
+    scratch = _scratch(step, kt, d, c2.dtype)
+    for i0 in range(0, x.shape[0], step):
+        h = min(step, x.shape[0] - i0)
         for t in range(h):
-            src = x[rows[i0 + t]]
             for q in range(d):
-                xt[q, t] = src[q]
-        for p in range(offsets.size - 1):
-            lo, hi = offsets[p], offsets[p + 1]
+                xt[q, t] = x[i0 + t, q]
+        for j in range(kt):
+            v = vals[j]
+            cq, xq = c2[j, 0], xt[0]
             for t in range(h):
-                b1[t], b2[t], arg[t] = inf, inf, lo
-            for j in range(lo, hi):
-                v = vals[j]
-                cq, xq = c2[j, 0], xt[0]
+                v[t] = cq * xq[t]
+            for q in range(1, d):
+                cq, xq = c2[j, q], xt[q]
                 for t in range(h):
-                    v[t] = cq * xq[t]
-                for q in range(1, d):
-                    cq, xq = c2[j, q], xt[q]
-                    for t in range(h):
-                        v[t] += cq * xq[t]
-                jj, cs = np.int32(j), csq[j]
-                for t in range(h):  # ‖c‖² added last, as to a GEMM's product; selects: vectorises
-                    s, o1 = v[t] + cs, b1[t]
-                    v[t] = s
-                    below = s < o1  # the first of equal minima is kept
-                    arg[t] = jj if below else arg[t]
-                    m = o1 if below else s
-                    b2[t] = m if m < b2[t] else b2[t]
-                    b1[t] = s if below else o1
+                    v[t] += cq * xq[t]
+        _fold(vals, 0, h, i0, x, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin, scratch)
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest_products(  # pragma: no cover - compiled
+    prod, r0, x, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin
+):  # fmt: skip
+    """:func:`_fold` over ``prod`` (ΣK, m), the products −2c·x of rows r0 … r0 + m − 1."""
+    step = FOLD_ROWS
+    scratch = _scratch(step, prod.shape[0], x.shape[1], prod.dtype)
+    for c0 in range(0, prod.shape[1], step):
+        h = min(step, prod.shape[1] - c0)
+        _fold(prod, c0, h, r0 + c0, x, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin,
+              scratch)  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(step, kt, d, dtype):  # pragma: no cover - compiled
+    """:func:`_fold`'s buffers: two least and label of ``step`` rows, a row's values, a row."""
+    return (
+        np.empty(step, dtype=dtype),
+        np.empty(step, dtype=dtype),
+        np.empty(step, dtype=np.int32),
+        np.empty(kt, dtype=dtype),
+        np.empty(d),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _fold(  # pragma: no cover - compiled
+    vals, c0, h, r0, x, csq, offsets, runs, c64, xsq, coef, csq_max, labels, dmin, scratch
+):  # fmt: skip
+    """Rows r0 … r0 + h − 1, whose products −2c·x are in columns c0 … c0 + h − 1 of ``vals``
+    (ΣK, ·): ‖c‖² added (in place), each run's least and runner-up found with selects (no
+    branches: the loop over the rows vectorises), near ties settled by :func:`settle_tie`, labels
+    and computed distances written, as :func:`_assign_rows` writes them. ``scratch``:
+    :func:`_scratch`'s buffers."""
+    zero, inf = vals.dtype.type(0), vals.dtype.type(np.inf)
+    b1, b2, arg, col, buf = scratch
+    for p in range(offsets.size - 1):
+        lo, hi = offsets[p], offsets[p + 1]
+        for t in range(h):
+            b1[t], b2[t], arg[t] = inf, inf, lo
+        for j in range(lo, hi):
+            v = vals[j, c0 : c0 + h]
+            jj, cs = np.int32(j), csq[j]
             for t in range(h):
-                r = rows[i0 + t]
-                a = arg[t]
-                window = coef * (np.float64(xsq[r]) + 2.0 * csq_max)
-                if b2[t] - b1[t] <= window:  # near tie: settle exactly
-                    for j in range(lo, hi):
-                        col[j] = vals[j, t]
-                    a = settle_tie(x[r], c64, col, 0, lo, hi, b1[t] + window, a, buf)
-                labels[r, runs[p]] = a - lo
-                dmin[r, runs[p]] = max(vals[a, t] + xsq[r], zero)
+                s, o1 = v[t] + cs, b1[t]
+                v[t] = s
+                below = s < o1  # the first of equal minima is kept
+                arg[t] = jj if below else arg[t]
+                m = o1 if below else s
+                b2[t] = m if m < b2[t] else b2[t]
+                b1[t] = s if below else o1
+        for t in range(h):
+            r = r0 + t
+            a = arg[t]
+            window = coef * (np.float64(xsq[r]) + 2.0 * csq_max)
+            if b2[t] - b1[t] <= window:  # near tie: settle exactly
+                for j in range(lo, hi):
+                    col[j] = vals[j, c0 + t]
+                a = settle_tie(x[r], c64, col, 0, lo, hi, b1[t] + window, a, buf)
+            labels[r, runs[p]] = a - lo
+            dmin[r, runs[p]] = max(vals[a, c0 + t] + xsq[r], zero)
 
 
 @numba.njit(cache=True, nogil=True)

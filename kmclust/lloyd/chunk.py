@@ -185,14 +185,15 @@ def place(
     c64 = centroids.astype(np.float64) if c64 is None else c64
     terms = _distance.dot_terms(x.dtype, centroids.dtype, x.shape[1])
     csq_max = np.einsum("ij,ij->i", c64, c64).max()
+    step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
+    if not bounds and rows is None and x.dtype.kind == "f":  # labels and distances of every row
+        coef = 2.0 * _distance.error_coef(terms, centroids.dtype)
+        near = (c64, xsq, coef, csq_max, labels, dmin, step)
+        _assign.nearest(x, centroids, offsets, runs, *near)
+        return
     if rows is None:
         rows = np.arange(x.shape[0])
     outs = (labels, dmin, upper, lower, second, cbound, col0, gbound, groups, bounds)
-    if not bounds and x.dtype.kind == "f" and x.shape[1] <= _assign.THIN_DIM:  # no GEMM
-        coef = 2.0 * _distance.error_coef(terms, centroids.dtype)
-        _assign.nearest_thin(x, rows, centroids, offsets, runs, c64, xsq, coef, csq_max, *outs[:2])
-        return
-    step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     for lo in range(0, rows.size, step):  # a block of rows at a time: memory of (step, ΣK)
         part = rows[lo : lo + step]
         dist, csq = products(x, centroids, None if part.size == x.shape[0] else part)
