@@ -9,7 +9,7 @@ from kmclust.lloyd import assign, nearest
 from kmclust.lloyd import chunk as kernels
 from kmclust.lloyd.bounds import moved_bounds, moved_centroid_bounds
 from kmclust.lloyd.distance import error_bound, row_norms
-from kmclust.lloyd.exact import exact_sum
+from kmclust.lloyd.exact import exact_sum, label_counts
 
 
 def _brute(x: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
@@ -387,7 +387,7 @@ def test_moved_bounds_track_the_runner_up_apart() -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
+def test_runs_with_empty_cluster_and_label_counts_match_a_bincount(seed: int) -> None:
     rng = np.random.default_rng(seed)
     ks = rng.integers(1, 30, size=12)
     n = int(rng.integers(1, 400))
@@ -406,6 +406,7 @@ def test_runs_with_empty_cluster_match_a_bincount(seed: int) -> None:
     expected = [p for p, c in enumerate(counts) if (c == 0).any()]
     assert 0 < len(expected) < len(ks) or n < 30
     np.testing.assert_array_equal(kernels.runs_with_empty_cluster(labels, offsets), expected)
+    np.testing.assert_array_equal(label_counts(labels, offsets), np.concatenate(counts))
 
 
 def test_reassign_settles_between_label_and_runner_up_when_only_that_bound_fails() -> None:

@@ -188,6 +188,22 @@ def _add_rows(out, idx, rows):  # pragma: no cover - compiled
             o[q] += r[q]
 
 
+def label_counts(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(ΣK,) int64 rows per stacked cluster of ``labels`` (n, R), run p's from ``offsets[p]``: a
+    bincount of ``labels + offsets`` without its two (n, R) int64 temporaries."""
+    return _label_counts(labels, np.asarray(offsets, dtype=np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_counts(labels, offsets):  # pragma: no cover - compiled
+    out = np.zeros(offsets[-1], dtype=np.int64)
+    n, r = labels.shape
+    for i in range(n):
+        for p in range(r):
+            out[offsets[p] + labels[i, p]] += 1
+    return out
+
+
 def runs_missing_a_label(labels: np.ndarray, ks: np.ndarray) -> np.ndarray:
     """(R,) bool: run p's column of ``labels`` (n, R) lacks one of its labels 0 … ks[p] − 1.
 

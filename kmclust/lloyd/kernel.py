@@ -227,8 +227,7 @@ def _float_sums(x, labels, prior, offsets, grid) -> tuple:
     """(exact sums to keep or None, (ΣK, D) float64 sums, counts) of float rows: the kept sums
     changed by the rows whose label changed, else summed in full
     (:mod:`kmclust.lloyd.float_sums`); the same bits either way."""
-    kt = int(offsets[-1])
-    counts = np.bincount((labels + offsets[:-1][None, :]).ravel(), minlength=kt).astype(np.int64)
+    counts = _exact.label_counts(labels, offsets)
     if prior is not None and prior.sums is not None:
         exact = float_sums.changed_sums(prior.sums, x, labels, prior.sum_labels, offsets, grid)
     else:
