@@ -110,6 +110,35 @@ def test_executors_return_the_same_partials_pass_after_pass(dtype) -> None:
                 _same(part, ref)
 
 
+def test_the_pool_runs_a_lone_task_in_the_calling_thread(monkeypatch) -> None:
+    """One chunk and one group (a small fit): the task runs here, with no hand-off to a pool
+    thread, and gives the partial a pool thread gives; more tasks go to the pool's threads."""
+    import threading
+
+    from kmclust.lloyd import executors
+
+    where: list[str] = []
+    real = executors._chunk_task
+
+    def recording(*args):
+        where.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(executors, "_chunk_task", recording)
+    rng = np.random.default_rng(3)
+    x = rng.random((300, 5))
+    runs = [Run(0, rng.random((4, 5)))]
+    lay = layout([300], 2, np.float64, False, False, False)
+    alone = PoolExecutor([x], 2).run(plan_pass(runs, lay, "a", labels=True))
+    assert where == [threading.current_thread().name]
+    where.clear()
+    both = PoolExecutor([x, x], 2).run(
+        plan_pass(runs, layout([300] * 2, 2, np.float64, False, False, False), "b", labels=True)
+    )
+    assert len(where) == 2 and all(w.startswith("kmclust-chunk") for w in where)
+    np.testing.assert_array_equal(both[0].counts, 2 * alone[0].counts)
+
+
 def test_a_forced_executor_must_suit_the_chunks() -> None:
     x = np.random.default_rng(2).integers(0, 256, (200, 4), dtype=np.uint8)
     init = [x[:3].astype(np.float64)]

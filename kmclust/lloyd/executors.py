@@ -123,16 +123,20 @@ class PoolExecutor:
         self.states: list[list[ChunkState]] | None = None  # per chunk, per group
 
     def run(self, plan: PassPlan) -> list[Partial]:
-        pool = _thread_pool(self.threads)
         prev = self.states if plan.stateful else None
-        pending = [
+        calls = [
             [
-                pool.submit(_chunk_task, blk, start, args, prev[c] if prev else None, wb)
+                (blk, start, args, prev[c] if prev else None, wb)
                 for c, (blk, start, wb) in enumerate(zip(self.chunks, plan.starts, self.weights))
             ]
             for args in plan.tasks
         ]
-        done = [[f.result() for f in per_group] for per_group in pending]
+        if len(calls) == 1 and len(calls[0]) == 1:  # one task (small data): no hand-off to a thread
+            done = [[_chunk_task(*calls[0][0])]]
+        else:
+            pool = _thread_pool(self.threads)
+            pending = [[pool.submit(_chunk_task, *call) for call in group] for group in calls]
+            done = [[f.result() for f in per_group] for per_group in pending]
         if plan.stateful:
             self.states = [[per_group[c][1] for per_group in done] for c in range(len(self.chunks))]
         return [fold([part for part, _ in per_group], plan.tree, combine) for per_group in done]
