@@ -184,13 +184,17 @@ def _nearest_products(  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _scratch(step, kt, d, dtype):  # pragma: no cover - compiled
-    """:func:`_fold`'s buffers: two least and label of ``step`` rows, a row's values, a row."""
+    """:func:`_fold`'s buffers: two least and label of ``step`` rows, a row's values, a row, and
+    the rows' windows, near-tie flags and distances."""
     return (
         np.empty(step, dtype=dtype),
         np.empty(step, dtype=dtype),
         np.empty(step, dtype=np.int32),
         np.empty(kt, dtype=dtype),
         np.empty(d),
+        np.empty(step),
+        np.empty(step, dtype=np.bool_),
+        np.empty(step, dtype=dtype),
     )
 
 
@@ -204,7 +208,8 @@ def _fold(  # pragma: no cover - compiled
     and computed distances written, as :func:`_assign_rows` writes them. ``scratch``:
     :func:`_scratch`'s buffers."""
     zero, inf = vals.dtype.type(0), vals.dtype.type(np.inf)
-    b1, b2, arg, col, buf = scratch
+    b1, b2, arg, col, buf, win, tie, dv = scratch
+    cm2 = 2.0 * csq_max
     for p in range(offsets.size - 1):
         lo, hi = offsets[p], offsets[p + 1]
         for t in range(h):
@@ -220,16 +225,24 @@ def _fold(  # pragma: no cover - compiled
                 m = o1 if below else s
                 b2[t] = m if m < b2[t] else b2[t]
                 b1[t] = s if below else o1
-        for t in range(h):
+        pr = runs[p]
+        for t in range(h):  # the window, the near-tie test, the distance: vectorises
             r = r0 + t
-            a = arg[t]
-            window = coef * (np.float64(xsq[r]) + 2.0 * csq_max)
-            if b2[t] - b1[t] <= window:  # near tie: settle exactly
+            w = coef * (np.float64(xsq[r]) + cm2)
+            win[t] = w
+            tie[t] = b2[t] - b1[t] <= w
+            dv[t] = max(b1[t] + xsq[r], zero)
+        for t in range(h):
+            if tie[t]:  # near tie: settle exactly
+                r = r0 + t
                 for j in range(lo, hi):
                     col[j] = vals[j, c0 + t]
-                a = settle_tie(x[r], c64, col, 0, lo, hi, b1[t] + window, a, buf)
-            labels[r, runs[p]] = a - lo
-            dmin[r, runs[p]] = max(vals[a, c0 + t] + xsq[r], zero)
+                a = settle_tie(x[r], c64, col, 0, lo, hi, b1[t] + win[t], arg[t], buf)
+                arg[t] = a
+                dv[t] = max(vals[a, c0 + t] + xsq[r], zero)
+        for t in range(h):
+            labels[r0 + t, pr] = arg[t] - lo
+            dmin[r0 + t, pr] = dv[t]
 
 
 @numba.njit(cache=True, nogil=True)
