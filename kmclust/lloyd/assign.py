@@ -103,8 +103,9 @@ def nearest(
     (:func:`best_three` took ~33 ns a row at k=8, more than the distances). Rows of at most
     :data:`THIN_DIM` features get theirs computed on the way, a small block of rows at a time
     (a GEMM of so short a product is mostly packing); wider rows from a GEMM of ``step`` rows at a
-    time, transposed. ``xsq``: the chunk's ‖x‖²; each row's near-tie window is ``coef`` · (‖x‖²
-    + 2 ``csq_max``) (:func:`~kmclust.lloyd.distance.error_bound`).
+    time, transposed (a block that stays in cache while it is folded). ``xsq``: the chunk's
+    ‖x‖²; each row's near-tie window is ``coef`` · (‖x‖² + 2 ``csq_max``)
+    (:func:`~kmclust.lloyd.distance.error_bound`).
     """
     c2 = centroids * -2.0  # exact
     csq = np.einsum("ij,ij->i", centroids, centroids)
@@ -121,7 +122,7 @@ def nearest(
 
 
 #: Float rows of at most this many features get their distances without a GEMM (:func:`nearest`).
-THIN_DIM = 16
+THIN_DIM = 4
 #: Rows folded at a time by :func:`nearest`'s compiled loops (their two least stay in cache).
 FOLD_ROWS = 128
 

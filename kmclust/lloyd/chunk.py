@@ -54,6 +54,9 @@ WIDE_STACK = 64
 #: Distances computed at a time when a whole chunk is assigned (rows × ΣK): a block's matrix
 #: (32 MB in float32) rather than the chunk's.
 DIST_BLOCK = 2**23
+#: Distances of a GEMM block folded into labels while still in cache, without bounds
+#: (:func:`kmclust.lloyd.assign.nearest`): (rows × ΣK) entries.
+FOLD_ENTRIES = 2**16
 #: Rows converted to the compute dtype at a time: uint8 chunks stay uint8 in memory, a block's float
 #: copy stays in cache while its GEMM runs, and gathering rows moves a quarter of the bytes.
 BLOCK_ROWS = 1024
@@ -188,7 +191,8 @@ def place(
     step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     if not bounds and rows is None and x.dtype.kind == "f":  # labels and distances of every row
         coef = 2.0 * _distance.error_coef(terms, centroids.dtype)
-        near = (c64, xsq, coef, csq_max, labels, dmin, step)
+        fold = max(_assign.FOLD_ROWS, FOLD_ENTRIES // max(centroids.shape[0], 1))
+        near = (c64, xsq, coef, csq_max, labels, dmin, fold)
         _assign.nearest(x, centroids, offsets, runs, *near)
         return
     if rows is None:
