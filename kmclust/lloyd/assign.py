@@ -1,4 +1,4 @@
-"""Labels and distance bounds of every (row, run) from a chunk's distance matrix (the GEMM path).
+"""Labels and distance bounds of every (row, run) from a chunk's distances (the GEMM path).
 
 The rows a pass computes in full (every row in a first pass, the rows that
 too many runs need later) get their distances from one GEMM or from
@@ -7,6 +7,11 @@ exact nearest centroid by the rules of :mod:`kmclust.lloyd.nearest` (near ties
 settled by float64 sums), and the bounds that let later passes skip it
 (:mod:`kmclust.lloyd.bounds`). One compiled pass over the (m, ΣK) matrix
 instead of numpy's argmin and partition over small axes.
+
+Float rows whose bounds nobody keeps (the estimator's lloyd) take another way,
+:func:`nearest`: their distances lie (ΣK, rows) in cache-sized blocks and each run's
+two least are folded in across the rows with selects, which vectorises where a pass
+row after row cannot; the same exact rules decide every label.
 
 Compiled with numba; ``nogil`` so chunk tasks run in parallel threads.
 numba's cache follows each function's own file only, and a caller's cached
@@ -95,16 +100,15 @@ def nearest(
     csq_max: float,
     labels: np.ndarray,
     dmin: np.ndarray,
-    step: int,
 ) -> None:
     """:func:`assign_rows` without bounds (labels and ``dmin`` only) for every row of a float
     chunk, its distances vectorised across rows: the two least of each run folded in with selects
     over a (ΣK, rows) block of distances, row after row being what a compiler cannot vectorise
     (:func:`best_three` took ~33 ns a row at k=8, more than the distances). Rows of at most
     :data:`THIN_DIM` features get theirs computed on the way, a small block of rows at a time
-    (a GEMM of so short a product is mostly packing); wider rows from a GEMM of ``step`` rows at a
-    time, transposed (a block that stays in cache while it is folded). ``xsq``: the chunk's
-    ‖x‖²; each row's near-tie window is ``coef`` · (‖x‖² + 2 ``csq_max``)
+    (a GEMM of so short a product is mostly packing); wider rows from a GEMM of a block of rows
+    at a time, transposed (:data:`FOLD_ENTRIES` distances: in cache while folded). ``xsq``: the
+    chunk's ‖x‖²; each row's near-tie window is ``coef`` · (‖x‖² + 2 ``csq_max``)
     (:func:`~kmclust.lloyd.distance.error_bound`).
     """
     c2 = centroids * -2.0  # exact
@@ -114,6 +118,7 @@ def nearest(
     if x.shape[1] <= THIN_DIM:
         _nearest_thin(x, c2, csq, offsets, runs, *rest)
         return
+    step = max(FOLD_ROWS, FOLD_ENTRIES // max(c2.shape[0], 1))
     for lo in range(0, x.shape[0], step):
         blk = x[lo : lo + step].astype(c2.dtype, copy=False)
         prod = np.empty((c2.shape[0], blk.shape[0]), dtype=c2.dtype)
@@ -125,6 +130,8 @@ def nearest(
 THIN_DIM = 4
 #: Rows folded at a time by :func:`nearest`'s compiled loops (their two least stay in cache).
 FOLD_ROWS = 128
+#: Distances (ΣK × rows) of a block :func:`nearest` computes and folds while it is in cache.
+FOLD_ENTRIES = 2**16
 
 
 def _outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets) -> tuple:
@@ -149,7 +156,7 @@ def _nearest_thin(  # pragma: no cover - compiled
     product of a GEMM; ‖c‖² is added by :func:`_fold`, so
     :func:`~kmclust.lloyd.distance.error_bound` holds), then :func:`_fold`."""
     kt, d = c2.shape
-    step = max(8, min(FOLD_ROWS, 2**16 // kt))
+    step = max(8, min(FOLD_ROWS, FOLD_ENTRIES // kt))
     xt = np.empty((d, step), dtype=c2.dtype)
     vals = np.empty((kt, step), dtype=c2.dtype)
     scratch = _scratch(step, kt, d, c2.dtype)

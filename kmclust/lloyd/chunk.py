@@ -54,9 +54,6 @@ WIDE_STACK = 64
 #: Distances computed at a time when a whole chunk is assigned (rows × ΣK): a block's matrix
 #: (32 MB in float32) rather than the chunk's.
 DIST_BLOCK = 2**23
-#: Distances of a GEMM block folded into labels while still in cache, without bounds
-#: (:func:`kmclust.lloyd.assign.nearest`): (rows × ΣK) entries.
-FOLD_ENTRIES = 2**16
 #: Rows converted to the compute dtype at a time: uint8 chunks stay uint8 in memory, a block's float
 #: copy stays in cache while its GEMM runs, and gathering rows moves a quarter of the bytes.
 BLOCK_ROWS = 1024
@@ -188,15 +185,13 @@ def place(
     c64 = centroids.astype(np.float64) if c64 is None else c64
     terms = _distance.dot_terms(x.dtype, centroids.dtype, x.shape[1])
     csq_max = np.einsum("ij,ij->i", c64, c64).max()
-    step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     if not bounds and rows is None and x.dtype.kind == "f":  # labels and distances of every row
         coef = 2.0 * _distance.error_coef(terms, centroids.dtype)
-        fold = max(_assign.FOLD_ROWS, FOLD_ENTRIES // max(centroids.shape[0], 1))
-        near = (c64, xsq, coef, csq_max, labels, dmin, fold)
-        _assign.nearest(x, centroids, offsets, runs, *near)
+        _assign.nearest(x, centroids, offsets, runs, c64, xsq, coef, csq_max, labels, dmin)
         return
     if rows is None:
         rows = np.arange(x.shape[0])
+    step = max(BLOCK_ROWS, DIST_BLOCK // max(centroids.shape[0], 1))
     outs = (labels, dmin, upper, lower, second, cbound, col0, gbound, groups, bounds)
     for lo in range(0, rows.size, step):  # a block of rows at a time: memory of (step, ΣK)
         part = rows[lo : lo + step]
