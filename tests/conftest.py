@@ -1,7 +1,8 @@
-"""Shared fixtures: staged stores built once per test session."""
+"""Shared fixtures: staged stores built once per test session; where chunk tasks ran."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,19 @@ def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
     s3_server.filesystem().mkdir(bucket)
     s3_server.bucket = bucket
     return s3_server
+
+
+@pytest.fixture
+def task_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads the executors' chunk tasks run in, appended as they run."""
+    from kmclust.lloyd import executors
+
+    where: list[str] = []
+    real = executors._chunk_task
+
+    def recording(*args):
+        where.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(executors, "_chunk_task", recording)
+    return where

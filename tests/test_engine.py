@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kmclust.data import select
-from kmclust.lloyd import chunk, driver, executors, kernel, placement, prune
+from kmclust.lloyd import chunk, driver, kernel, placement, prune
 
 #: The executors that run without a distributed cluster (the others: test_engine_distributed.py).
 LOCAL_EXECUTORS = ("pool", "graph")
@@ -338,13 +338,11 @@ def test_per_centroid_bounds_bit_identical_to_unpruned(digits, monkeypatch, exec
 
 
 def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
-    digits, monkeypatch
+    digits, task_threads
 ) -> None:
     """On dask's threaded scheduler (the default) in-memory chunks go straight to a thread pool;
     the results are bit for bit those of a dask graph on the synchronous scheduler, relocations
     included."""
-    import threading
-
     import dask
 
     x, _ = digits
@@ -353,14 +351,7 @@ def test_threaded_passes_skip_the_graph_and_give_the_bits_of_dask_schedulers(
         x[rng.choice(len(x), 12, replace=False)] / 255.0,
         rng.normal(0.13, 0.3, (30, 784)),
     ]  # the second: empty clusters
-    where: list[str] = []
-    real = executors._chunk_task
-
-    def recording(*args):
-        where.append(threading.current_thread().name)
-        return real(*args)
-
-    monkeypatch.setattr(executors, "_chunk_task", recording)
+    where = task_threads
     got = {}
     for name in ("threads", None, "sync"):
         where.clear()

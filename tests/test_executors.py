@@ -110,21 +110,12 @@ def test_executors_return_the_same_partials_pass_after_pass(dtype) -> None:
                 _same(part, ref)
 
 
-def test_the_pool_runs_a_lone_task_in_the_calling_thread(monkeypatch) -> None:
+def test_the_pool_runs_a_lone_task_in_the_calling_thread(task_threads) -> None:
     """One chunk and one group (a small fit): the task runs here, with no hand-off to a pool
     thread, and gives the partial a pool thread gives; more tasks go to the pool's threads."""
     import threading
 
-    from kmclust.lloyd import executors
-
-    where: list[str] = []
-    real = executors._chunk_task
-
-    def recording(*args):
-        where.append(threading.current_thread().name)
-        return real(*args)
-
-    monkeypatch.setattr(executors, "_chunk_task", recording)
+    where = task_threads
     rng = np.random.default_rng(3)
     x = rng.random((300, 5))
     runs = [Run(0, rng.random((4, 5)))]
