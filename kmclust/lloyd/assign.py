@@ -74,6 +74,13 @@ def assign_rows(
     distance among its centroids but the label. ``bounds=False``: only ``labels`` and ``dmin``
     (a pass without pruning keeps no bounds; ``upper``, ``lower`` and ``second`` untouched).
     """
+    if cbound is None:
+        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    gid, goffs = np.zeros(0, dtype=np.int64), np.zeros(len(offsets), dtype=np.int64)
+    if gbound is None:
+        gbound = np.zeros((0, 0), dtype=np.float32)
+    else:
+        gid, goffs = groups.gid, groups.goffs
     _assign_rows(
         dist,
         csq,
@@ -84,7 +91,16 @@ def assign_rows(
         c64,
         window,
         xsq,
-        *_outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets),
+        labels,
+        dmin,
+        upper,
+        lower,
+        second,
+        cbound,
+        np.asarray(col0, dtype=np.int64),
+        gbound,
+        gid,
+        goffs,
         bounds,
     )
 
@@ -119,9 +135,10 @@ def nearest(
         _nearest_thin(x, c2, csq, offsets, runs, *rest)
         return
     step = max(FOLD_ROWS, FOLD_ENTRIES // max(c2.shape[0], 1))
+    buf = np.empty(c2.shape[0] * min(step, x.shape[0]), dtype=c2.dtype)  # one block's, reused
     for lo in range(0, x.shape[0], step):
         blk = x[lo : lo + step].astype(c2.dtype, copy=False)
-        prod = np.empty((c2.shape[0], blk.shape[0]), dtype=c2.dtype)
+        prod = buf[: c2.shape[0] * blk.shape[0]].reshape(c2.shape[0], blk.shape[0])
         np.matmul(c2, blk.T, out=prod)  # (ΣK, rows): −2c·x, a row's values side by side
         _nearest_products(prod, lo, x, csq, offsets, runs, *rest)
 
@@ -132,19 +149,6 @@ THIN_DIM = 4
 FOLD_ROWS = 128
 #: Distances (ΣK × rows) of a block :func:`nearest` computes and folds while it is in cache.
 FOLD_ENTRIES = 2**16
-
-
-def _outputs(labels, dmin, upper, lower, second, cbound, col0, gbound, groups, offsets) -> tuple:
-    """The compiled loops' output arguments, with empty arrays for the bounds not wanted."""
-    if cbound is None:
-        cbound, col0 = np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    gid, goffs = np.zeros(0, dtype=np.int64), np.zeros(len(offsets), dtype=np.int64)
-    if gbound is None:
-        gbound = np.zeros((0, 0), dtype=np.float32)
-    else:
-        gid, goffs = groups.gid, groups.goffs
-    col0 = np.asarray(col0, dtype=np.int64)
-    return labels, dmin, upper, lower, second, cbound, col0, gbound, gid, goffs
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})

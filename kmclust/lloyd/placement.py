@@ -36,7 +36,7 @@ def as_dask(x: np.ndarray | da.Array, chunk_rows: int | None = None, threads: in
     if chunk_rows is None:
         chunk_rows = max(CHUNK_ROWS, CHUNK_BYTES // max(x[:1].nbytes, 1))
     nb = max(1, -(-n // chunk_rows))
-    if n > min(chunk_rows, CHUNK_ROWS):  # every pass waits for its slowest thread (even_chunks)
+    if nb > 1 or n > CHUNK_ROWS:  # every pass waits for its slowest thread (see even_chunks)
         nb = threads * -(-nb // threads)
     nb = min(nb, max(n, 1))
     rows = tuple(n // nb + (b < n % nb) for b in range(nb))  # sizes differ by one at most
