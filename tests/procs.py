@@ -39,11 +39,7 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without fault hooks or dask overrides, plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "KMCLUST_TEST_KILL_K" and not k.startswith("DASK_")
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMCLUST_TEST_", "DASK_"))}
     env.update(extra)
     return env
 

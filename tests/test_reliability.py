@@ -37,8 +37,10 @@ from procs import (
     wait_until,
 )
 
-# A grid whose k slabs are written over a few seconds (so faults can land mid-sweep).
+# A grid whose k slabs are written over a few seconds (so faults can land mid-sweep): on workers
+# started with SLOW (a test hook) k=13's chunk tasks sleep, so its cells end seconds after the rest.
 GRID = ["--k", "4:13", "--seeds", "2", "--train-per-class", "50", "--no-report"]
+SLOW = {"KMCLUST_TEST_SLOW_K": "13"}
 N_CELLS = 10 * 2 * 2
 N_TRAIN = 500
 COMPARED = [
@@ -146,7 +148,7 @@ def test_worker_killed_mid_sweep_gives_identical_results(
 ):
     port = free_port()
     procs.scheduler(port)
-    workers = [procs.worker(port) for _ in range(2)]
+    workers = [procs.worker(port, clean_env(**SLOW)) for _ in range(2)]
     wait_for_workers(port, 2)
     out = tmp_path / "r.zarr"
     job = procs.job(
@@ -229,7 +231,7 @@ def test_scheduler_killed_then_resume_on_new_cluster(
 ):
     port = free_port()
     scheduler = procs.scheduler(port)
-    old_workers = [procs.worker(port) for _ in range(2)]
+    old_workers = [procs.worker(port, clean_env(**SLOW)) for _ in range(2)]
     wait_for_workers(port, 2)
     out = tmp_path / "r.zarr"
     args = ["--dataset", str(mnist_subset_store), *GRID, "--timeout", "30", "--out", str(out)]

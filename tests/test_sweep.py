@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
 
+from kmclust.lloyd import spread
 from kmclust.lloyd.placement import n_threads
 from kmclust.sweep import run as sweep
 from kmclust.sweep.config import SweepConfig
@@ -131,7 +134,7 @@ def _config(store: Path, **kw) -> SweepConfig:
 
 @pytest.mark.slow
 def test_same_numbers_threads_local_clusters_and_remote_scheduler(
-    mnist_subset_store: Path, tmp_path: Path
+    mnist_subset_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from distributed import Client, LocalCluster
 
@@ -139,21 +142,29 @@ def test_same_numbers_threads_local_clusters_and_remote_scheduler(
     ref = sweep.run_sweep(config, tmp_path / "threads.zarr")
     assert not ref.failed
     reference = xr.open_zarr(ref.path)
-    for n in (1, 2):
+    # the runs spread over workers that each hold the rows (1 or 2 workers), and (copy-bytes 0)
+    # one batch over row chunks placed on the workers
+    for n, copy in ((1, None), (2, None), (2, 0)):
         with (
             LocalCluster(
                 n_workers=n, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
             ) as c,
             Client(c) as client,
+            dask.config.set({spread.COPY_BYTES_KEY: copy} if copy is not None else {}),
+            caplog.at_level(logging.INFO, logger="kmclust.sweep.cells"),
         ):
-            got = sweep.run_sweep(config, tmp_path / f"local{n}.zarr", parallel=n_threads(client))
+            caplog.clear()
+            out = tmp_path / f"local{n}-{copy}.zarr"
+            got = sweep.run_sweep(config, out, parallel=n_threads(client))
+        spread_over = "over the workers, each holding every row" in caplog.text
+        assert spread_over == (copy is None), caplog.text
         assert_same_numbers(reference, xr.open_zarr(got.path))
     port = free_port()
-    dask = str(Path(sys.executable).with_name("dask"))
+    dask_cli = str(Path(sys.executable).with_name("dask"))
     procs = [
         subprocess.Popen(
             [
-                dask,
+                dask_cli,
                 "scheduler",
                 "--host",
                 "127.0.0.1",
@@ -171,7 +182,7 @@ def test_same_numbers_threads_local_clusters_and_remote_scheduler(
             procs.append(
                 subprocess.Popen(
                     [
-                        dask,
+                        dask_cli,
                         "worker",
                         f"tcp://127.0.0.1:{port}",
                         "--nthreads",

@@ -17,6 +17,7 @@ import itertools
 import operator
 import os
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -45,6 +46,10 @@ SHARE_BYTES = 64 * 2**10
 
 #: Test-only fault hook: a worker process whose chunk task stacks a run with this k kills itself.
 KILL_K_ENV = "KMCLUST_TEST_KILL_K"
+#: Test-only delay: a worker's chunk task that stacks a run with this k first sleeps SLOW_SECONDS
+#: (so a fault can land while that k's cells are still running, however fast the others end).
+SLOW_K_ENV = "KMCLUST_TEST_SLOW_K"
+SLOW_SECONDS = 0.25
 
 
 class Executor(Protocol):
@@ -91,10 +96,13 @@ def _chunk_task(
     prev: list[ChunkState] | None,
     w: np.ndarray | None = None,
 ):
-    """Entry of a chunk task: the fault hook (distributed workers only), then the kernel."""
-    kill_k = os.environ.get(KILL_K_ENV)
-    if kill_k and int(kill_k) in np.diff(args.offsets) and _in_worker():
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Entry of a chunk task: the test hooks (in a distributed worker's task thread), the kernel."""
+    kill_k, slow_k = os.environ.get(KILL_K_ENV), os.environ.get(SLOW_K_ENV)
+    if (kill_k or slow_k) and _in_worker():
+        if kill_k and int(kill_k) in np.diff(args.offsets):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if slow_k and int(slow_k) in np.diff(args.offsets):
+            time.sleep(SLOW_SECONDS)
     return kernel.lloyd_chunk(x, start, args, prev, w)
 
 
@@ -158,7 +166,7 @@ class GraphExecutor:
         self.client = client
         self.weights = weights or [None] * len(chunks)  # the chunks' sample weights
         self.states: list[list] | None = None  # per chunk, per group: futures or ChunkStates
-        self._held: list = []  # futures dropped only after the next submission (see _submit)
+        self._held: list = []  # futures dropped only after the next submission (see submit)
 
     def run(self, plan: PassPlan) -> list[Partial]:
         token = plan.token
@@ -186,7 +194,7 @@ class GraphExecutor:
             out = get(dsk, roots + flat)
             results, states = out[: len(roots)], out[len(roots) :]
         else:  # one submission: states stay on the workers as futures
-            futures = _submit(self.client, dsk, roots + flat, carried)
+            futures = submit(self.client, dsk, roots + flat, carried)
             self._held = [futures]
             earlier = [f for per_chunk in self.states or [] for f in per_chunk]
             results = _gather(self.client, futures, len(roots), earlier)
@@ -262,7 +270,7 @@ class SlotExecutor:
         self.slots = slots
         self.weights = weights or [None] * len(chunks)  # the chunks' sample weights
         self.states: list[list] | None = None  # per chunk, per group: (slot future, position)
-        self._held: list = []  # futures dropped only after the next submission (see _submit)
+        self._held: list = []  # futures dropped only after the next submission (see submit)
 
     def run(self, plan: PassPlan) -> list[Partial]:
         dsk: dict = {}
@@ -296,7 +304,7 @@ class SlotExecutor:
                 for j, c in enumerate(members):
                     state_keys[c].append((task, j))
         tasks = sorted({key for per in state_keys for key, _ in per}) if plan.stateful else []
-        futures = _submit(self.client, dsk, part_keys + tasks, carried)
+        futures = submit(self.client, dsk, part_keys + tasks, carried)
         self._held = [futures]
         earlier = [f for per_chunk in self.states or [] for f, _ in per_chunk]
         gathered = _gather(self.client, futures, len(part_keys), earlier, direct=True)
@@ -329,7 +337,7 @@ class SlotExecutor:
         return refs, where
 
 
-def _submit(client, dsk: dict, keys: list, carried: int) -> list:
+def submit(client, dsk: dict, keys: list, carried: int) -> list:
     """Submit a pass's graph; the caller drops the futures of earlier passes only after this.
 
     The client sends both the graph and the release of dropped futures

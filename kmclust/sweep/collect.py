@@ -43,14 +43,15 @@ EVALUATORS = 2
 #: finished runs that get their held-out pass early when the evaluators are idle (else it
 #: waits until the finished runs complete some k, to keep the number of held-out passes low)
 IDLE_BATCH = 4
-#: a finished run waiting for its values: its cell, its result, seconds since its batch began
-Finished = tuple[Cell, runs.RunResult, float]
+#: a finished run waiting for its values: its cell, its result, seconds since its batch began,
+#: its held-out labels if they came with it (runs spread over workers), else None
+Finished = tuple[Cell, runs.RunResult, float, np.ndarray | None]
 
 
 def cell_values(
     res: runs.RunResult,
     data: DataSplit,
-    test: tuple[np.ndarray, float, float] | None,
+    test: tuple[np.ndarray, ...] | None,
     seconds: float,
     indices: dict[str, float],
 ) -> dict[str, object]:
@@ -156,9 +157,12 @@ class Collector:
         self.failed.append(f"{self.config.cell_name(cell)}: {reason}")
         self.pending[ki] -= 1
 
-    def finish(self, cell: Cell, res: runs.RunResult, seconds: float) -> None:
+    def finish(
+        self, cell: Cell, res: runs.RunResult, seconds: float, test: np.ndarray | None = None
+    ) -> None:
+        """Take a finished run; ``test``: its held-out labels, if its task labelled them."""
         if res.ok:
-            self.finished.append((cell, res, seconds))
+            self.finished.append((cell, res, seconds, test))
         else:
             self.fail(cell, res.error)
 
@@ -188,8 +192,8 @@ class Collector:
         # by seed: the silhouette's sample, and the distances between its rows, are the
         # same for every run of a seed, so they are computed once per seed
         runs = sorted(zip(batch, tests), key=lambda f: f[0][0][2])
-        labels = [res.labels for (_, res, _), _ in runs]
-        for ((cell, res, seconds), test), indices in zip(
+        labels = [res.labels for (_, res, _, _), _ in runs]
+        for ((cell, res, seconds, _), test), indices in zip(
             runs, metrics.cluster_indices(self.x_train, labels, SCALE), strict=True
         ):
             sample, distances = self._silhouette_rows(self.config.seeds[cell[2]])
@@ -229,6 +233,17 @@ class Collector:
             if self.on_batch is not None:
                 self.on_batch(self.n_done, self.total, self.config.ks[ki])
 
+    def _held_out(self, batch: list[Finished]) -> list[tuple[np.ndarray, ...] | None]:
+        """Per finished run, its held-out labels (as a 1-tuple); one pass for the runs that came
+        without them. None when there are no labelled held-out rows (only accuracy needs them)."""
+        if not (self.data.y_test.size and self.data.labelled):
+            return [None] * len(batch)
+        need = [f[1].centroids for f in batch if f[3] is None]
+        passed = iter(
+            driver.predict(self.data.x_test, need, scale=SCALE, errors=False) if need else []
+        )
+        return [(f[3],) if f[3] is not None else next(passed) for f in batch]
+
     def flush(self, force: bool = False) -> None:
         """Evaluate the finished runs and write every settled k.
 
@@ -238,20 +253,14 @@ class Collector:
         evaluates whatever has finished and waits until every settled k is written.
         """
         self._collect(wait=False)
-        waiting = {cell[0] for cell, _, _ in self.finished}
+        waiting = {f[0][0] for f in self.finished}
         completes = any(
-            sum(c[0] == ki for c, _, _ in self.finished) == self.pending[ki] for ki in waiting
+            sum(f[0][0] == ki for f in self.finished) == self.pending[ki] for ki in waiting
         )
         idle = not self.jobs and len(self.finished) >= IDLE_BATCH
         if self.finished and (force or completes or idle):
             batch, t0 = self.finished, time.perf_counter()
-            tests = (
-                driver.predict(
-                    self.data.x_test, [r.centroids for _, r, _ in batch], scale=SCALE, errors=False
-                )
-                if self.data.y_test.size and self.data.labelled  # only accuracy needs it
-                else [None] * len(batch)
-            )
+            tests = self._held_out(batch)
             self.seconds["held-out passes"] += time.perf_counter() - t0
             self.finished = []  # only now: if the held-out pass fails, the runs are retried
             for part in range(EVALUATORS):  # the runs dealt out to the evaluator threads

@@ -1,15 +1,12 @@
-"""The k × init × seed sweep: batches of runs, the cells they fill, error isolation, resume.
+"""The k × init × seed sweep: the results store, the data, the cells' initial centroids, resume.
 
-All pending cells run as one engine batch (see kmclust.lloyd.driver): they
-share every data pass, in as few groups of runs as keep every worker thread busy
-(:func:`n_groups`). As soon as every
+The pending cells are computed by kmclust.sweep.cells (spread over the
+workers, or as one engine batch over row chunks). As soon as every
 cell of a k has finished, that k's slab of the results store (chunked by k) is
 written with ``status`` last, so a cell reads ``done`` only once all its data
 is on disk (kmclust.sweep.collect evaluates the runs and writes the slabs in a
 background thread, off the engine's loop); ``--resume`` recomputes exactly the
-cells that are not ``done``. A
-batch that fails (a lost worker) is split in halves until the failing cells are
-isolated; corrupt data or a lost scheduler end the job.
+cells that are not ``done``.
 """
 
 from __future__ import annotations
@@ -27,25 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from kmclust.errors import KmclustError, SchedulerError
-from kmclust.lloyd import driver, placement, runs, warm
+from kmclust.errors import KmclustError
+from kmclust.lloyd import placement, warm
 from kmclust.lloyd.init import cell_seed, data_stats, init_centroids, random_from_stats
 from kmclust.location import Location
 from kmclust.sweep import remote_results
+from kmclust.sweep.cells import fatal, run_cells
 from kmclust.sweep.collect import SCALE, Collector
 from kmclust.sweep.config import Cell, SweepConfig, check_out, grid_size
 from kmclust.sweep.lock import hold
 from kmclust.sweep.split import (
     DataSplit,
-    corrupt,
     load_error,
-    one_line,
     split_data,
     staged_image_shape,
 )
 from kmclust.sweep.store import (
     Place,
-    ResultsWriteError,
     check_size,
     exists,
     finish_store,
@@ -71,86 +66,6 @@ class SweepOutcome:
         """The phases as "name 1.2 s, …" (the driver's view: the engine includes its passes'
         wait for the workers; held-out passes and waits ran inside the engine's loop)."""
         return ", ".join(f"{name} {sec:.1f} s" for name, sec in self.phases.items())
-
-
-def _run_cells(
-    config: SweepConfig,
-    data: DataSplit,
-    cells: list[Cell],
-    inits: dict[Cell, np.ndarray],
-    sink: Collector,
-    n_groups: int,
-    tries: int = 2,
-) -> None:
-    """Run ``cells`` as one engine batch; if the batch itself fails, split it until the culprit
-    is isolated.
-
-    A single cell gets ``tries`` attempts: a worker that died for another
-    cell can take an innocent cell's tasks with it.
-    """
-    t0 = time.perf_counter()
-    settled: set[Cell] = set()
-
-    def done(i: int, res: runs.RunResult) -> None:
-        settled.add(cells[i])
-        sink.finish(cells[i], res, time.perf_counter() - t0)
-
-    try:
-        driver.lloyd(
-            data.x_train,
-            [inits[c] for c in cells],
-            tol=config.tol,
-            max_iter=config.max_iter,
-            scale=SCALE,
-            return_labels=True,
-            persist=False,
-            n_groups=n_groups,
-            integer=True,
-            on_done=done,
-            progress=lambda *_: sink.flush(),
-        )
-        sink.flush(force=True)
-    except Exception as exc:  # a lost worker, an impossible task: isolate the failing cells
-        fatal = _fatal(exc, data)
-        if fatal is not None:
-            raise fatal from None
-        unflushed = {f[0] for f in sink.finished}
-        sink.finished = [f for f in sink.finished if f[0] not in cells]
-        rest = [c for c in cells if c not in settled or c in unflushed]
-        reason = one_line(exc)
-        try:  # a lost worker may have taken persisted rows with it: load them afresh
-            data.load()
-        except Exception as again:  # noqa: BLE001 - reported as one line
-            raise _fatal(again, data) or load_error(again, data.store) from None
-        if len(rest) == 1 and tries > 1:
-            log.warning("cell %s failed (%s); trying it once more", rest[0], reason)
-            _run_cells(config, data, rest, inits, sink, n_groups, tries - 1)
-            return
-        if len(rest) <= 1:
-            for cell in rest:
-                sink.fail(cell, reason)
-            sink.flush(force=True)
-            return
-        log.warning("a batch of %d cells failed (%s); retrying it in halves", len(rest), reason)
-        half = len(rest) // 2
-        for part in (rest[:half], rest[half:]):
-            _run_cells(config, data, part, inits, sink, n_groups)
-
-
-def _fatal(exc: Exception, data: DataSplit) -> KmclustError | None:
-    """Errors that no retry of a smaller batch can cure: corrupt data, a lost scheduler."""
-    if isinstance(exc, ResultsWriteError):
-        return exc
-    text = one_line(exc)
-    if (damaged := corrupt(text, data.store)) is not None:
-        return damaged
-    client = placement.default_client()
-    if client is not None and (client.status != "running" or "scheduler-connection-lost" in text):
-        return SchedulerError(
-            f"lost the Dask scheduler ({text}); finished cells are saved — "
-            "rerun with --resume against a live scheduler"
-        )
-    return None
 
 
 def run_sweep(
@@ -255,13 +170,13 @@ def _initial_centroids(
             rows = data.train_rows()
             x_train_np = rows * np.float32(SCALE)
         except Exception as exc:  # damaged chunks
-            raise _fatal(exc, data) or load_error(exc, data.store) from None
+            raise fatal(exc, data) or load_error(exc, data.store) from None
         sink.x_train = rows  # as read (uint8): the label-free indices of every finished run
         inits = _draw(config, cells, rows, x_train_np, sink)
         try:
             loading.result()
         except Exception as exc:  # damaged chunks, a worker killed while loading
-            raise _fatal(exc, data) or load_error(exc, data.store) from None
+            raise fatal(exc, data) or load_error(exc, data.store) from None
     except KeyboardInterrupt:
         interrupted = True  # the SIGINT handler froze the workers: the load would never end
         raise
@@ -324,12 +239,12 @@ def _sweep(
             lap("data and initial centroids")
             runnable = [c for c in cells if c in inits]
             if runnable:
-                _run_cells(config, data, runnable, inits, sink, n_groups(parallel, data))
+                run_cells(config, data, runnable, inits, sink, n_groups(parallel, data))
             lap("engine")
             try:
                 sink.flush(force=True)
             except Exception as exc:  # noqa: BLE001 - the held-out pass of the last runs
-                raise _fatal(exc, data) or load_error(exc, data.store) from None
+                raise fatal(exc, data) or load_error(exc, data.store) from None
             lap("last evaluations and writes")
             phases |= {f"({name}, within the above)": s for name, s in sink.seconds.items()}
     finally:
