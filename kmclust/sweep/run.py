@@ -306,7 +306,7 @@ def estimate_runs(config: SweepConfig) -> str:
     n_centroids = sum(config.ks) * len(config.inits) * len(config.seeds)
     text = (
         f"{grid_size(config)} runs: k in {list(config.ks)} × init {list(config.inits)} × "
-        f"{len(config.seeds)} seeds, advanced as one batch; tol={config.tol:g}, "
+        f"{len(config.seeds)} seeds, in batches of runs; tol={config.tol:g}, "
         f"max_iter={config.max_iter}; training sample: {sample} (data seed {config.data_seed}); "
         f"≈ {n_centroids} centroids"
     )
