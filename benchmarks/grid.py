@@ -36,9 +36,10 @@ from benchmarks.history import Outcome, markdown_table
 from benchmarks.job import JobGrid, run_job
 from benchmarks.peers import FAISS, faiss_loop, faiss_module
 from kmclust.errors import DataError
+from kmclust.lloyd import spread
 from kmclust.lloyd.driver import lloyd
 from kmclust.lloyd.init import cell_seed, init_centroids
-from kmclust.lloyd.placement import persist_balanced
+from kmclust.lloyd.placement import n_threads, persist_balanced
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +241,39 @@ def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machi
                 return_labels=True,
                 prune=cfg.prune,
             )
-    bad = [r.error for r in res if r.error]
-    if bad:
-        raise DataError(f"kmclust run failed: {bad[0]}")
+    return meter, res, rss.text()
+
+
+def _kmclust_spread(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machine: dict):
+    """The runs dealt out to the workers of cluster ``name``, each holding every row (as the sweep
+    job runs them when the rows fit: kmclust.lloyd.spread): its meter, results and peak memory;
+    None without a cluster or when the rows do not fit."""
+    with scheduler(name, cfg.cluster) as client:
+        if client is None or not spread.fits_every_worker(client, x.nbytes):
+            return None
+        worker_blas(client, machine)
+        xp = persist_balanced(x)
+        ks = [len(c) for c in inits]
+        batches = spread.deal(ks, ks, spread.BATCHES_PER_THREAD * n_threads(client))
+        log.info("kmclust on %s: %d runs in %d batches on the workers", name, len(ks), len(batches))
+        res: list = [None] * len(inits)
+        with PeakRss(client) as rss, metered() as meter:
+            for members, out in spread.fit_batches(
+                client,
+                xp,
+                None,
+                inits,
+                batches,
+                tol=0.0,
+                max_iter=cfg.max_iter,
+                scale=SCALE,
+                return_labels=True,
+                prune=cfg.prune,
+            ):
+                if isinstance(out, BaseException):
+                    raise out
+                for i, r in zip(members, out[0], strict=True):
+                    res[i] = r
     return meter, res, rss.text()
 
 
@@ -264,8 +295,16 @@ def run_grid(cfg: GridConfig) -> Outcome:
     has_faiss = cfg.faiss and faiss_module() is not None
     if has_faiss:
         tools[FAISS] = _faiss_tool(xf, xt, inits, sk, sk64, sk_j64, sk_meter)
-    for name in cfg.cluster.schedulers:
-        meter, res, rss = _kmclust_batch(x, inits, cfg, name, machine)
+    runs = [(name, "", _kmclust_batch) for name in cfg.cluster.schedulers]
+    runs += [(name, ", spread", _kmclust_spread) for name in cfg.cluster.schedulers]
+    for name, way, how in runs:
+        done = how(x, inits, cfg, name, machine)
+        if done is None:
+            continue
+        meter, res, rss = done
+        bad = [r.error for r in res if r.error]
+        if bad:
+            raise DataError(f"kmclust run failed: {bad[0]}")
         j, labels = [r.jclust * n for r in res], [r.labels for r in res]
         tool = {
             **_figures(meter, res),
@@ -276,7 +315,7 @@ def run_grid(cfg: GridConfig) -> Outcome:
         }
         if sk64 is not None:
             tool |= _vs_float64(j, labels, sk64)
-        tools[kmclust_name(name, cfg.prune)] = tool
+        tools[kmclust_name(name, cfg.prune).replace("]", way + "]")] = tool
     if cfg.job:
         log.info("the sweep job (jobs/sweep.py) on the same grid")
         grid = JobGrid(cfg.ks, cfg.inits, cfg.seeds, cfg.max_iter, cfg.job_report)

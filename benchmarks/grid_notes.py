@@ -68,7 +68,11 @@ def notes(
         f"{runs} runs = k {cfg.ks[0]}…{cfg.ks[-1]} × {', '.join(cfg.inits)} × "
         f"{len(cfg.seeds)} seeds; tol=0 (strict convergence), max_iter={cfg.max_iter}; "
         "same initial centroids for every tool",
-        "kmclust: one engine batch (all runs at once), labels returned; sklearn: a loop of "
+        "kmclust[...]: one engine batch (all runs at once, a pass over row chunks on every worker "
+        "per iteration), labels returned; kmclust[..., spread]: the runs dealt out in batches of "
+        "about equal cost, one task per batch fitting it to the end on a worker holding every "
+        "row (kmclust.lloyd.spread: how the sweep job runs them when the rows fit every worker); "
+        "sklearn: a loop of "
         "KMeans(init=array, n_init=1, algorithm='lloyd', tol=0) on float32 data in [0, 1]"
         + (
             "; sklearn float64: the same loop on float64 data (distances free of float32 "
