@@ -225,6 +225,11 @@ def _figures(meter, fits: Sequence, base=None) -> dict:
     return out
 
 
+def _lloyd_kw(cfg: GridConfig) -> dict:
+    """The engine's options for every kmclust run of the grid (strict convergence, labels)."""
+    return dict(tol=0.0, max_iter=cfg.max_iter, scale=SCALE, return_labels=True, prune=cfg.prune)
+
+
 def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machine: dict):
     """One engine batch of every run on scheduler ``name``: its meter and its results."""
     with scheduler(name, cfg.cluster) as client:
@@ -232,15 +237,7 @@ def _kmclust_batch(x, inits: list[np.ndarray], cfg: GridConfig, name: str, machi
         xp = persist_balanced(x)  # loaded and placed before the clock starts, as the sweep does
         log.info("kmclust on %s: %d runs in one batch", name, len(inits))
         with PeakRss(client) as rss, metered() as meter:
-            res = lloyd(
-                xp,
-                inits,
-                tol=0.0,
-                max_iter=cfg.max_iter,
-                scale=SCALE,
-                return_labels=True,
-                prune=cfg.prune,
-            )
+            res = lloyd(xp, inits, **_lloyd_kw(cfg))
     return meter, res, rss.text()
 
 
@@ -259,16 +256,7 @@ def _kmclust_spread(x, inits: list[np.ndarray], cfg: GridConfig, name: str, mach
         res: list = [None] * len(inits)
         with PeakRss(client) as rss, metered() as meter:
             for members, out in spread.fit_batches(
-                client,
-                xp,
-                None,
-                inits,
-                batches,
-                tol=0.0,
-                max_iter=cfg.max_iter,
-                scale=SCALE,
-                return_labels=True,
-                prune=cfg.prune,
+                client, xp, None, inits, batches, **_lloyd_kw(cfg)
             ):
                 if isinstance(out, BaseException):
                     raise out

@@ -76,12 +76,15 @@ def check_init(init) -> str | np.ndarray | Callable:
         raise KMeansError(f"init array: {e}") from e
 
 
-def check_centers(centers, k: int, d: int) -> np.ndarray:
-    """Initial centres (k, d) as float64, with scikit-learn's shape messages."""
-    try:
-        c = check_array(centers, dtype=np.float64, copy=True, input_name="init")
-    except ValueError as e:
-        raise KMeansError(f"init array: {e}") from e
+def check_centers(centers, k: int, d: int, checked: bool = False) -> np.ndarray:
+    """Initial centres (k, d) as float64, with scikit-learn's shape messages; ``checked``: an
+    array :func:`check_init` returned (validated and copied: only the shape is left to check)."""
+    c = centers
+    if not checked:
+        try:
+            c = check_array(centers, dtype=np.float64, copy=True, input_name="init")
+        except ValueError as e:
+            raise KMeansError(f"init array: {e}") from e
     if c.shape[0] != k:
         raise KMeansError(
             f"The shape of the initial centers {c.shape} does not match the number of clusters {k}."

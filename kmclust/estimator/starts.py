@@ -48,8 +48,8 @@ def initial_centroids(
     for the row sample; a callable gets ``rs`` itself, as in scikit-learn.
     """
     d = x.shape[1]
-    if isinstance(init, np.ndarray):
-        return [check_centers(init, k, d)]
+    if isinstance(init, np.ndarray):  # from check_init
+        return [check_centers(init, k, d, checked=True)]
     if callable(init):
         rows = xn if xn is not None else _dask_sample(x, k, int(rs.randint(SEED_MAX)), None)[0]
         return [check_centers(init(rows, k, rs), k, d) for _ in range(n_init)]

@@ -3,6 +3,7 @@ what a pass's tasks take for each chunk."""
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 
@@ -239,5 +240,12 @@ def default_client():
 def n_threads(client) -> int:
     """Threads running chunk tasks: the cluster's, else dask's local ``num_workers``."""
     if client is None:
-        return dask.config.get("num_workers", None) or os.cpu_count() or 1
+        return dask.config.get("num_workers", None) or _cpus()
     return max(1, sum(client.nthreads().values()))
+
+
+@functools.cache
+def _cpus() -> int:
+    """This machine's processors, asked once (tens of µs a call here; a small fit asked four
+    times)."""
+    return os.cpu_count() or 1

@@ -64,9 +64,10 @@ def deal(ks: Sequence[int], keys: Sequence[object], n: int) -> list[list[int]]:
     least ``n`` keys, so whole keys finish together; else each run is dealt
     alone. Largest first, each to the cheapest batch so far (LPT).
     """
+    whole = len(set(keys)) >= n
     units: dict[object, list[int]] = {}
     for i, key in enumerate(keys):
-        units.setdefault(key if len(set(keys)) >= n else i, []).append(i)
+        units.setdefault(key if whole else i, []).append(i)
     order = sorted(units.values(), key=lambda u: (-sum(ks[i] for i in u), u[0]))
     heap = [(0, b) for b in range(min(n, len(order)))]
     batches: list[list[int]] = [[] for _ in heap]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,15 +27,19 @@ from kmclust.sweep.store import ResultsWriteError
 log = logging.getLogger(__name__)
 
 
-def run_cells(
-    config: SweepConfig,
-    data: DataSplit,
-    cells: list[Cell],
-    inits: dict[Cell, np.ndarray],
-    sink: Collector,
-    n_groups: int,
-    tries: int = 2,
-) -> None:
+@dataclass
+class Job:
+    """What every way of computing cells shares: the config, the data, each cell's initial
+    centroids, the Collector of finished runs, the groups per pass of a batch over row chunks."""
+
+    config: SweepConfig
+    data: DataSplit
+    inits: dict[Cell, np.ndarray]
+    sink: Collector
+    n_groups: int
+
+
+def run_cells(job: Job, cells: list[Cell], tries: int = 2) -> None:
     """Run ``cells``: spread over the workers when every worker can hold the rows, else as one
     engine batch over row chunks; a batch that fails is split until the culprit is isolated.
 
@@ -42,26 +47,19 @@ def run_cells(
     cell can take an innocent cell's tasks with it.
     """
     client = placement.default_client()
-    nbytes = data.x_train.nbytes + data.x_test.nbytes
+    nbytes = job.data.x_train.nbytes + job.data.x_test.nbytes
     if client is not None and spread.fits_every_worker(client, nbytes):
-        lost = _spread_cells(config, data, cells, inits, sink, placement.n_threads(client))
+        lost = _spread_cells(job, cells, client)
     else:
-        lost = _batch_cells(config, data, cells, inits, sink, n_groups)
+        lost = _batch_cells(job, cells)
     for part, exc in lost:
-        _isolate(config, data, part, exc, inits, sink, n_groups, tries)
+        _isolate(job, part, exc, tries)
 
 
-def _batch_cells(
-    config: SweepConfig,
-    data: DataSplit,
-    cells: list[Cell],
-    inits: dict[Cell, np.ndarray],
-    sink: Collector,
-    n_groups: int,
-) -> list[tuple[list[Cell], Exception]]:
+def _batch_cells(job: Job, cells: list[Cell]) -> list[tuple[list[Cell], Exception]]:
     """``cells`` as one engine batch over the data's row chunks; if it fails, the cells that did
     not finish and the error."""
-    t0 = time.perf_counter()
+    t0, sink = time.perf_counter(), job.sink
     settled: set[Cell] = set()
 
     def done(i: int, res: runs.RunResult) -> None:
@@ -70,17 +68,13 @@ def _batch_cells(
 
     try:
         driver.lloyd(
-            data.x_train,
-            [inits[c] for c in cells],
-            tol=config.tol,
-            max_iter=config.max_iter,
-            scale=SCALE,
-            return_labels=True,
+            job.data.x_train,
+            [job.inits[c] for c in cells],
             persist=False,
-            n_groups=n_groups,
-            integer=True,
+            n_groups=job.n_groups,
             on_done=done,
             progress=lambda *_: sink.flush(),
+            **_lloyd_kw(job.config),
         )
         sink.flush(force=True)
     except Exception as exc:  # a lost worker, an impossible task: isolate the failing cells
@@ -90,21 +84,15 @@ def _batch_cells(
     return []
 
 
-def _spread_cells(
-    config: SweepConfig,
-    data: DataSplit,
-    cells: list[Cell],
-    inits: dict[Cell, np.ndarray],
-    sink: Collector,
-    threads: int,
-) -> list[tuple[list[Cell], Exception]]:
+def _spread_cells(job: Job, cells: list[Cell], client) -> list[tuple[list[Cell], Exception]]:
     """``cells`` dealt into batches (a k's cells together), each fitted on a worker holding every
     row (:mod:`kmclust.lloyd.spread`); the batches that failed and their errors."""
-    t0 = time.perf_counter()
+    t0, data, sink = time.perf_counter(), job.data, job.sink
     plan = spread.deal(
-        [config.ks[c[0]] for c in cells], [c[0] for c in cells], spread.BATCHES_PER_THREAD * threads
+        [job.config.ks[c[0]] for c in cells],
+        [c[0] for c in cells],
+        spread.BATCHES_PER_THREAD * placement.n_threads(client),
     )
-    held_out = data.x_test if data.y_test.size and data.labelled else None
     log.info(
         "%d runs in %d batches over the workers, each holding every row (%.1f MiB)",
         len(cells),
@@ -113,17 +101,13 @@ def _spread_cells(
     )
     lost = []
     for members, outcome in spread.fit_batches(
-        placement.default_client(),
+        client,
         data.x_train,
-        held_out,
-        [inits[c] for c in cells],
+        data.x_test if data.y_test.size and data.labelled else None,  # only accuracy needs it
+        [job.inits[c] for c in cells],
         plan,
         idle=sink.flush,
-        tol=config.tol,
-        max_iter=config.max_iter,
-        scale=SCALE,
-        return_labels=True,
-        integer=True,
+        **_lloyd_kw(job.config),
     ):
         if isinstance(outcome, Exception):
             lost.append(([cells[i] for i in members], outcome))
@@ -135,39 +119,37 @@ def _spread_cells(
     return lost
 
 
-def _isolate(
-    config: SweepConfig,
-    data: DataSplit,
-    cells: list[Cell],
-    exc: Exception,
-    inits: dict[Cell, np.ndarray],
-    sink: Collector,
-    n_groups: int,
-    tries: int,
-) -> None:
+def _lloyd_kw(config: SweepConfig) -> dict:
+    """The engine's options for every run of the sweep, whichever way the runs are computed."""
+    return dict(
+        tol=config.tol, max_iter=config.max_iter, scale=SCALE, return_labels=True, integer=True
+    )
+
+
+def _isolate(job: Job, cells: list[Cell], exc: Exception, tries: int) -> None:
     """After ``cells`` failed with ``exc``: end the job if no retry can cure it, else retry them
     in halves (a single cell ``tries`` times in all), recording the culprits as failed."""
-    ending = fatal(exc, data)
+    ending = fatal(exc, job.data)
     if ending is not None:
         raise ending from None
     reason = one_line(exc)
     try:  # a lost worker may have taken persisted rows with it: load them afresh
-        data.load()
+        job.data.load()
     except Exception as again:  # noqa: BLE001 - reported as one line
-        raise fatal(again, data) or load_error(again, data.store) from None
+        raise fatal(again, job.data) or load_error(again, job.data.store) from None
     if len(cells) == 1 and tries > 1:
         log.warning("cell %s failed (%s); trying it once more", cells[0], reason)
-        run_cells(config, data, cells, inits, sink, n_groups, tries - 1)
+        run_cells(job, cells, tries - 1)
         return
     if len(cells) <= 1:
         for cell in cells:
-            sink.fail(cell, reason)
-        sink.flush(force=True)
+            job.sink.fail(cell, reason)
+        job.sink.flush(force=True)
         return
     log.warning("a batch of %d cells failed (%s); retrying it in halves", len(cells), reason)
     half = len(cells) // 2
     for part in (cells[:half], cells[half:]):
-        run_cells(config, data, part, inits, sink, n_groups)
+        run_cells(job, part)
 
 
 def fatal(exc: Exception, data: DataSplit) -> KmclustError | None:

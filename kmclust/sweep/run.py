@@ -29,7 +29,7 @@ from kmclust.lloyd import placement, warm
 from kmclust.lloyd.init import cell_seed, data_stats, init_centroids, random_from_stats
 from kmclust.location import Location
 from kmclust.sweep import remote_results
-from kmclust.sweep.cells import fatal, run_cells
+from kmclust.sweep.cells import Job, fatal, run_cells
 from kmclust.sweep.collect import SCALE, Collector
 from kmclust.sweep.config import Cell, SweepConfig, check_out, grid_size
 from kmclust.sweep.lock import hold
@@ -239,7 +239,7 @@ def _sweep(
             lap("data and initial centroids")
             runnable = [c for c in cells if c in inits]
             if runnable:
-                run_cells(config, data, runnable, inits, sink, n_groups(parallel, data))
+                run_cells(Job(config, data, inits, sink, n_groups(parallel, data)), runnable)
             lap("engine")
             try:
                 sink.flush(force=True)
