@@ -66,12 +66,14 @@ def test_train_per_class_is_refused_for_unlabelled_data(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_and_report_of_unlabelled_images(folder, store, tmp_path):
+@pytest.mark.parametrize("scheduler", ["threads", "local"])  # local: runs spread over workers
+def test_sweep_and_report_of_unlabelled_images(folder, store, tmp_path, scheduler):
     out = tmp_path / "r.zarr"
     args = ["--dataset", str(store), "--out", str(out), "--k", "3,5,8", "--seeds", "2"]
-    args += ["--init", "random,k-means++", "--train", "all", "--scheduler", "threads"]
+    args += ["--init", "random,k-means++", "--train", "all", "--scheduler", scheduler]
     proc = cli(SWEEP, *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert ("batches over the workers" in proc.stderr) == (scheduler == "local"), proc.stderr
     ds = xr.open_zarr(out).load()
     assert ds.attrs["labelled"] is False
     for name in LABEL_VARS:
