@@ -338,7 +338,8 @@ class SlotExecutor:
 
 
 def submit(client, dsk: dict, keys: list, carried: int) -> list:
-    """Submit a pass's graph; the caller drops the futures of earlier passes only after this.
+    """Submit a pass's graph (or kmclust.lloyd.spread's batches, whose initial centroids it carries
+    likewise); the caller drops the futures of earlier passes only after this.
 
     The client sends both the graph and the release of dropped futures
     through one batched stream, at most one message per batch interval:
