@@ -17,6 +17,7 @@ import itertools
 import operator
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +70,7 @@ def pick(x: da.Array, client, name: str | None, w: da.Array | None = None) -> Ex
     in_memory = not (source or wsource) and all(
         isinstance(c, np.ndarray) for c in chunks + (wchunks or [])
     )
-    threaded = dask.base.get_scheduler() in (None, dask.threaded.get)
+    threaded = _threaded_here()
     if name is None:
         if client is not None:
             name = "slots" if slots is not None else "graph"
@@ -114,6 +115,20 @@ def _in_worker() -> bool:
         return True
     except (ImportError, ValueError):
         return False
+
+
+def _threaded_here() -> bool:
+    """Whether dask would compute here on its threaded scheduler (its default for arrays).
+
+    Without distributed imported no client can exist, and dask's own answer
+    (``get_scheduler``) would import it only to look: ~0.5 s of a process's
+    first fit. Then a named scheduler in dask config decides; anything else
+    is asked of dask.
+    """
+    name = dask.config.get("scheduler", None)
+    if "distributed" not in sys.modules and (name is None or isinstance(name, str)):
+        return name is None or dask.base.named_schedulers.get(name.lower()) is dask.threaded.get
+    return dask.base.get_scheduler() in (None, dask.threaded.get)
 
 
 class PoolExecutor:
