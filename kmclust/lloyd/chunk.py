@@ -207,7 +207,7 @@ def runs_with_empty_cluster(labels: np.ndarray, offsets: np.ndarray) -> np.ndarr
     A cluster empty over the whole data set is empty in every chunk, so these
     are the only runs whose relocation candidates can ever be needed.
     """
-    return np.flatnonzero(_exact.runs_missing_a_label(labels, np.diff(offsets)))
+    return _exact.runs_missing_a_label(labels, offsets)
 
 
 #: Above one entry per this many cells of the (n × kt) one-hot, its dense GEMM beats the sparse

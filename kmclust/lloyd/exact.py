@@ -204,22 +204,26 @@ def _label_counts(labels, offsets):  # pragma: no cover - compiled
     return out
 
 
-def runs_missing_a_label(labels: np.ndarray, ks: np.ndarray) -> np.ndarray:
-    """(R,) bool: run p's column of ``labels`` (n, R) lacks one of its labels 0 … ks[p] − 1.
+def runs_missing_a_label(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Stack positions p whose column of ``labels`` (n, R) lacks one of the run's labels
+    0 … k_p − 1 (k_p = offsets[p + 1] − offsets[p]), ascending.
 
     Scans each column only until every label has been seen (a few dozen rows
-    for a run without empty clusters), where a bincount reads all n · R.
+    for a run without empty clusters), where a bincount reads all n · R; no
+    numpy call around it (a pass's fixed cost, paid per chunk task).
     """
-    return _runs_missing_a_label(labels, np.asarray(ks, dtype=np.int64))
+    return _runs_missing_a_label(labels, np.asarray(offsets, dtype=np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
-def _runs_missing_a_label(labels, ks):  # pragma: no cover - compiled
+def _runs_missing_a_label(labels, offsets):  # pragma: no cover - compiled
     n, r = labels.shape
-    out = np.zeros(r, dtype=np.bool_)
+    missing = np.zeros(r, dtype=np.int64)
+    found = 0
     for p in range(r):
-        seen = np.zeros(ks[p], dtype=np.bool_)
-        left = ks[p]
+        k = offsets[p + 1] - offsets[p]
+        seen = np.zeros(k, dtype=np.bool_)
+        left = k
         for i in range(n):
             lab = labels[i, p]
             if not seen[lab]:
@@ -227,5 +231,7 @@ def _runs_missing_a_label(labels, ks):  # pragma: no cover - compiled
                 left -= 1
                 if left == 0:
                     break
-        out[p] = left > 0
-    return out
+        if left > 0:
+            missing[found] = p
+            found += 1
+    return missing[:found]

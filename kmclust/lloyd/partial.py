@@ -63,26 +63,50 @@ class ChunkState:
 def combine(parts: list[Partial]) -> Partial:
     """Add partials of disjoint row sets (order fixed by the caller: deterministic)."""
     first = parts[0]
-    m = first.cand_d.shape[1]
-    cd = np.concatenate([p.cand_d for p in parts], axis=1)
-    ci = np.concatenate([p.cand_i for p in parts], axis=1)
-    cl = np.concatenate([p.cand_l for p in parts], axis=1)
-    order = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), -cd), axis=1)[:, :m]
     sum_cols, sums = _add_sums(parts)
+    cand_d, cand_i, cand_l = _candidates(parts)
     return Partial(
         sums=sums,
-        counts=np.sum([p.counts for p in parts], axis=0),
+        counts=_added([p.counts for p in parts]),
         sqnorm=float(sum(p.sqnorm for p in parts)),
-        cand_d=np.take_along_axis(cd, order, axis=1),
-        cand_i=np.take_along_axis(ci, order, axis=1),
-        cand_l=np.take_along_axis(cl, order, axis=1),
-        eval_sse=np.sum([p.eval_sse for p in parts], axis=0),
-        eval_dist=np.sum([p.eval_dist for p in parts], axis=0),
+        cand_d=cand_d,
+        cand_i=cand_i,
+        cand_l=cand_l,
+        eval_sse=_added([p.eval_sse for p in parts]),
+        eval_dist=_added([p.eval_dist for p in parts]),
         labels=[lab for p in parts for lab in p.labels],
         delta=first.delta,
         pruned=any(p.pruned for p in parts),
         sum_cols=sum_cols,
         wsqnorm=None if any(p.wsqnorm is None for p in parts) else sum(p.wsqnorm for p in parts),
+    )
+
+
+def _added(arrays: list[np.ndarray]) -> np.ndarray:
+    """Element-wise sum of exact values (int64 counts; ints and Fractions): the same in any order,
+    so added in place rather than stacked and reduced (a pass's fixed cost, paid per group)."""
+    out = arrays[0].copy()
+    for a in arrays[1:]:
+        out += a
+    return out
+
+
+def _candidates(parts: list[Partial]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per run, the ``m`` farthest of the parts' candidates, in decreasing distance (ties by
+    global index). While no part has any (no cluster empty: nearly every pass), the first part's
+    empty rows are the answer, with no sort."""
+    first = parts[0]
+    if not any((p.cand_i[:, :1] >= 0).any() for p in parts):  # a run's first slot is filled first
+        return first.cand_d, first.cand_i, first.cand_l
+    m = first.cand_d.shape[1]
+    cd = np.concatenate([p.cand_d for p in parts], axis=1)
+    ci = np.concatenate([p.cand_i for p in parts], axis=1)
+    cl = np.concatenate([p.cand_l for p in parts], axis=1)
+    order = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), -cd), axis=1)[:, :m]
+    return (
+        np.take_along_axis(cd, order, axis=1),
+        np.take_along_axis(ci, order, axis=1),
+        np.take_along_axis(cl, order, axis=1),
     )
 
 
