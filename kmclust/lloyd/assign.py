@@ -196,12 +196,13 @@ def _nearest_products(  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _scratch(step, kt, d, dtype):  # pragma: no cover - compiled
-    """:func:`_fold`'s buffers: two least and label of ``step`` rows, a row's values, a row, and
-    the rows' windows, near-tie flags and distances."""
+    """:func:`_fold`'s buffers: two least and label of ``step`` rows (two of each: read from one,
+    written to the other), a row's values, a row, and the rows' windows, near-tie flags and
+    distances."""
     return (
-        np.empty(step, dtype=dtype),
-        np.empty(step, dtype=dtype),
-        np.empty(step, dtype=np.int32),
+        np.empty((2, step), dtype=dtype),
+        np.empty((2, step), dtype=dtype),
+        np.empty((2, step), dtype=np.int32),
         np.empty(kt, dtype=dtype),
         np.empty(d),
         np.empty(step),
@@ -216,27 +217,35 @@ def _fold(  # pragma: no cover - compiled
 ):  # fmt: skip
     """Rows r0 … r0 + h − 1, whose products −2c·x are in columns c0 … c0 + h − 1 of ``vals``
     (ΣK, ·): ‖c‖² added (in place), each run's least and runner-up found with selects (no
-    branches: the loop over the rows vectorises), near ties settled by :func:`settle_tie`, labels
-    and computed distances written, as :func:`_assign_rows` writes them. ``scratch``:
-    :func:`_scratch`'s buffers."""
+    branches), near ties settled by :func:`settle_tie`, labels and computed distances written, as
+    :func:`_assign_rows` writes them. ``scratch``: :func:`_scratch`'s buffers. Each centroid reads
+    the two least and the label from one buffer and writes them to the other: updated in place,
+    the loop over the rows did not vectorise (numba 0.68; 5.0 -> 1.8 ns a row at k=8, 19.4 -> 6.5
+    at k=32, the fold alone)."""
     zero, inf = vals.dtype.type(0), vals.dtype.type(np.inf)
-    b1, b2, arg, col, buf, win, tie, dv = scratch
+    least, runner, label, col, buf, win, tie, dv = scratch
     cm2 = 2.0 * csq_max
     for p in range(offsets.size - 1):
         lo, hi = offsets[p], offsets[p + 1]
         for t in range(h):
-            b1[t], b2[t], arg[t] = inf, inf, lo
+            least[0, t], runner[0, t], label[0, t] = inf, inf, lo
         for j in range(lo, hi):
             v = vals[j, c0 : c0 + h]
             jj, cs = np.int32(j), csq[j]
+            now, nxt = (j - lo) % 2, 1 - (j - lo) % 2
+            b1, b2, arg = least[now], runner[now], label[now]
+            n1, n2, na = least[nxt], runner[nxt], label[nxt]
             for t in range(h):
-                s, o1 = v[t] + cs, b1[t]
-                v[t] = s
+                s, o1, o2 = v[t] + cs, b1[t], b2[t]
                 below = s < o1  # the first of equal minima is kept
-                arg[t] = jj if below else arg[t]
+                na[t] = jj if below else arg[t]
                 m = o1 if below else s
-                b2[t] = m if m < b2[t] else b2[t]
-                b1[t] = s if below else o1
+                n2[t] = m if m < o2 else o2
+                n1[t] = s if below else o1
+            for t in range(h):
+                v[t] += cs
+        last = (hi - lo) % 2
+        b1, b2, arg = least[last], runner[last], label[last]
         pr = runs[p]
         for t in range(h):  # the window, the near-tie test, the distance: vectorises
             r = r0 + t
