@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import dask
 import dask.array as da
 import numpy as np
@@ -185,3 +189,35 @@ def test_one_blas_thread_limits_numpys_blas_on_every_call_and_restores_it() -> N
         for _ in range(2):
             assert inside() == [1] * len(before)
             assert blas_threads() == before
+
+
+def test_a_fit_without_a_cluster_never_imports_distributed_and_picks_as_dask_would() -> None:
+    """In a fresh process a fit leaves distributed unimported (no client can exist without it),
+    and the executor still follows dask's scheduler config as dask's own ``get_scheduler``."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import dask, numpy as np
+        from kmclust import KMeans
+        from kmclust.lloyd import executors, placement
+        x = np.random.default_rng(0).random((300, 3))
+        KMeans(4, n_init=2, random_state=0).fit(x)
+        names = (None, "threads", "threading", "sync", "processes")
+        picked = []
+        for name in names:
+            with dask.config.set(scheduler=name):
+                picked.append(type(executors.pick(placement.as_dask(x), None, None)).__name__)
+        loaded = "distributed" in sys.modules
+        expected = []  # dask's answer, which imports distributed to look for a client
+        for name in names:
+            with dask.config.set(scheduler=name):
+                threaded = dask.base.get_scheduler() in (None, dask.threaded.get)
+            expected.append("PoolExecutor" if threaded else "GraphExecutor")
+        print(loaded, picked == expected, picked)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
+    assert out[:2] == ["False", "True"], out
+    assert "'PoolExecutor'," in out and "'GraphExecutor'," in out  # both kinds were picked

@@ -192,7 +192,7 @@ def label_counts(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """(ΣK,) int64 rows per stacked cluster of ``labels`` (n, R), run p's from ``offsets[p]``: a
     bincount of ``labels + offsets`` without its two (n, R) int64 temporaries. A run's column at
     a time, the bin as an unsigned index (labels are never negative): a signed one costs numba's
-    negative-index test per row (10,000 labels of 8 clusters: 22 -> 7 us)."""
+    negative-index test per row (10,000 labels of 8 clusters: 22 -> 11 us)."""
     return _label_counts(labels, np.asarray(offsets, dtype=np.int64))
 
 
