@@ -17,7 +17,6 @@ import itertools
 import operator
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from threadpoolctl import ThreadpoolController
 from kmclust.lloyd import kernel
 from kmclust.lloyd.kernel import ChunkArgs
 from kmclust.lloyd.partial import ChunkState, Partial, combine
-from kmclust.lloyd.placement import chunk_refs, n_threads, worker_slots
+from kmclust.lloyd.placement import chunk_refs, distributed_loaded, n_threads, worker_slots
 from kmclust.lloyd.plan import PassPlan, fold
 
 #: The executors a caller may force (``executor=``; None: the driver's choice).
@@ -120,13 +119,12 @@ def _in_worker() -> bool:
 def _threaded_here() -> bool:
     """Whether dask would compute here on its threaded scheduler (its default for arrays).
 
-    Without distributed imported no client can exist, and dask's own answer
-    (``get_scheduler``) would import it only to look: ~0.5 s of a process's
-    first fit. Then a named scheduler in dask config decides; anything else
-    is asked of dask.
+    dask's own answer (``get_scheduler``) imports distributed to look for a client; while it is
+    not imported (:func:`~kmclust.lloyd.placement.distributed_loaded`) a named scheduler in dask
+    config decides. Anything else is asked of dask.
     """
     name = dask.config.get("scheduler", None)
-    if "distributed" not in sys.modules and (name is None or isinstance(name, str)):
+    if distributed_loaded() is None and (name is None or isinstance(name, str)):
         return name is None or dask.base.named_schedulers.get(name.lower()) is dask.threaded.get
     return dask.base.get_scheduler() in (None, dask.threaded.get)
 

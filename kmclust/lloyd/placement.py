@@ -167,10 +167,15 @@ def persist_here(x: da.Array, client) -> da.Array:
     return x.persist()
 
 
+def distributed_loaded():
+    """The distributed module if something imported it, else None: no client or future can exist
+    before then, and importing it only to look would cost a fit without a cluster ~0.5 s."""
+    return sys.modules.get("distributed")
+
+
 def _futures() -> tuple[type, ...]:
-    """distributed's ``Future``, or nothing while distributed is not imported (no future can
-    exist then, and importing it only to look would cost a fit without a cluster ~0.5 s)."""
-    loaded = sys.modules.get("distributed")
+    """distributed's ``Future``, or nothing while distributed is not imported."""
+    loaded = distributed_loaded()
     return (loaded.Future,) if loaded is not None else ()
 
 
@@ -234,12 +239,8 @@ def _same(block: np.ndarray) -> np.ndarray:
 
 
 def default_client():
-    """The default distributed Client, if one is active.
-
-    None while distributed has not been imported (no client can exist then): a fit without a
-    cluster does not pay distributed's import (~0.5 s of a process's first fit here).
-    """
-    if "distributed" not in sys.modules:
+    """The default distributed Client, if one is active (None before distributed is imported)."""
+    if distributed_loaded() is None:
         return None
     try:
         from distributed import default_client
